@@ -1,0 +1,5 @@
+import sys
+
+from mllm_swap.cli import main
+
+sys.exit(main())
