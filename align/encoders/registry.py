@@ -132,7 +132,7 @@ def load_vision_encoder(spec: str | os.PathLike, **model_kwargs: Any) -> VisionE
     if _is_artifact(source):
         from align.artifact import load_aligned
 
-        return load_aligned(source).vision
+        return load_aligned(source)
     config = _read_config(source, "vision", **model_kwargs)
     if config.model_type not in VISION_MODEL_TYPES:
         raise ValueError(
