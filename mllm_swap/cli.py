@@ -10,6 +10,9 @@ import sys
 # parser it adds sets ``func(args) -> int | None``. Order here is the order of ``--help``.
 COMMANDS = [
     "encoders",
+    "data",
+    "encode",
+    "eval",
 ]
 
 

@@ -93,7 +93,9 @@ class VisionEncoder(nn.Module):
 
     def pooled_dim(self, pool: str) -> int:
         """Width of ``pooled(..., pool)``."""
-        return {"concat": 2 * self.embed_dim, "projected": self.projection_dim}.get(pool, self.embed_dim)
+        if pool == "concat":
+            return 2 * self.embed_dim
+        return self.projection_dim if pool == "projected" else self.embed_dim
 
     @property
     def projection_dim(self) -> int:

@@ -103,6 +103,8 @@ def _read_config(source: str | Path, what: str, **kwargs: Any):
                 f"{source}: not a loadable {what} model: no config.json or open_clip_config.json "
                 f"(found {found})"
             )
+    elif source.startswith(("/", ".", "~")) or source.count("/") > 1:
+        raise KeyError(f"{what} encoder '{source}': no such directory")
     elif "/" not in source:
         raise KeyError(
             f"unknown {what} encoder '{source}': not a tiny id ({', '.join(sorted(TINY_BUILDERS))}), "

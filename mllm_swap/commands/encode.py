@@ -1,0 +1,66 @@
+"""``mllm-swap encode``: cache embeddings of a data source once (resumable, sharded safetensors)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def run(args: argparse.Namespace) -> int:
+    from align.data.cache import EmbeddingCache, write_cache
+
+    pool = args.pool or ("concat" if args.modality == "image" else "sentence")
+    out = write_cache(
+        args.encoder,
+        args.data,
+        args.out,
+        modality=args.modality,
+        pool=pool,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        shard_size=args.shard_size,
+        caption_index=args.caption_index,
+        max_tokens=args.max_tokens,
+        on_error=args.on_error,
+        device=args.device,
+    )
+    cache = EmbeddingCache(out)
+    m = cache.manifest
+    print(
+        f"{out}: {len(cache)} rows x {cache.dim} ({m['modality']}, pool={m['pool']}, {m['dtype']}) in "
+        f"{len(m['shards'])} shard(s); skipped {m['skipped']}"
+    )
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "encode",
+        help="cache embeddings of a data source (SAIL's pre-encoding step)",
+        description="Encode every sample of --data with --encoder into sharded safetensors under --out, plus a "
+        "manifest. Rerun the same command to resume after a kill: finished shards are checked and kept. Under "
+        "`accelerate launch` each process encodes its own shards.",
+    )
+    parser.add_argument("--encoder", required=True, help="encoder id or directory (see `mllm-swap encoders`)")
+    parser.add_argument(
+        "--data", required=True, help="pairs .jsonl/.csv, shapes dir, image folder, HF dataset, tars"
+    )
+    parser.add_argument("--modality", choices=["image", "text"], default="image")
+    parser.add_argument(
+        "--pool",
+        choices=["concat", "cls", "mean", "projected", "tokens", "sentence"],
+        help="image: concat (default), cls, mean, projected, tokens; text: sentence (default), tokens",
+    )
+    parser.add_argument("--out", required=True, help="cache directory")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    parser.add_argument("--shard-size", type=int, default=4096, help="rows per shard")
+    parser.add_argument("--caption-index", type=int, default=0, help="text: which caption of each sample")
+    parser.add_argument("--max-tokens", type=int, default=77, help="text tokens: padded/truncated length")
+    parser.add_argument(
+        "--on-error",
+        choices=["raise", "skip"],
+        default="raise",
+        help="missing or corrupt images: fail (default) or skip and count",
+    )
+    parser.add_argument("--device", help="e.g. cuda; default: CPU")
+    parser.set_defaults(func=run)
