@@ -1,0 +1,305 @@
+"""Losses shared by the alignment methods: sigmoid (SAIL/SigLIP), InfoNCE (freeze-align), kernel
+alignment and L2 anchor (KUEA), learnable logit scales, and a cross-process feature gather.
+
+Convention: ``logit_scale`` is always the *multiplier* applied to cosine similarities (``exp(t)`` for
+a log-temperature ``t``, or ``1 / temperature``), as in open_clip's losses. ``LogitScale`` and
+``Temperature`` below return it from their ``forward()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "LogitScale",
+    "Temperature",
+    "anchor_loss",
+    "gather_features",
+    "infonce_loss",
+    "kernel_alignment_loss",
+    "sigmoid_loss",
+]
+
+_REDUCTIONS = ("mean_pairs", "sum_per_image")
+
+
+def _check_pair(image_emb: Tensor, text_emb: Tensor, name: str = "text_emb") -> None:
+    if image_emb.ndim != 2 or text_emb.ndim != 2:
+        raise ValueError(
+            f"expected image_emb and {name} of shape [N, D], found {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
+        )
+    if image_emb.shape != text_emb.shape:
+        raise ValueError(
+            f"image_emb and {name} must have the same shape [N, D] (row i of each is a positive pair), "
+            f"found {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
+        )
+
+
+def _as_scalar(value: float | Tensor, like: Tensor) -> Tensor:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"logit scale/bias must be a scalar, found shape {tuple(value.shape)}")
+        return value.reshape(())
+    return torch.tensor(float(value), device=like.device)
+
+
+class _ChunkedSigmoidLoss(torch.autograd.Function):
+    """Sum of ``-logsigmoid(y_ij z_ij)`` / ``denom`` over all pairs, computed in row blocks.
+
+    ``z = scale * u @ v.T + bias`` with ``y`` = +1 on the diagonal, -1 elsewhere. Forward and
+    backward each hold one ``[chunk, N]`` block at a time; backward recomputes the block's logits
+    instead of keeping them, so memory is O(chunk * N + N * D) rather than O(N^2).
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, v: Tensor, scale: Tensor, bias: Tensor, chunk: int, denom: float) -> Tensor:
+        cdtype = torch.promote_types(u.dtype, torch.float32)
+        s_c, b_c = scale.detach().to(cdtype), bias.detach().to(cdtype)
+        total = torch.zeros((), dtype=torch.float64, device=u.device)
+        for start in range(0, u.shape[0], chunk):
+            q = (u[start : start + chunk] @ v.T).to(cdtype)
+            q.mul_(s_c).add_(b_c)  # q = z (the logits)
+            q.diagonal(offset=start).neg_()  # q = -y * z, so each pair's loss is softplus(q)
+            total += F.softplus(q).sum(dtype=torch.float64)
+        ctx.save_for_backward(u, v, scale, bias)
+        ctx.chunk, ctx.denom = chunk, denom
+        return (total / denom).to(cdtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        u, v, scale, bias = ctx.saved_tensors
+        chunk, denom = ctx.chunk, ctx.denom
+        cdtype = torch.promote_types(u.dtype, torch.float32)
+        s_c, b_c = scale.to(cdtype), bias.to(cdtype)
+        want_u, want_v, want_s, want_b = ctx.needs_input_grad[:4]
+        grad_u = torch.empty_like(u) if want_u else None
+        grad_v = torch.zeros_like(v, dtype=cdtype) if want_v else None
+        grad_s = torch.zeros((), dtype=torch.float64, device=u.device)
+        grad_b = torch.zeros((), dtype=torch.float64, device=u.device)
+        coeff = grad_out.to(cdtype) / denom
+        for start in range(0, u.shape[0], chunk):
+            ub = u[start : start + chunk]
+            sims = (ub @ v.T).to(cdtype)
+            g = sims * s_c + b_c
+            g.diagonal(offset=start).neg_()
+            g.sigmoid_()  # dloss/dq; dq/dz = -y = +1 off the diagonal, -1 on it
+            g.diagonal(offset=start).neg_()
+            g.mul_(coeff)  # g = dL/dz for this block
+            if want_s:
+                grad_s += (g * sims).sum(dtype=torch.float64)
+            if want_b:
+                grad_b += g.sum(dtype=torch.float64)
+            g.mul_(s_c)  # dL/d(u v^T)
+            g_mm = g.to(u.dtype)
+            if want_u:
+                grad_u[start : start + chunk] = g_mm @ v
+            if want_v:
+                grad_v += (g_mm.T @ ub).to(cdtype)
+        return (
+            grad_u,
+            grad_v.to(v.dtype) if want_v else None,
+            grad_s.to(scale.dtype) if want_s else None,
+            grad_b.to(bias.dtype) if want_b else None,
+            None,
+            None,
+        )
+
+
+def _direct_sigmoid(u: Tensor, v: Tensor, scale: Tensor, bias: Tensor, denom: float) -> Tensor:
+    logits = scale * (u @ v.T) + bias
+    labels = 2.0 * torch.eye(u.shape[0], device=u.device, dtype=logits.dtype) - 1.0
+    return -F.logsigmoid(labels * logits).sum() / denom
+
+
+def sigmoid_loss(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    logit_scale: float | Tensor,
+    logit_bias: float | Tensor,
+    chunk_size: int | None = None,
+    reduction: str = "mean_pairs",
+    extra_text: Sequence[Tensor] | None = None,
+    normalize: bool = True,
+) -> Tensor:
+    """Pairwise sigmoid loss (SAIL / SigLIP) between matched rows of ``image_emb`` and ``text_emb``.
+
+    Both inputs are L2-normalized here (``normalize=True``; harmless when already unit-norm). Logits
+    are ``logit_scale * img @ txt.T + logit_bias`` with ``logit_scale`` the multiplier ``exp(t)``;
+    labels are +1 on the diagonal and -1 elsewhere; the loss is ``-sum logsigmoid(labels * logits)``
+    divided by ``N^2`` (``reduction="mean_pairs"``, SAIL) or by ``N`` (``"sum_per_image"``, SigLIP and
+    open_clip's ``SigLipLoss``). ``extra_text``: further caption sets ``[N, D]`` (extra positives),
+    each scored the same way; the result is the mean over all sets, i.e. the joint mean over every
+    set's pairs. ``chunk_size``: compute in row blocks of that many images with blockwise
+    gradients, so neither forward nor backward holds an ``N x N`` matrix; equal to the direct
+    computation up to floating-point rounding.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"sigmoid_loss: reduction must be one of {_REDUCTIONS}, found {reduction!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"sigmoid_loss: chunk_size must be a positive int or None, found {chunk_size!r}")
+    texts = [text_emb, *(extra_text or [])]
+    for k, txt in enumerate(texts):
+        _check_pair(image_emb, txt, "text_emb" if k == 0 else f"extra_text[{k - 1}]")
+    n = image_emb.shape[0]
+    if n == 0:
+        raise ValueError("sigmoid_loss: empty batch (N = 0)")
+    denom = float(n * n) if reduction == "mean_pairs" else float(n)
+    scale, bias = _as_scalar(logit_scale, image_emb), _as_scalar(logit_bias, image_emb)
+    u = F.normalize(image_emb, dim=-1) if normalize else image_emb
+    total = 0.0
+    for txt in texts:
+        v = F.normalize(txt, dim=-1) if normalize else txt
+        if chunk_size is None:
+            total = total + _direct_sigmoid(u, v, scale, bias, denom)
+        else:
+            total = total + _ChunkedSigmoidLoss.apply(u, v, scale, bias, chunk_size, denom)
+    return total / len(texts)
+
+
+def infonce_loss(
+    image_emb: Tensor, text_emb: Tensor, logit_scale: float | Tensor, normalize: bool = True
+) -> Tensor:
+    """Symmetric InfoNCE (CLIP) loss: mean of image->text and text->image cross-entropy.
+
+    ``logit_scale`` is the multiplier (``1 / temperature``, or ``exp(t)``); with unit-norm inputs this
+    equals open_clip's ``ClipLoss()(img, txt, logit_scale)``. Inputs are L2-normalized here unless
+    ``normalize=False``.
+    """
+    _check_pair(image_emb, text_emb)
+    u = F.normalize(image_emb, dim=-1) if normalize else image_emb
+    v = F.normalize(text_emb, dim=-1) if normalize else text_emb
+    logits = _as_scalar(logit_scale, u) * (u @ v.T)
+    labels = torch.arange(u.shape[0], device=u.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+class LogitScale(nn.Module):
+    """SAIL/SigLIP learnable logit scale and bias: ``forward() -> (exp(t), b)``.
+
+    ``t`` starts at ``ln(init_scale)`` (ln 20) and ``clamp_()`` keeps it in
+    ``[ln(min_scale), ln(max_scale)]`` = [0, ln 100]; ``b`` starts at ``init_bias`` (-10). Call
+    ``clamp_()`` after every optimizer step.
+    """
+
+    def __init__(
+        self,
+        init_scale: float = 20.0,
+        init_bias: float = -10.0,
+        min_scale: float = 1.0,
+        max_scale: float = 100.0,
+    ) -> None:
+        super().__init__()
+        if not 0 < min_scale <= init_scale <= max_scale:
+            raise ValueError(
+                f"LogitScale: need 0 < min_scale <= init_scale <= max_scale, found {min_scale}, {init_scale}, {max_scale}"
+            )
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+        self.bias = nn.Parameter(torch.tensor(float(init_bias)))
+        self.log_min, self.log_max = math.log(min_scale), math.log(max_scale)
+
+    def forward(self) -> tuple[Tensor, Tensor]:
+        """The multiplier ``exp(t)`` and the bias ``b``."""
+        return self.log_scale.exp(), self.bias
+
+    @torch.no_grad()
+    def clamp_(self) -> LogitScale:
+        """Clamp the log-scale into its range in place (after an optimizer step)."""
+        self.log_scale.clamp_(self.log_min, self.log_max)
+        return self
+
+
+class Temperature(nn.Module):
+    """freeze-align learnable temperature ``tau``: ``forward() -> 1 / tau`` (the logit multiplier).
+
+    Starts at ``init`` (0.07); ``clamp_()`` keeps it in ``[min_value, max_value]`` = [0.001, 0.5].
+    Exclude it from weight decay.
+    """
+
+    def __init__(self, init: float = 0.07, min_value: float = 0.001, max_value: float = 0.5) -> None:
+        super().__init__()
+        if not 0 < min_value <= init <= max_value:
+            raise ValueError(
+                f"Temperature: need 0 < min <= init <= max, found {min_value}, {init}, {max_value}"
+            )
+        self.temperature = nn.Parameter(torch.tensor(float(init)))
+        self.min_value, self.max_value = float(min_value), float(max_value)
+
+    def forward(self) -> Tensor:
+        """The logit multiplier ``1 / tau``."""
+        return 1.0 / self.temperature
+
+    @torch.no_grad()
+    def clamp_(self) -> Temperature:
+        """Clamp the temperature into its range in place (after an optimizer step)."""
+        self.temperature.clamp_(self.min_value, self.max_value)
+        return self
+
+
+def kernel_alignment_loss(
+    student_emb: Tensor,
+    target_emb: Tensor,
+    student_kernel: Callable[[Tensor], Tensor],
+    target_kernel: Callable[[Tensor], Tensor],
+) -> Tensor:
+    """KUEA kernel term: ``mean_{i,j} (k_student(x_i, x_j) - k_target(y_i, y_j))^2`` over the batch.
+
+    The kernels map ``[N, D]`` to ``[N, N]`` (e.g. modules from ``align.kernels``); the two
+    embeddings may have different widths but must have the same rows.
+    """
+    if student_emb.ndim != 2 or target_emb.ndim != 2 or student_emb.shape[0] != target_emb.shape[0]:
+        raise ValueError(
+            "kernel_alignment_loss: expected student [N, D_s] and target [N, D_t] embeddings with the same N, "
+            f"found {tuple(student_emb.shape)} and {tuple(target_emb.shape)}"
+        )
+    k_student = student_kernel(student_emb)
+    k_target = target_kernel(target_emb)
+    return (k_student - k_target.to(k_student.dtype)).pow(2).mean()
+
+
+def anchor_loss(emb: Tensor, emb_frozen: Tensor) -> Tensor:
+    """L2 anchor: squared distance summed over the last dim, averaged over all other dims.
+
+    For ``[N, D]`` this is ``mean_i ||f(x_i) - f_0(x_i)||^2``; for tokens ``[B, T, D]`` the mean runs
+    over batch and tokens. ``emb_frozen`` is detached (it is the frozen reference).
+    """
+    if emb.shape != emb_frozen.shape:
+        raise ValueError(
+            f"anchor_loss: emb and emb_frozen must have the same shape, found {tuple(emb.shape)} and {tuple(emb_frozen.shape)}"
+        )
+    diff = emb - emb_frozen.detach().to(emb.dtype)
+    return diff.pow(2).sum(dim=-1).mean()
+
+
+def gather_features(x: Tensor) -> Tensor:
+    """Concatenate ``x`` from every process along dim 0, in rank order, for contrastive negatives.
+
+    Only the local slice carries gradient (the other slices are detached copies), as in open_clip's
+    default gather; under DDP the gradient averaging then spreads the full-batch signal. Ranks may
+    hold different numbers of rows. Identity when ``torch.distributed`` is not initialized or has
+    one process.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    world, rank = dist.get_world_size(), dist.get_rank()
+    size = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    longest = max(counts)
+    local = x.detach()
+    if x.shape[0] < longest:
+        pad = local.new_zeros((longest - x.shape[0], *x.shape[1:]))
+        local = torch.cat([local, pad])
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local.contiguous())
+    pieces = [part[:count] for part, count in zip(parts, counts, strict=True)]
+    pieces[rank] = x
+    return torch.cat(pieces)

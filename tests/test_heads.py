@@ -1,0 +1,85 @@
+"""Heads: shapes, parameter counts from hand formulas, forward equal to the written-out formula."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from align.heads import GLUHead, LinearHead, TextGlobalHead, TokenProjector, freeze_align_param_count
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _linear(d_in: int, d_out: int) -> int:
+    return d_in * d_out + d_out
+
+
+def test_glu_head_shape_width_and_count():
+    head = GLUHead(48, d_out=32)
+    assert head.w1.out_features == head.w2.out_features == 8 * 48 and head.w3.in_features == 8 * 48
+    assert _count(head) == 2 * 48 + 2 * _linear(48, 384) + _linear(384, 32)
+    assert head(torch.randn(5, 48)).shape == (5, 32)
+    assert head(torch.randn(2, 7, 48)).shape == (2, 7, 32)  # per token
+    assert GLUHead(16, width_factor=2).w1.out_features == 32
+
+
+def test_glu_head_forward_and_init():
+    torch.manual_seed(0)
+    head = GLUHead(12, d_out=6)
+    x = torch.randn(4, 12)
+    h = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    expected = head.w3(torch.clamp(h @ head.w1.weight.T, 0, 6) * (h @ head.w2.weight.T))
+    torch.testing.assert_close(head(x), expected, rtol=1e-5, atol=1e-5)
+    for layer in (head.w1, head.w2, head.w3):
+        assert torch.count_nonzero(layer.bias) == 0
+        bound = math.sqrt(6.0 / (layer.in_features + layer.out_features))
+        largest = float(layer.weight.detach().abs().max())
+        assert 0.8 * bound < largest <= bound  # uniform over the Xavier range
+
+
+def test_linear_head():
+    head = LinearHead(10, 4)
+    x = torch.randn(3, 10)
+    torch.testing.assert_close(head(x), x @ head.proj.weight.T + head.proj.bias)
+    assert _count(head) == _linear(10, 4)
+
+
+def test_token_projector_formula_and_dropout():
+    torch.manual_seed(0)
+    proj = TokenProjector(20, d_out=16).eval()
+    x = torch.randn(2, 5, 20)
+    h = F.layer_norm(x, (20,), proj.norm.weight, proj.norm.bias)
+    lin1, lin2 = proj.mlp[0], proj.mlp[2]
+    expected = proj.linear(h) + lin2(F.gelu(lin1(h)))
+    torch.testing.assert_close(proj(x), expected)
+    assert _count(proj) == 2 * 20 + _linear(20, 16) + _linear(20, 16) + _linear(16, 16)
+    proj.train()
+    assert not torch.allclose(proj(x), expected)  # dropout is active in training
+
+
+def test_text_global_head_is_residual_then_norm():
+    torch.manual_seed(0)
+    head = TextGlobalHead(24).eval()
+    x = torch.randn(3, 24)
+    expected = F.layer_norm(x + head.mlp[2](F.gelu(head.mlp[0](x))), (24,), head.norm.weight, head.norm.bias)
+    torch.testing.assert_close(head(x), expected)
+    assert _count(head) == 2 * _linear(24, 24) + 2 * 24
+
+
+def test_freeze_align_count_for_dinov2_large_and_roberta_large():
+    token_proj = 2 * 1024 + 3 * _linear(1024, 1024)
+    expected = 3 * token_proj + 2 * _linear(1024, 1024) + 2 * 1024
+    count = freeze_align_param_count(1024, 1024)
+    assert count == expected == 11_553_792
+    assert abs(count / 1e6 - 11.5) < 0.1
+
+
+def test_freeze_align_count_matches_real_modules_and_allocates_nothing():
+    real = [TokenProjector(12, 8), TokenProjector(12, 8), TokenProjector(20, 8), TextGlobalHead(8)]
+    assert freeze_align_param_count(12, 20, d_out=8) == sum(_count(m) for m in real)
+    # 11 linear layers of 65536^2: ~4.7e10 parameters (about 190 GB in fp32), so nothing was allocated.
+    assert freeze_align_param_count(65536, 65536, d_out=65536) > 11 * 65536**2
