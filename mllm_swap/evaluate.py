@@ -1,0 +1,301 @@
+"""Score checkpoints with lmms-eval in-process and compare them (table, CSV, bar chart).
+
+Each model's run lands in ``OUT/<tag>/`` (``results.json`` and ``samples_<task>.jsonl``) and is
+reused when the same model files, tasks and limit ask for it again; ``OUT/comparison.{md,csv}`` (and
+``comparison.png`` for several models) put the models side by side.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from align.io import atomic_path, read_json, write_json
+
+EVAL_CONFIGS = Path(__file__).resolve().parent.parent / "eval_configs"
+TASKS_DIR = EVAL_CONFIGS / "tasks"
+SUITES_DIR = EVAL_CONFIGS / "suites"
+SHAPES_ENV = "MLLM_SWAP_SHAPES_DIR"
+SHAPES_TASKS = ("shapes_vqa", "shapes_mc")
+CSV_FIELDS = ("task", "metric", "filter", "model", "value", "stderr", "n", "higher_is_better")
+
+
+def list_suites() -> list[str]:
+    """Names of the suites shipped in ``eval_configs/suites``."""
+    return sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+
+
+def load_suite(name: str) -> dict:
+    """A suite by name (``eval_configs/suites/NAME.yaml``) or YAML path, checked for its keys."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else SUITES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: suite not found; shipped suites: {', '.join(list_suites())}")
+    suite = yaml.safe_load(path.read_text()) or {}
+    entries = suite.get("tasks")
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: expected a non-empty 'tasks' list")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "metric" not in entry or "task" not in entry:
+            raise ValueError(f"{path}: tasks[{i}] needs 'task' and 'metric' keys, found {entry!r}")
+    return {**suite, "path": str(path)}
+
+
+def suite_tasks(suite: dict) -> list[str]:
+    """The lmms-eval task names of a suite that the installed lmms-eval can run."""
+    return [e["task"] for e in suite["tasks"] if e["task"]]
+
+
+def parse_models(spec: str | Sequence[str]) -> dict[str, Path]:
+    """``DIR,DIR`` or ``TAG=DIR,...`` as ``{tag: dir}``; tags default to the folder name, made unique."""
+    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    models: dict[str, Path] = {}
+    for item in items:
+        tag, _, path = item.rpartition("=") if "=" in item else ("", "", item)
+        path = Path(path).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: not a model checkpoint (no config.json)")
+        tag = tag or path.resolve().name
+        base, k = tag, 2
+        while tag in models:
+            tag, k = f"{base}-{k}", k + 1
+        models[tag] = path.resolve()
+    if not models:
+        raise ValueError("no model given")
+    return models
+
+
+def fingerprint(model_dir: Path) -> str:
+    """Hash of the config bytes and the weight files' names, sizes and modification times."""
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin")):
+        stat = f.stat()
+        digest.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def task_manager(tasks: Sequence[str], include_paths: Sequence[str | os.PathLike] = ()) -> Any:
+    """A TaskManager that knows ``tasks``: local folders only when they suffice (much faster to index)."""
+    from lmms_eval.tasks import TaskManager
+
+    paths = [str(TASKS_DIR), *map(str, include_paths)]
+    local = TaskManager(include_path=paths, include_defaults=False, verbosity="WARNING")
+    manager = (
+        local if set(tasks) <= set(local.all_tasks) else TaskManager(include_path=paths, verbosity="WARNING")
+    )
+    missing = sorted(set(tasks) - set(manager.all_tasks))
+    if missing:
+        raise ValueError(f"unknown lmms-eval task(s) {missing}; local tasks: {local.all_tasks}")
+    return manager
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def run_model(
+    model_dir: Path,
+    tasks: Sequence[str],
+    out_dir: Path,
+    *,
+    limit: int | None = None,
+    model_args: dict | None = None,
+    include_paths: Sequence[str | os.PathLike] = (),
+    manager: Any = None,
+) -> dict:
+    """Evaluate one checkpoint on ``tasks``; write ``results.json`` and per-task samples into ``out_dir``.
+
+    A finished run for the same model files, tasks and limit is read back instead of recomputed.
+    """
+    request = {"model": str(model_dir), "fingerprint": fingerprint(model_dir), "tasks": sorted(tasks)}
+    request["limit"] = limit
+    results_path = out_dir / "results.json"
+    if results_path.is_file():
+        previous = read_json(results_path)
+        if previous.get("request") == request:
+            return previous | {"reused": True}
+    from lmms_eval.evaluator import simple_evaluate
+
+    from mllm_swap.lmms import MllmSwap
+
+    manager = manager or task_manager(tasks, include_paths)
+    lm = MllmSwap(pretrained=str(model_dir), **(model_args or {}))
+    raw = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=True)
+    del lm
+    gc.collect()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for task, samples in (raw.get("samples") or {}).items():
+        with atomic_path(out_dir / f"samples_{task}.jsonl") as tmp, tmp.open("w") as fh:
+            for sample in samples:
+                fh.write(json.dumps(sample, default=str) + "\n")
+    record = {
+        "request": request,
+        "model_args": model_args or {},
+        "shapes_dir": os.environ.get(SHAPES_ENV),
+        "results": _jsonable(raw["results"]),
+        "higher_is_better": _jsonable(raw.get("higher_is_better", {})),
+        "n-samples": _jsonable(raw.get("n-samples", {})),
+        "versions": _jsonable(raw.get("versions", {})),
+    }
+    write_json(results_path, record)
+    return record | {"reused": False}
+
+
+def metric_rows(runs: dict[str, dict], suite: dict | None = None) -> list[dict]:
+    """One row per (task, metric, model): value and stderr, in a stable order.
+
+    With a suite, each task keeps only the metric the paper reports (all metrics when that one is absent).
+    """
+    wanted = {e["task"]: e["metric"] for e in suite["tasks"]} if suite else {}
+    rows = []
+    for tag, run in runs.items():
+        for task, metrics in sorted(run["results"].items()):
+            for key, value in metrics.items():
+                metric, _, filt = key.partition(",")
+                if "_stderr" in metric or not isinstance(value, (int, float)) or isinstance(value, bool):
+                    continue
+                stderr = metrics.get(f"{metric}_stderr,{filt}")
+                higher = run.get("higher_is_better", {}).get(task, {}).get(metric)
+                rows.append(
+                    {
+                        "task": task,
+                        "metric": metric,
+                        "filter": filt,
+                        "model": tag,
+                        "value": float(value),
+                        "stderr": stderr if isinstance(stderr, (int, float)) else None,
+                        "n": run.get("n-samples", {}).get(task, {}).get("effective"),
+                        "higher_is_better": higher,
+                    }
+                )
+    if wanted:
+        keep = [r for r in rows if wanted.get(r["task"]) == r["metric"]]
+        covered = {r["task"] for r in keep}
+        rows = keep + [r for r in rows if r["task"] not in covered]
+    return rows
+
+
+def _pivot(rows: list[dict]) -> tuple[list[tuple[str, str, str]], list[str], dict]:
+    keys = list(dict.fromkeys((r["task"], r["metric"], r["filter"]) for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    table = {(r["task"], r["metric"], r["filter"], r["model"]): r for r in rows}
+    return keys, models, table
+
+
+def write_comparison(out: Path, runs: dict[str, dict], suite: dict | None = None, command: str = "") -> dict:
+    """Write ``comparison.md`` and ``comparison.csv`` (and ``comparison.png`` for 2+ models)."""
+    rows = metric_rows(runs, suite)
+    keys, models, table = _pivot(rows)
+    with atomic_path(out / "comparison.csv") as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(CSV_FIELDS))
+        writer.writeheader()
+        writer.writerows(rows)
+    base = models[0] if models else ""
+    header = ["task", "metric", *models] + [f"Δ {m} vs {base}" for m in models[1:]]
+    lines = ["# Model comparison (lmms-eval)", ""]
+    if suite:
+        lines += [f"Suite: **{suite.get('name', suite['path'])}** — {suite.get('title', '')}", ""]
+    if command:
+        lines += ["Command:", "", f"    {command}", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task, metric, filt in keys:
+        cells = [task, metric if filt == "none" else f"{metric} ({filt})"]
+        values = [table.get((task, metric, filt, m)) for m in models]
+        for r in values:
+            err = f" ± {r['stderr']:.3f}" if r and r["stderr"] is not None else ""
+            cells.append(f"{r['value']:.4f}{err}" if r else "—")
+        ref = values[0]
+        for r in values[1:]:
+            cells.append(f"{r['value'] - ref['value']:+.4f}" if r and ref else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Models:", ""]
+    for tag, run in runs.items():
+        req = run["request"]
+        lines.append(f"- `{tag}`: {req['model']} (limit {req['limit']}, fingerprint {req['fingerprint']})")
+    with atomic_path(out / "comparison.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    paths = {"markdown": str(out / "comparison.md"), "csv": str(out / "comparison.csv")}
+    if len(models) > 1 and keys:
+        paths["chart"] = str(bar_chart(out / "comparison.png", keys, models, table))
+    return paths
+
+
+def bar_chart(path: Path, keys: list, models: list[str], table: dict) -> Path:
+    """One panel per (task, metric), one bar per model, each panel on its own scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(keys))
+    nrows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (task, metric, filt) in zip(axes.flat, keys, strict=False):
+        rows = [table.get((task, metric, filt, m)) for m in models]
+        values = [r["value"] if r else 0.0 for r in rows]
+        errors = [r["stderr"] or 0.0 if r else 0.0 for r in rows]
+        ax.bar(
+            range(len(models)),
+            values,
+            yerr=errors,
+            capsize=3,
+            color=[colors[i % len(colors)] for i in range(len(models))],
+        )
+        ax.set_xticks(range(len(models)), models, rotation=20, ha="right", fontsize=8)
+        ax.set_title(f"{task}\n{metric}", fontsize=9)
+        top = max(v + e for v, e in zip(values, errors, strict=True))
+        if min(values) >= 0:  # shares [0, 1] for rates; otherwise room above the tallest bar
+            ax.set_ylim(0, 1.05 if top <= 1 else top * 1.15)
+        for i, v in enumerate(values):
+            ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=7)
+    for ax in axes.flat[len(keys) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return path
+
+
+def evaluate_models(
+    models: dict[str, Path],
+    out: str | os.PathLike,
+    *,
+    tasks: Sequence[str] | None = None,
+    suite: str | None = None,
+    limit: int | None = None,
+    shapes: str | os.PathLike | None = None,
+    model_args: dict | None = None,
+    include_paths: Sequence[str | os.PathLike] = (),
+    command: str = "",
+) -> dict:
+    """Run every model on the tasks (or suite) and write the comparison; returns paths and runs."""
+    if bool(tasks) == bool(suite):
+        raise ValueError("give exactly one of tasks or suite")
+    suite_cfg = load_suite(suite) if suite else None
+    task_list = list(tasks) if tasks else suite_tasks(suite_cfg)
+    if shapes is not None:
+        if not (Path(shapes) / "vqa_test.jsonl").is_file():
+            raise FileNotFoundError(
+                f"{Path(shapes) / 'vqa_test.jsonl'}: not found; expected a shapes-world folder"
+            )
+        os.environ[SHAPES_ENV] = str(Path(shapes).resolve())
+    elif set(task_list) & set(SHAPES_TASKS) and not os.environ.get(SHAPES_ENV):
+        raise ValueError(
+            f"tasks {sorted(set(task_list) & set(SHAPES_TASKS))} need --shapes DIR (or ${SHAPES_ENV})"
+        )
+    manager = task_manager(task_list, include_paths)  # fails on unknown names before any model loads
+    out = Path(out)
+    runs = {}
+    for tag, path in models.items():
+        runs[tag] = run_model(path, task_list, out / tag, limit=limit, model_args=model_args, manager=manager)
+    paths = write_comparison(out, runs, suite_cfg, command)
+    return {"paths": paths, "runs": runs, "tasks": task_list}
