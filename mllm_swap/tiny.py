@@ -1,0 +1,231 @@
+"""Tiny multimodal LLMs for the embedded default, written in their real checkpoint formats.
+
+``tiny-llava`` (HF ``LlavaForConditionalGeneration`` + ``LlavaProcessor``), ``tiny-llava-original``
+(LLaVA-1.5's own layout: ``llava_llama`` config, ``mm_*`` keys, ``model.mm_projector.*``),
+``tiny-idefics`` (HF ``IdeficsForVisionText2Text`` + processor) and ``tiny-openflamingo`` (an OpenFlamingo
+state dict whose ``vision_encoder.*`` is tiny-openclip's visual). Every tower carries the SAME weights as
+the tiny encoder it was made from, so a drop-in of that encoder is an identity swap. Models are random
+(untrained): they exist to exercise loading, swapping and generation code paths, not to answer questions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from align.encoders.tiny import OPENAI_MEAN, OPENAI_STD, build_once, ensure_tiny
+from align.encoders.tokenizer import build_bpe_tokenizer
+from mllm_swap.conversations import DEFAULT_CHAT_TEMPLATE
+
+TINY_MLLM_VERSION = 1
+LLM = dict(
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+# LLaVA-1.5's "USER: <image>\n{q} ASSISTANT: {a}" template (the one the conversation code trains with).
+CHAT_TEMPLATE = DEFAULT_CHAT_TEMPLATE
+IDEFICS_TOKENS = {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>"}
+
+
+def _llama_config(tok, **extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **LLM,
+        **extra,
+    )
+
+
+def _clip_tower_state(clip_dir: Path) -> tuple[object, dict[str, torch.Tensor]]:
+    """tiny-clip's vision config and its ``CLIPVisionModel`` state dict (flat 5.x keys)."""
+    from transformers import CLIPVisionModel
+
+    from mllm_swap.families.base import quiet_transformers
+
+    with quiet_transformers():
+        tower = CLIPVisionModel.from_pretrained(clip_dir)
+    return tower.config, tower.state_dict()
+
+
+def build_tiny_llava(out: Path) -> None:
+    """HF Llava: Llama (2 layers, width 64) + tiny-clip's vision tower, layer -2, "default", gelu MLP."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    clip_dir = ensure_tiny("tiny-clip")
+    vision_config, tower_state = _clip_tower_state(clip_dir)
+    tok = build_bpe_tokenizer(extra_special_tokens={"image_token": "<image>"})
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=_llama_config(tok),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=patches,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        pad_token_id=tok.pad_token_id,
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(tower_state, strict=True)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor.from_pretrained(clip_dir),
+        tokenizer=tok,
+        patch_size=vision_config.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def build_tiny_llava_original(out: Path) -> None:
+    """LLaVA-1.5's own layout: ``llava_llama`` config with ``mm_*`` keys, tower rebuilt from tiny-clip's dir.
+
+    The tokenizer has no ``<image>`` token (upstream marks the image with index -200 and splices the
+    features in); the tower's weights are stored in the checkpoint as upstream saves them, but the
+    loader takes the tower from ``mm_vision_tower``.
+    """
+    from transformers import CLIPImageProcessor, LlamaForCausalLM
+
+    clip_dir = ensure_tiny("tiny-clip")
+    vision_config, tower_state = _clip_tower_state(clip_dir)
+    tok = build_bpe_tokenizer()
+    llama_config = _llama_config(tok)
+    lm = LlamaForCausalLM(llama_config)
+    width, hidden = vision_config.hidden_size, llama_config.hidden_size
+    projector = torch.nn.Sequential(
+        torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden)
+    )
+    state = dict(lm.state_dict())
+    state.update({f"model.mm_projector.{k}": v for k, v in projector.state_dict().items()})
+    state.update({f"model.vision_tower.vision_tower.vision_model.{k}": v for k, v in tower_state.items()})
+    config = llama_config.to_dict()
+    config.update(
+        architectures=["LlavaLlamaForCausalLM"],
+        model_type="llava_llama",
+        mm_vision_tower=str(clip_dir),
+        mm_vision_select_layer=-2,
+        mm_vision_select_feature="patch",
+        mm_projector_type="mlp2x_gelu",
+        mm_hidden_size=width,
+        mm_use_im_start_end=False,
+        mm_use_im_patch_token=False,
+        image_aspect_ratio="pad",
+        use_mm_proj=True,
+        tune_mm_mlp_adapter=False,
+        freeze_mm_mlp_adapter=False,
+        unfreeze_mm_vision_tower=False,
+        tokenizer_model_max_length=tok.model_max_length,
+        tokenizer_padding_side="right",
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), {"format": "pt"})
+    tok.save_pretrained(out)
+    # Upstream takes the image processor from the tower directory; a copy here documents what was used.
+    CLIPImageProcessor.from_pretrained(clip_dir).save_pretrained(out)
+
+
+def build_tiny_idefics(out: Path) -> None:
+    """HF IDEFICS (v1): Llama-style decoder with gated cross-attention every layer, a perceiver resampler
+    (8 latents) and a CLIP-architecture tower with tiny-clip's shape and weights."""
+    from transformers import (
+        IdeficsConfig,
+        IdeficsForVisionText2Text,
+        IdeficsImageProcessor,
+        IdeficsProcessor,
+    )
+
+    clip_dir = ensure_tiny("tiny-clip")
+    clip_config, tower_state = _clip_tower_state(clip_dir)
+    tok = build_bpe_tokenizer(extra_special_tokens=IDEFICS_TOKENS)
+    vision = dict(
+        embed_dim=clip_config.hidden_size,
+        image_size=clip_config.image_size,
+        patch_size=clip_config.patch_size,
+        num_hidden_layers=clip_config.num_hidden_layers,
+        num_attention_heads=clip_config.num_attention_heads,
+        intermediate_size=clip_config.intermediate_size,
+        hidden_act=clip_config.hidden_act,
+        layer_norm_eps=clip_config.layer_norm_eps,
+    )
+    config = IdeficsConfig(
+        vocab_size=len(tok),
+        hidden_size=LLM["hidden_size"],
+        intermediate_size=LLM["intermediate_size"],
+        num_hidden_layers=LLM["num_hidden_layers"],
+        num_attention_heads=LLM["num_attention_heads"],
+        max_position_embeddings=LLM["max_position_embeddings"],
+        cross_layer_interval=1,
+        vision_config=vision,
+        perceiver_config=dict(
+            use_resampler=True,
+            resampler_n_latents=8,
+            resampler_depth=1,
+            resampler_n_heads=2,
+            resampler_head_dim=16,
+        ),
+        use_resampler=True,
+        alpha_initializer="normal",  # non-zero gates: the image must reach the text (zeros = blind model)
+        alpha_type="vector",
+        alphas_initializer_range=0.5,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = IdeficsForVisionText2Text(config)
+    model.model.vision_model.load_state_dict(tower_state, strict=True)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    image_processor = IdeficsImageProcessor(
+        image_size=clip_config.image_size,
+        image_mean=OPENAI_MEAN,
+        image_std=OPENAI_STD,
+    )
+    processor = IdeficsProcessor(
+        image_processor=image_processor, tokenizer=tok, image_size=clip_config.image_size
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def build_tiny_openflamingo(out: Path) -> None:
+    """An OpenFlamingo-format checkpoint: tiny-openclip's visual as ``vision_encoder.*``, a random perceiver
+    resampler and a random gated-cross-attention LM state dict (see ``families.openflamingo``)."""
+    from mllm_swap.families.openflamingo import tiny_openflamingo_state
+
+    clip_dir = ensure_tiny("tiny-openclip")
+    state, meta = tiny_openflamingo_state(clip_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "checkpoint.safetensors"), {"format": "pt"})
+    (out / "openflamingo.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+TINY_MLLM_BUILDERS: dict[str, Callable[[Path], None]] = {
+    "tiny-llava": build_tiny_llava,
+    "tiny-llava-original": build_tiny_llava_original,
+    "tiny-idefics": build_tiny_idefics,
+    "tiny-openflamingo": build_tiny_openflamingo,
+}
+
+
+def ensure_tiny_mllm(name: str) -> Path:
+    """Directory of the tiny MLLM ``name`` under ``align.paths.models_dir()``, built (atomically) on first use."""
+    if name not in TINY_MLLM_BUILDERS:
+        raise KeyError(f"unknown tiny MLLM '{name}'; expected one of {sorted(TINY_MLLM_BUILDERS)}")
+    return build_once(name, TINY_MLLM_BUILDERS[name], version=TINY_MLLM_VERSION)
