@@ -13,6 +13,10 @@ COMMANDS = [
     "data",
     "encode",
     "eval",
+    "score",
+    "tune",
+    "merge",
+    "swap",
 ]
 
 

@@ -1,0 +1,246 @@
+"""HF ``LlavaForConditionalGeneration`` (transformers 5.x layout) and LLaVA-NeXT (drop-in only).
+
+Paths: ``model.model.vision_tower``, ``model.model.multi_modal_projector`` (``linear_1``, act, ``linear_2``),
+``model.model.language_model``, ``model.lm_head``. The processor expands ``<image>`` into
+``(S/p)^2 + num_additional_image_tokens - (1 if "default")`` copies, which must equal what the tower feeds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from mllm_swap.families.base import (
+    Family,
+    Loaded,
+    SwapPlan,
+    TowerView,
+    arch_of,
+    mismatches,
+    quiet_transformers,
+    require_files,
+)
+from mllm_swap.families.new_tower import NewTower
+from mllm_swap.towers import MODEL_TYPE, prefix_tokens_of
+
+LLAVA_TYPES = ("llava", "llava_next")
+WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+PROCESSOR = ("processor_config.json", "preprocessor_config.json")
+TOKENIZER = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def feed_view(vision_config, strategy: str, layer: int | list[int], source: str) -> TowerView:
+    """How a Llava model with this tower config, strategy and layer feeds image tokens to its connector."""
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    if vision_config.model_type == MODEL_TYPE:
+        out_prefix = vision_config.num_output_prefix_tokens
+        rule = f"tower rule '{vision_config.token_rule}'" + (" + head" if vision_config.head_config else "")
+    else:
+        out_prefix = prefix_tokens_of(vision_config)
+        rule = "tower outputs all tokens"
+    tokens = patches + out_prefix - (1 if strategy == "default" else 0)
+    rule += f", strategy '{strategy}' ({'drops index 0' if strategy == 'default' else 'keeps all'})"
+    return TowerView(
+        source=source,
+        arch=arch_of(vision_config),
+        width=int(vision_config.hidden_size) * (len(layer) if isinstance(layer, list) else 1),
+        num_tokens=tokens,
+        image_size=int(vision_config.image_size),
+        patch_size=int(vision_config.patch_size),
+        prefix_rule=rule,
+        select_layer=layer,
+    )
+
+
+def strategy_for(tower: NewTower) -> tuple[str, int]:
+    """(vision_feature_select_strategy, processor num_additional_image_tokens) for a new tower."""
+    if tower.kind == "hf" and tower.num_prefix_tokens == 1 and tower.num_tokens == tower.num_patches:
+        return "default", 1  # HF's own rule drops the CLS
+    return "full", tower.num_tokens - tower.num_patches
+
+
+class LlavaHF(Family):
+    """HF Llava checkpoints: drop-in replaces ``vision_tower`` weights; rebuild replaces tower and ``linear_1``."""
+
+    name = "llava_hf"
+
+    def load(self, path: Path) -> Loaded:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        require_files(path, "HF Llava", [("config.json",), WEIGHTS, PROCESSOR, TOKENIZER])
+        with quiet_transformers():
+            model = AutoModelForImageTextToText.from_pretrained(path).eval()
+            processor = AutoProcessor.from_pretrained(path)
+        if model.config.model_type not in LLAVA_TYPES:
+            raise ValueError(
+                f"{path}: model_type '{model.config.model_type}' is not one of {list(LLAVA_TYPES)}"
+            )
+        return Loaded(path=path, model=model, processor=processor)
+
+    def old_view(self, loaded: Loaded) -> TowerView:
+        cfg = loaded.model.config
+        vc = cfg.vision_config
+        source = getattr(vc, "source", "") or vc.name_or_path or f"{loaded.path} (vision_tower)"
+        return feed_view(vc, cfg.vision_feature_select_strategy, cfg.vision_feature_layer, source)
+
+    def plan(self, loaded: Loaded, tower: NewTower, mode: str, select_layer: int | None) -> SwapPlan:
+        if tower.config is None:
+            raise ValueError(
+                f"{tower.source}: an open_clip visual cannot be a Llava tower; export it as an HF "
+                "CLIPVisionModel (aligned KUEA artifacts do) and swap that"
+            )
+        cfg = loaded.model.config
+        old = self.old_view(loaded)
+        same = feed_view(
+            tower.config, cfg.vision_feature_select_strategy, cfg.vision_feature_layer, tower.source
+        )
+        same.num_tokens = tower.num_tokens  # what the tower's token contract feeds (prefix rule applied)
+        diffs = mismatches(old, same)
+        if not diffs:
+            old_state = loaded.model.model.vision_tower.state_dict()
+            shapes = {k: tuple(v.shape) for k, v in tower.state_dict.items()}
+            if shapes != {k: tuple(v.shape) for k, v in old_state.items()}:
+                diffs.append("tower weights have different names or shapes")
+        if select_layer is not None and select_layer != cfg.vision_feature_layer:
+            diffs.append(f"select layer {cfg.vision_feature_layer} vs {select_layer}")
+        if mode == "dropin" and diffs:
+            raise ValueError(
+                f"drop-in of {tower.source} into {loaded.path} needs the same tower, found: {'; '.join(diffs)}. "
+                "Use --mode rebuild (or auto)."
+            )
+        if mode == "dropin" or (mode == "auto" and not diffs):
+            reason = "requested" if mode == "dropin" else "auto: same architecture, width and token layout"
+            return SwapPlan("dropin", reason, old, same, new_modules=[], untrained=[])
+        if cfg.model_type == "llava_next":
+            raise ValueError(
+                f"{loaded.path}: LLaVA-NeXT supports drop-in only (its anyres image processor, grid pinpoints "
+                f"and image_newline are tied to the tower); found {'; '.join(diffs)}"
+            )
+        strategy, _ = strategy_for(tower)
+        layer = select_layer if select_layer is not None else tower.head_layer
+        layer = cfg.vision_feature_layer if layer is None else layer
+        new = feed_view(tower.config, strategy, layer, tower.source)
+        if new.num_tokens != tower.num_tokens:
+            raise AssertionError(f"token accounting: view {new.num_tokens} vs tower {tower.num_tokens}")
+        hidden = cfg.text_config.hidden_size
+        reason = "requested" if mode == "rebuild" else "auto: " + "; ".join(diffs)
+        return SwapPlan(
+            "rebuild",
+            reason,
+            old,
+            new,
+            new_modules=[
+                f"model.vision_tower ({type(tower.config).__name__})",
+                f"model.multi_modal_projector.linear_1 ({new.width} -> {hidden}, re-initialised)",
+            ],
+            untrained=["model.multi_modal_projector.linear_1"],
+            notes=[
+                "model.multi_modal_projector.linear_2 is kept but was trained on the old tower's features: "
+                "pretrain the whole connector (stage 1) before LoRA tuning",
+                f"processor: {tower.source}'s image processor, {new.num_tokens} <image> tokens per image",
+            ],
+        )
+
+    def apply(self, loaded: Loaded, tower: NewTower, plan: SwapPlan) -> None:
+        model = loaded.model
+        if plan.mode == "dropin":
+            model.model.vision_tower.load_state_dict(tower.state_dict, strict=True)
+            if tower.image_processor is not None and _differs(
+                loaded.processor.image_processor, tower.image_processor
+            ):
+                loaded.processor.image_processor = tower.image_processor
+                plan.notes.append(f"image processor replaced by {tower.source}'s (different resize/mean/std)")
+            return
+        from transformers import LlavaProcessor
+
+        cfg = model.config
+        strategy, additional = strategy_for(tower)
+        cfg.vision_config = tower.config
+        cfg.vision_feature_select_strategy = strategy
+        cfg.vision_feature_layer = plan.new.select_layer
+        cfg.image_seq_length = plan.new.num_tokens
+        model.model.vision_tower = tower.module()
+        old = model.model.multi_modal_projector.linear_1
+        generator = torch.Generator().manual_seed(0)
+        new = nn.Linear(tower.width, old.out_features, bias=old.bias is not None)
+        with torch.no_grad():
+            new.weight.copy_(
+                torch.randn(new.weight.shape, generator=generator) * cfg.text_config.initializer_range
+            )
+            if new.bias is not None:
+                new.bias.zero_()
+        model.model.multi_modal_projector.linear_1 = new.to(old.weight.dtype)
+        proc = loaded.processor
+        loaded.processor = LlavaProcessor(
+            image_processor=tower.image_processor or proc.image_processor,
+            tokenizer=proc.tokenizer,
+            patch_size=tower.patch_size,
+            vision_feature_select_strategy=strategy,
+            num_additional_image_tokens=additional,
+            chat_template=proc.chat_template,
+            image_token=proc.image_token,
+        )
+
+    def save(self, loaded: Loaded, out: Path, final: Path, plan: SwapPlan, tower: NewTower) -> None:
+        loaded.model.save_pretrained(out)
+        loaded.processor.save_pretrained(out)
+
+    @torch.no_grad()
+    def consumed_tokens(self, loaded: Loaded, images: list[Image.Image]) -> torch.Tensor:
+        model = loaded.model
+        cfg = model.config
+        pixels = loaded.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        tower = model.model.vision_tower
+        pixels = pixels.to(next(tower.parameters()).dtype)
+        layers = cfg.vision_feature_layer
+        states = tower(pixels, output_hidden_states=True, return_dict=True).hidden_states
+        picked = [states[i] for i in (layers if isinstance(layers, list) else [layers])]
+        if cfg.vision_feature_select_strategy == "default":
+            picked = [h[:, 1:] for h in picked]
+        return torch.cat(picked, dim=-1)
+
+    def _inputs(self, loaded: Loaded, image: Image.Image, prompt: str) -> dict:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = loaded.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return loaded.processor(images=image, text=text, return_tensors="pt")
+
+    @torch.no_grad()
+    def next_token_logprobs(self, loaded: Loaded, image: Image.Image, prompt: str) -> torch.Tensor:
+        logits = loaded.model(**self._inputs(loaded, image, prompt)).logits[0, -1]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    @torch.no_grad()
+    def generate(self, loaded: Loaded, image: Image.Image, prompt: str, max_new_tokens: int = 8) -> str:
+        inputs = self._inputs(loaded, image, prompt)
+        out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        return loaded.processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def _differs(old, new) -> bool:
+    """Whether two image processors would produce different pixels (size, crop, mean, std)."""
+    keys = (
+        "size",
+        "crop_size",
+        "image_mean",
+        "image_std",
+        "do_center_crop",
+        "do_normalize",
+        "rescale_factor",
+    )
+    return any(_norm(getattr(old, k, None)) != _norm(getattr(new, k, None)) for k in keys)
+
+
+def _norm(value):
+    if hasattr(value, "items"):
+        return {k: v for k, v in dict(value).items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [round(float(v), 6) for v in value]
+    return value

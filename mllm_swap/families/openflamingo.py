@@ -1,0 +1,294 @@
+"""OpenFlamingo checkpoints: a state dict whose ``vision_encoder.*`` is an open_clip ``VisionTransformer``.
+
+The ``open-flamingo`` package pins torch 2.0.1 and cannot be installed here, so its forward pass is not
+run. What is handled and verified: the ``vision_encoder.*`` keys are replaced by the new open_clip
+visual's (same key set and shapes required), the width is checked against the perceiver
+(``perceiver.latents`` is ``[n_latents, vis_dim]``) and the gated cross-attention (``to_kv`` reads
+``vis_dim``), the new encoder is also written as an open_clip ``local-dir`` model (``vision_encoder/``) for
+``create_model_and_transforms(clip_vision_encoder_path="local-dir:...")``, and the written
+``vision_encoder.*`` weights load back into open_clip and give the new encoder's tokens. Released
+OpenFlamingo checkpoints store only trainable weights (no ``vision_encoder.*``); then the vision weights
+are added to the state dict (``load_state_dict(strict=False)`` applies them) and only the width is checked.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from mllm_swap.families.base import Family, Loaded, SwapPlan, TowerView
+from mllm_swap.families.new_tower import NewTower
+
+PREFIX = "vision_encoder."
+STATE_FILES = ("checkpoint.safetensors", "checkpoint.pt", "checkpoint.bin", "checkpoint.pth")
+META = "openflamingo.json"
+
+
+def state_file(path: Path) -> Path:
+    """The state-dict file of an OpenFlamingo checkpoint (a file, or a directory holding ``checkpoint.*``)."""
+    if path.is_file():
+        return path
+    for name in STATE_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"{path}: OpenFlamingo checkpoint is missing {' or '.join(STATE_FILES)}")
+
+
+def read_state(file: Path) -> dict[str, torch.Tensor]:
+    """Load a state dict safely (safetensors, or ``torch.load(weights_only=True)``)."""
+    if file.suffix == ".safetensors":
+        return load_file(str(file))
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{file}: expected a flat state dict of tensors")
+    return state
+
+
+def _visual_of(tower: NewTower) -> torch.nn.Module:
+    enc = tower.encoder
+    return enc.visual if hasattr(enc, "visual") else enc.backbone.visual
+
+
+def vision_dim(state: dict[str, torch.Tensor], where: Path) -> int:
+    """The width the perceiver and cross-attention were trained for."""
+    if "perceiver.latents" in state:
+        return int(state["perceiver.latents"].shape[-1])
+    if PREFIX + "conv1.weight" in state:
+        return int(state[PREFIX + "conv1.weight"].shape[0])
+    raise ValueError(
+        f"{where}: not an OpenFlamingo state dict (no perceiver.latents or {PREFIX}conv1.weight)"
+    )
+
+
+class OpenFlamingo(Family):
+    """Drop-in of an open_clip visual with the same width (and, when stored, the same keys and shapes)."""
+
+    name = "openflamingo"
+    modes = ("dropin",)
+
+    def load(self, path: Path) -> Loaded:
+        file = state_file(path)
+        state = read_state(file)
+        meta_file = (path if path.is_dir() else path.parent) / META
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        return Loaded(
+            path=path, model=state, extra={"file": file, "meta": meta, "dim": vision_dim(state, file)}
+        )
+
+    def old_view(self, loaded: Loaded) -> TowerView:
+        state, dim = loaded.model, loaded.extra["dim"]
+        conv = state.get(PREFIX + "conv1.weight")
+        pos = state.get(PREFIX + "positional_embedding")
+        patch = int(conv.shape[-1]) if conv is not None else 0
+        patches = int(pos.shape[0]) - 1 if pos is not None else 0
+        blocks = {k.split(".")[3] for k in state if k.startswith(PREFIX + "transformer.resblocks.")}
+        arch = (
+            {"model_type": "open_clip_visual", "layers": len(blocks), "patch_size": patch}
+            if conv is not None
+            else {}
+        )
+        return TowerView(
+            source=loaded.extra["meta"].get(
+                "clip_vision_encoder_path", f"{loaded.extra['file']} ({PREFIX}*)"
+            ),
+            arch=arch,
+            width=dim,
+            num_tokens=patches,
+            image_size=int(math.isqrt(patches) * patch),
+            patch_size=patch,
+            prefix_rule="drops CLS (visual(x)[1], after ln_post)",
+            select_layer="final (ln_post)",
+        )
+
+    def plan(self, loaded: Loaded, tower: NewTower, mode: str, select_layer: int | None) -> SwapPlan:
+        if tower.kind != "openclip":
+            raise ValueError(
+                f"{tower.source}: OpenFlamingo's vision_encoder is an open_clip visual; found a {tower.kind} "
+                "tower (export an HF CLIP to open_clip with align.export first)"
+            )
+        if mode == "rebuild" or select_layer is not None:
+            raise ValueError(
+                "OpenFlamingo supports drop-in only: the perceiver consumes the final-layer tokens"
+            )
+        old, dim = self.old_view(loaded), loaded.extra["dim"]
+        if tower.width != dim:
+            raise ValueError(
+                f"refusing to swap {tower.source} into {loaded.extra['file']}: width {tower.width} but the perceiver "
+                f"and gated cross-attention were trained for vision width {dim}"
+            )
+        stored = {k[len(PREFIX) :]: tuple(v.shape) for k, v in loaded.model.items() if k.startswith(PREFIX)}
+        new_shapes = {k: tuple(v.shape) for k, v in tower.state_dict.items()}
+        if stored and stored != new_shapes:
+            differ = sorted(set(stored) ^ set(new_shapes)) or [
+                k for k in stored if stored[k] != new_shapes[k]
+            ]
+            raise ValueError(
+                f"refusing to swap {tower.source} into {loaded.extra['file']}: the open_clip visual differs from the "
+                f"stored {PREFIX}* ({len(differ)} keys differ, e.g. {differ[:3]})"
+            )
+        loaded.extra["template"] = copy.deepcopy(_visual_of(tower)).eval()
+        loaded.extra["preprocess"] = tower.encoder.preprocess
+        new = TowerView(
+            source=tower.source,
+            arch=old.arch,
+            width=tower.width,
+            num_tokens=tower.num_patches,
+            image_size=tower.image_size,
+            patch_size=tower.patch_size,
+            prefix_rule=old.prefix_rule,
+            select_layer=old.select_layer,
+        )
+        notes = [
+            "OpenFlamingo's forward is not run here (package not installable): keys, shapes and the vision features are verified"
+        ]
+        if not stored:
+            notes.append(
+                f"the checkpoint stored no {PREFIX}* weights; they were added (load with strict=False)"
+            )
+        reason = "requested" if mode == "dropin" else "auto: same open_clip visual and width"
+        return SwapPlan("dropin", reason, old, new, notes=notes)
+
+    def apply(self, loaded: Loaded, tower: NewTower, plan: SwapPlan) -> None:
+        state = {k: v for k, v in loaded.model.items() if not k.startswith(PREFIX)}
+        state.update({PREFIX + k: v for k, v in tower.state_dict.items()})
+        loaded.model = state
+
+    def save(self, loaded: Loaded, out: Path, final: Path, plan: SwapPlan, tower: NewTower) -> None:
+        file = loaded.extra["file"]
+        tensors = {k: v.contiguous() for k, v in loaded.model.items()}
+        if file.suffix == ".safetensors":
+            save_file(tensors, str(out / file.name), {"format": "pt"})
+        else:
+            torch.save(tensors, out / file.name)
+        encoder_dir = write_openclip_dir(tower, out / "vision_encoder")
+        meta = dict(loaded.extra["meta"])
+        meta.update(
+            vis_dim=tower.width, swapped_from=meta.get("clip_vision_encoder_path"), encoder=tower.source
+        )
+        if encoder_dir:
+            meta.update(
+                clip_vision_encoder_path=f"local-dir:{final / 'vision_encoder'}",
+                clip_vision_encoder_pretrained=None,
+            )
+        (out / META).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @torch.no_grad()
+    def consumed_tokens(self, loaded: Loaded, images: list[Image.Image]) -> torch.Tensor:
+        visual = copy.deepcopy(loaded.extra["template"])
+        stored = {k[len(PREFIX) :]: v for k, v in loaded.model.items() if k.startswith(PREFIX)}
+        if not stored:
+            raise ValueError(f"{loaded.extra['file']}: no {PREFIX}* weights stored; old features unavailable")
+        visual.load_state_dict(stored, strict=True)
+        visual.output_tokens = True
+        return visual(loaded.extra["preprocess"](images))[1]
+
+
+def write_openclip_dir(tower: NewTower, out: Path) -> bool:
+    """Write the new encoder as an open_clip ``local-dir`` model (its config, weights with the new visual)."""
+    from align.encoders.registry import resolve
+
+    enc = tower.encoder
+    backbone = enc if hasattr(enc, "visual") else enc.backbone
+    source = resolve(backbone.source)
+    if not (isinstance(source, Path) and (source / "open_clip_config.json").is_file()):
+        out.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in tower.state_dict.items()}, str(out / "visual.safetensors"))
+        return False
+    out.mkdir(parents=True)
+    shutil.copy2(source / "open_clip_config.json", out / "open_clip_config.json")
+    weights = next(source.glob("open_clip_model.safetensors"), None) or next(source.glob("*.safetensors"))
+    full = load_file(str(weights))
+    full.update({f"visual.{k}": v for k, v in tower.state_dict.items()})
+    save_file({k: v.contiguous() for k, v in full.items()}, str(out / "open_clip_model.safetensors"))
+    for extra in source.iterdir():
+        if (
+            extra.is_file()
+            and extra.suffix in (".txt", ".json")
+            and extra.name != "tiny_build.json"
+            and not (out / extra.name).exists()
+        ):
+            shutil.copy2(extra, out / extra.name)
+    return True
+
+
+def tiny_openflamingo_state(
+    clip_dir: Path,
+    latents: int = 8,
+    depth: int = 1,
+    heads: int = 2,
+    dim_head: int = 16,
+    lm_width: int = 64,
+    lm_layers: int = 2,
+    vocab: int = 512,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A tiny OpenFlamingo state dict: tiny-openclip's visual + random perceiver and gated-xattn MPT-style LM,
+    with OpenFlamingo's key names and shapes (``PerceiverResampler``, ``GatedCrossAttentionBlock``)."""
+    from align.encoders.openclip import load_openclip
+
+    model, _, _ = load_openclip(clip_dir)
+    vis = model.visual.transformer.width
+    state = {PREFIX + k: v.detach().clone() for k, v in model.visual.state_dict().items()}
+    inner = heads * dim_head
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape) * 0.02
+
+    state["perceiver.latents"] = torch.randn(latents, vis)
+    for i in range(depth):
+        p = f"perceiver.layers.{i}."
+        for norm in ("0.norm_media", "0.norm_latents", "1.0"):
+            state[p + norm + ".weight"], state[p + norm + ".bias"] = torch.ones(vis), torch.zeros(vis)
+        state[p + "0.to_q.weight"], state[p + "0.to_kv.weight"] = rnd(inner, vis), rnd(2 * inner, vis)
+        state[p + "0.to_out.weight"], state[p + "1.1.weight"], state[p + "1.3.weight"] = (
+            rnd(vis, inner),
+            rnd(4 * vis, vis),
+            rnd(vis, 4 * vis),
+        )
+    state["perceiver.norm.weight"], state["perceiver.norm.bias"] = torch.ones(vis), torch.zeros(vis)
+    lm = "lang_encoder."
+    state[lm + "transformer.wte.weight"] = rnd(vocab, lm_width)
+    for i in range(lm_layers):
+        b, x = f"{lm}transformer.blocks.{i}.", f"{lm}gated_cross_attn_layers.{i}."
+        state[b + "norm_1.weight"], state[b + "norm_2.weight"] = torch.ones(lm_width), torch.ones(lm_width)
+        state[b + "attn.Wqkv.weight"], state[b + "attn.out_proj.weight"] = (
+            rnd(3 * lm_width, lm_width),
+            rnd(lm_width, lm_width),
+        )
+        state[b + "ffn.up_proj.weight"], state[b + "ffn.down_proj.weight"] = (
+            rnd(4 * lm_width, lm_width),
+            rnd(lm_width, 4 * lm_width),
+        )
+        state[x + "attn.norm.weight"], state[x + "attn.norm.bias"] = (
+            torch.ones(lm_width),
+            torch.zeros(lm_width),
+        )
+        state[x + "attn.to_q.weight"], state[x + "attn.to_kv.weight"] = (
+            rnd(inner, lm_width),
+            rnd(2 * inner, vis),
+        )
+        state[x + "attn.to_out.weight"] = rnd(lm_width, inner)
+        state[x + "attn_gate"], state[x + "ff_gate"] = torch.zeros(1), torch.zeros(1)
+        state[x + "ff.0.weight"], state[x + "ff.0.bias"] = torch.ones(lm_width), torch.zeros(lm_width)
+        state[x + "ff.1.weight"], state[x + "ff.3.weight"] = (
+            rnd(4 * lm_width, lm_width),
+            rnd(lm_width, 4 * lm_width),
+        )
+    state[lm + "transformer.norm_f.weight"] = torch.ones(lm_width)
+    meta = {
+        "format": "openflamingo",
+        "clip_vision_encoder_path": f"local-dir:{clip_dir}",
+        "clip_vision_encoder_pretrained": None,
+        "cross_attn_every_n_layers": 1,
+        "vis_dim": vis,
+        "note": "tiny test checkpoint: perceiver and language model are random; the forward pass needs the "
+        "open-flamingo package, which is not installable here",
+    }
+    return {k: v.contiguous() for k, v in state.items()}, meta

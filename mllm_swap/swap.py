@@ -1,0 +1,234 @@
+"""Swap a vision encoder into a multimodal LLM: choose the mode, account for tokens, measure drift, report.
+
+``swap(mllm, encoder, out, mode="auto")`` writes a checkpoint of the same family and format as ``mllm``
+with the new tower inside, and ``out/swap_report.json``. Modes: ``dropin`` (same architecture, width
+and token layout: only the tower's weights change) and ``rebuild`` (new tower, connector input layer
+re-initialised, image token count / processor / select layer updated). ``auto`` picks drop-in when
+nothing but the weights differ.
+
+Prefix-token rule (``prefix``): ``"drop"`` (default) feeds only the ``(S/p)^2`` patch tokens: the CLS of
+CLIP/DINOv2 is dropped by the MLLM's own rule (HF ``"default"``, original ``"patch"``), and CLS + registers
+of DINOv2-with-registers are all dropped inside an aligned tower (the MLLMs' rules drop index 0 only and
+would otherwise keep 4 register tokens); SigLIP has no prefix (``"full"``). ``"keep"`` feeds every token,
+and the processor is told the count (``num_additional_image_tokens``), so expansion always matches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from align.io import atomic_path, write_json
+from mllm_swap.families import detect_family
+from mllm_swap.families.new_tower import PREFIX_RULES, new_tower
+
+MODES = ("auto", "dropin", "rebuild")
+DEFAULT_PROMPT = "What colour is the shape?"
+REPORT = "swap_report.json"
+
+
+@dataclass
+class SwapReport:
+    """What a swap changed and what must be trained before the result is useful."""
+
+    family: str
+    mode: str
+    reason: str
+    mllm: str
+    encoder: str
+    out: str
+    old_tower: dict[str, Any]
+    new_tower: dict[str, Any]
+    new_modules: list[str]
+    untrained: list[str]
+    drift: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    sample: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """A short human-readable account (what the CLI prints)."""
+        o, n, d = self.old_tower, self.new_tower, self.drift
+        lines = [
+            f"swap: {self.family} {self.mllm} <- {self.encoder}",
+            f"  mode: {self.mode} ({self.reason})",
+            f"  tower: {o.get('source')} -> {n.get('source')}",
+            f"  width: {o.get('width')} -> {n.get('width')}; image tokens: {o.get('image_tokens')} -> "
+            f"{n.get('image_tokens')}; select layer: {o.get('select_layer')} -> {n.get('select_layer')}",
+            f"  prefix rule: {n.get('prefix_rule')}",
+            f"  new modules: {', '.join(self.new_modules) or 'none'}",
+            f"  untrained (train before use): {', '.join(self.untrained) or 'none'}",
+        ]
+        if d.get("cosine_mean") is not None:
+            lines.append(f"  feature drift: cosine mean {d['cosine_mean']:.4f}, min {d['cosine_min']:.4f}")
+        elif d.get("linear_cka") is not None:
+            lines.append(f"  feature drift: linear CKA {d['linear_cka']:.4f} ({d.get('cosine_note')})")
+        if d.get("next_token_kl") is not None:
+            lines.append(
+                f"  next-token change: KL {d['next_token_kl']:.3g}, max |dp| {d['next_token_max_abs']:.3g}, "
+                f"top-1 kept: {d['next_token_top1_same']}"
+            )
+        lines += [f"  note: {x}" for x in self.notes]
+        lines.append(f"  written: {self.out}")
+        return "\n".join(lines)
+
+
+def resolve_mllm(spec: str | os.PathLike) -> Path:
+    """A tiny MLLM id (built on demand) or an existing checkpoint path."""
+    from mllm_swap.tiny import TINY_MLLM_BUILDERS, ensure_tiny_mllm
+
+    text = str(spec)
+    if text in TINY_MLLM_BUILDERS:
+        return ensure_tiny_mllm(text)
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"MLLM '{text}': no such file or directory, and not a tiny id ({', '.join(sorted(TINY_MLLM_BUILDERS))})"
+        )
+    return path
+
+
+def sample_images(n: int = 4, size: int = 64, seed: int = 0) -> list[Image.Image]:
+    """Deterministic shapes-world scenes used to measure drift."""
+    from align.data.shapes import render
+
+    rng = np.random.default_rng(seed)
+    return [render(rng, size)[0] for _ in range(n)]
+
+
+def feature_drift(old: torch.Tensor, new: torch.Tensor) -> dict[str, Any]:
+    """Cosine between old and new tower tokens (same shape), else linear CKA over patch tokens."""
+    old, new = old.float(), new.float()
+    if old.shape == new.shape:
+        cos = torch.nn.functional.cosine_similarity(old, new, dim=-1)
+        return {
+            "cosine_mean": float(cos.mean()),
+            "cosine_min": float(cos.min()),
+            "max_abs_change": float((old - new).abs().max()),
+        }
+    out: dict[str, Any] = {
+        "cosine_mean": None,
+        "cosine_note": f"shapes differ {list(old.shape)} vs {list(new.shape)}: cosine undefined",
+    }
+    if old.shape[:2] == new.shape[:2]:
+        from align.metrics.cka import linear_cka
+
+        out["linear_cka"] = linear_cka(old.reshape(-1, old.shape[-1]), new.reshape(-1, new.shape[-1]))
+    return out
+
+
+def output_drift(old: torch.Tensor, new: torch.Tensor) -> dict[str, Any]:
+    """KL(old || new), max |p_old - p_new| and whether the top-1 token is kept, from log-probabilities."""
+    p_old, p_new = old.exp(), new.exp()
+    return {
+        "next_token_kl": float((p_old * (old - new)).sum()),
+        "next_token_max_abs": float((p_old - p_new).abs().max()),
+        "next_token_top1_same": bool(old.argmax() == new.argmax()),
+    }
+
+
+def swap(
+    mllm: str | os.PathLike,
+    encoder: Any,
+    out: str | os.PathLike,
+    mode: str = "auto",
+    *,
+    prefix: str = "drop",
+    select_layer: int | None = None,
+    to_hf: bool = False,
+    prompt: str = DEFAULT_PROMPT,
+    num_images: int = 4,
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> SwapReport:
+    """Swap ``encoder`` (id, path or ``VisionEncoder``) into ``mllm`` (id or path); write ``out``.
+
+    ``to_hf`` additionally writes an HF-layout copy to ``out/hf`` (original LLaVA checkpoints).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode '{mode}': expected one of {list(MODES)}")
+    if prefix not in PREFIX_RULES:
+        raise ValueError(f"prefix '{prefix}': expected one of {list(PREFIX_RULES)}")
+    out = Path(out).expanduser().resolve()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(
+            f"{out}: output directory exists and is not empty (pass overwrite=True / --overwrite)"
+        )
+    src = resolve_mllm(mllm)
+    family = detect_family(src)
+    if isinstance(encoder, torch.nn.Module):
+        enc = encoder
+    else:
+        from align.encoders import load_vision_encoder
+
+        enc = load_vision_encoder(encoder)
+    tower = new_tower(enc, prefix=prefix)
+    loaded = family.load(src)
+    plan = family.plan(loaded, tower, mode, select_layer)
+    images = sample_images(num_images, size=plan.old.image_size or plan.new.image_size)
+    try:
+        old_tokens = family.consumed_tokens(loaded, images)
+    except ValueError as err:  # e.g. an OpenFlamingo checkpoint that stores no vision weights
+        old_tokens, unavailable = None, str(err)
+    old_lp = family.next_token_logprobs(loaded, images[0], prompt) if plan.mode == "dropin" else None
+    family.apply(loaded, tower, plan)
+    new_images = (
+        images
+        if plan.new.image_size == plan.old.image_size
+        else sample_images(num_images, plan.new.image_size)
+    )
+    new_tokens = family.consumed_tokens(loaded, new_images)
+    if old_tokens is None:
+        drift: dict[str, Any] = {
+            "cosine_mean": None,
+            "cosine_note": f"old features unavailable: {unavailable}",
+        }
+    else:
+        drift = feature_drift(old_tokens, new_tokens)
+    drift["images"] = num_images
+    if old_lp is not None:
+        new_lp = family.next_token_logprobs(loaded, images[0], prompt)
+        if new_lp is not None:
+            drift.update(output_drift(old_lp, new_lp), prompt=prompt)
+    generated = family.generate(loaded, new_images[0], prompt)
+    report = SwapReport(
+        family=family.name,
+        mode=plan.mode,
+        reason=plan.reason,
+        mllm=str(mllm),
+        encoder=tower.source if isinstance(encoder, torch.nn.Module) else str(encoder),
+        out=str(out),
+        old_tower=plan.old.describe(),
+        new_tower={**plan.new.describe(), **{"kind": tower.kind}},
+        new_modules=plan.new_modules,
+        untrained=plan.untrained,
+        drift=drift,
+        notes=plan.notes + tower.notes,
+        sample={"prompt": prompt, "generated": generated} if generated is not None else {},
+    )
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        family.save(loaded, tmp, out, plan, tower)
+        if to_hf:
+            if not hasattr(family, "to_hf"):
+                raise ValueError(f"--to-hf: {family.name} checkpoints are already in their HF layout")
+            family.to_hf(loaded, tmp / "hf")
+            report.notes.append(f"HF-layout copy written to {out / 'hf'}")
+        write_json(tmp / REPORT, report.to_dict())
+    if verbose:
+        print(report.summary())
+    return report
+
+
+def read_report(out: str | os.PathLike) -> dict[str, Any]:
+    """The ``swap_report.json`` of a swapped checkpoint."""
+    return json.loads((Path(out) / REPORT).read_text())
