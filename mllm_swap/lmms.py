@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,8 +20,7 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
 
-from align.io import read_json
-from mllm_swap.conversations import chat_template, expand2square, pad_colour
+from mllm_swap.lmms_io import Prompter, load_mllm
 
 MODEL_ID = "mllm_swap"
 _HARNESS_KWARGS = {"max_batch_size"}  # passed by lmms-eval's CLI to every model; unused here
@@ -280,147 +278,3 @@ def _cut(text: str, until: list[str]) -> str:
     for stop in until:
         text = text.split(stop, 1)[0]
     return text
-
-
-# ---------------------------------------------------------------------------- loading and prompts
-_LLAVA_TYPES = {"llava", "llava_next"}
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``auto`` (or None) means the first GPU when there is one, else the CPU."""
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on a GPU that supports it, else float32; otherwise a name from ``_DTYPES``."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "", "auto"):
-        gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if gpu_bf16 else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"mllm_swap: dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
-
-
-def detect_family(path: str) -> str:
-    """``llava`` (HF Llava/LlavaNext), ``idefics`` or ``llava_original`` from the checkpoint's config."""
-    config_path = Path(path) / "config.json"
-    if Path(path).is_dir():
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path}: not found; expected a model checkpoint directory")
-        config = read_json(config_path)
-    else:  # a hub id: let transformers resolve it (fails offline unless cached)
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path).to_dict()
-    if "mm_vision_tower" in config:
-        return "llava_original"
-    model_type = config.get("model_type")
-    if model_type in _LLAVA_TYPES:
-        return "llava"
-    if model_type == "idefics":
-        return "idefics"
-    raise ValueError(
-        f"{config_path}: model_type {model_type!r} is not a supported family; expected one of "
-        f"{sorted(_LLAVA_TYPES | {'idefics'})} or an original-LLaVA config (mm_vision_tower)"
-    )
-
-
-def load_mllm(
-    path: str, dtype: str | torch.dtype = "auto", device: str | None = "auto"
-) -> tuple[Any, Any, str]:
-    """Load a checkpoint this project writes: ``(model in eval mode, processor, family)``."""
-    import mllm_swap  # noqa: F401  (registers custom vision towers with transformers' Auto classes)
-
-    device_, family = resolve_device(device), detect_family(path)
-    dtype_ = resolve_dtype(dtype, device_)
-    if family == "llava_original":
-        from mllm_swap.families.llava_original import load_llava_original
-
-        model, processor = load_llava_original(path)[:2]
-        model = model.to(dtype_)
-        family = "llava"
-    else:
-        from transformers import AutoModelForImageTextToText, AutoProcessor, IdeficsForVisionText2Text
-
-        loader = IdeficsForVisionText2Text if family == "idefics" else AutoModelForImageTextToText
-        model = loader.from_pretrained(path, dtype=dtype_)
-        processor = AutoProcessor.from_pretrained(path)
-    return model.to(device_).eval(), processor, family
-
-
-class Prompter:
-    """Turns (context, images) into the family's prompt text and batched model inputs."""
-
-    def __init__(self, processor: Any, family: str, image_aspect_ratio: str = "pad") -> None:
-        if image_aspect_ratio not in ("pad", "none"):
-            raise ValueError(
-                f"mllm_swap: image_aspect_ratio must be 'pad' or 'none', got {image_aspect_ratio!r}"
-            )
-        self.processor, self.family = processor, family
-        self.tokenizer = getattr(processor, "tokenizer", processor)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.pad_token_id = self.tokenizer.pad_token_id
-        self.image_token = getattr(processor, "image_token", None) or "<image>"
-        self.template = chat_template(processor) if family == "llava" else None
-        self.pad = image_aspect_ratio == "pad" and hasattr(processor, "image_processor")
-        self.eou = "<end_of_utterance>" if "<end_of_utterance>" in self.tokenizer.get_vocab() else ""
-
-    def prompt(self, context: str, n_images: int, reply: str | None = None) -> str:
-        """The text before the answer (or, with ``reply``, the whole exchange) with image placeholders."""
-        images = "" if self.image_token in context else self.image_token * n_images
-        if self.family == "idefics":
-            text = f"User:{images}{context}{self.eou}\nAssistant:"
-            return text if reply is None else f"{text} {reply}"
-        content = [{"type": "image"}] * (0 if self.image_token in context else n_images)
-        messages = [{"role": "user", "content": [*content, {"type": "text", "text": context}]}]
-        if reply is not None:
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
-        return self.processor.apply_chat_template(
-            messages, chat_template=self.template, add_generation_prompt=reply is None, tokenize=False
-        )
-
-    def prompt_and_full(self, context: str, continuation: str, n_images: int) -> tuple[str, str]:
-        """The prompt, and the prompt followed by the continuation as the family renders a reply."""
-        prompt = self.prompt(context, n_images)
-        reply = continuation.lstrip()
-        rendered = self.prompt(context, n_images, reply)
-        at = rendered.find(reply, len(prompt)) if rendered.startswith(prompt) else -1
-        if at < 0:
-            raise ValueError(
-                f"mllm_swap: the chat template does not render the reply {reply!r} after the prompt"
-            )
-        return prompt, rendered[: at + len(reply)]
-
-    def encode(self, texts: list[str], images: list[list[Image.Image]], padding_side: str) -> dict:
-        """Tokenize a batch of prompts (placeholders expanded to image tokens), padded on one side."""
-        if self.pad:
-            background = pad_colour(self.processor)
-            images = [[expand2square(im, background) for im in ims] for ims in images]
-        self.tokenizer.padding_side = padding_side
-        if self.family == "idefics":
-            samples = []
-            for text, ims in zip(texts, images, strict=True):
-                pieces = text.split(self.image_token)
-                sample = [pieces[0]]
-                for image, piece in zip(ims, pieces[1:], strict=False):
-                    sample += [image, piece]
-                samples.append([p for p in sample if not isinstance(p, str) or p])
-            return self.processor(
-                text=samples, padding=True, return_tensors="pt", add_end_of_utterance_token=False
-            )
-        flat = [im for ims in images for im in ims]
-        bos = self.tokenizer.bos_token
-        return self.processor(
-            text=texts,
-            images=flat or None,
-            padding=True,
-            return_tensors="pt",
-            add_special_tokens=not (bos and all(t.startswith(bos) for t in texts)),
-        )
