@@ -1,0 +1,28 @@
+"""``mllm-swap merge``: fold a LoRA stage (adapter + non-LoRA trainables) into a plain checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def run(args: argparse.Namespace) -> int:
+    from mllm_swap.merge import merge_adapter
+
+    out = merge_adapter(args.adapter, args.out, base_model=args.base, dtype=args.dtype)
+    print(f"{out}: merged checkpoint; load it with AutoModelForImageTextToText.from_pretrained('{out}')")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "merge",
+        help="merge a tuning stage's LoRA adapter and non-LoRA trainables into a full checkpoint",
+        description="Load the base model named in --adapter's adapter_config.json (or --base), copy "
+        "non_lora_trainables.safetensors in, merge the LoRA weights (merge_and_unload) and write model and "
+        "processor to --out, loadable with the family's plain from_pretrained.",
+    )
+    parser.add_argument("--adapter", required=True, help="output directory of `mllm-swap tune`")
+    parser.add_argument("--out", required=True, help="directory for the merged checkpoint")
+    parser.add_argument("--base", help="base model (default: the one recorded with the adapter)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.set_defaults(func=run)

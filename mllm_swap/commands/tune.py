@@ -1,0 +1,46 @@
+"""``mllm-swap tune``: one instruction-tuning stage (connector, LoRA/QLoRA, full) from a YAML recipe."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def run(args: argparse.Namespace) -> int:
+    from align.config import load_config
+    from mllm_swap.tune import TuneConfig
+    from mllm_swap.tune_run import run_tune
+
+    cfg = load_config(TuneConfig, args.config, args.set or [])
+    resume: bool | str = {"auto": "auto", "no": False}.get(args.resume, args.resume)
+    result = run_tune(cfg, args.out, resume=resume, overwrite=args.overwrite)
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+    print(f"{args.out}: stage {cfg.stage}, {result.steps} steps, final loss {loss}, {result.elapsed_s:.0f} s")
+    for key, value in sorted(result.eval.items()):
+        print(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+    if cfg.stage == "lora":
+        print(f"merge with: mllm-swap merge --adapter {args.out} --out {args.out}-merged")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "tune",
+        help="instruction-tune a (swapped) LLaVA model: connector, LoRA/QLoRA or full stage",
+        description="Train one stage of LLaVA-style instruction tuning from a YAML recipe (see recipes/). "
+        "Outputs in --out: the peft adapter (lora) or full checkpoint (connector/full), "
+        "non_lora_trainables.safetensors, the processor, tune_info.json, metrics.jsonl, loss.png and resumable "
+        "checkpoints. Rerun the same command to resume. Under `accelerate launch` (DDP or DeepSpeed) the same "
+        "command runs on many GPUs: accelerate launch --config_file CONF -m mllm_swap tune ...",
+    )
+    parser.add_argument("--config", required=True, help="recipe YAML (a TuneConfig)")
+    parser.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. train.steps=50"
+    )
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument(
+        "--resume",
+        default="auto",
+        help="auto (default: continue from the newest checkpoint in --out), no, or a checkpoint path",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="train again over a finished run in --out")
+    parser.set_defaults(func=run)

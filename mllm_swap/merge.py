@@ -1,0 +1,85 @@
+"""Merge a tuning stage's output into a full checkpoint that the family's plain ``from_pretrained`` loads.
+
+A ``lora`` stage leaves a peft adapter (``adapter_model.safetensors`` + ``adapter_config.json``) and
+``non_lora_trainables.safetensors`` (connector, unfrozen tower/head). Merging loads the base model named
+in the adapter config (or ``base_model``), copies the non-LoRA trainables in, folds the LoRA deltas into
+the linear weights (``merge_and_unload``) and writes model + processor. An output with only non-LoRA
+trainables (and ``tune_info.json`` naming its base) is applied the same way without the LoRA step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from align.io import atomic_path, read_json, write_json
+from mllm_swap.tune import DTYPES, INFO_FILE, NON_LORA_FILE, load_non_lora, resolve_model
+
+MERGE_INFO = "merge_info.json"
+
+
+def _base_of(adapter_dir: Path, base_model: str | None) -> str:
+    if base_model:
+        return base_model
+    for name, key in (("adapter_config.json", "base_model_name_or_path"), (INFO_FILE, "base_model")):
+        path = adapter_dir / name
+        if path.is_file() and read_json(path).get(key):
+            return str(read_json(path)[key])
+    raise ValueError(
+        f"{adapter_dir}: cannot tell the base model (no 'base_model_name_or_path' in adapter_config.json and "
+        f"no 'base_model' in {INFO_FILE}); pass base_model / --base"
+    )
+
+
+def _load_processor(adapter_dir: Path, base: str) -> Any:
+    from transformers import AutoProcessor
+
+    has_own = (adapter_dir / "processor_config.json").is_file() or (
+        adapter_dir / "preprocessor_config.json"
+    ).is_file()
+    return AutoProcessor.from_pretrained(str(adapter_dir) if has_own else base)
+
+
+def merge_adapter(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    base_model: str | None = None,
+    dtype: str = "float32",
+) -> Path:
+    """Write the merged checkpoint of ``adapter_dir`` to ``out_dir`` (atomically) and return it."""
+    from transformers import AutoModelForImageTextToText
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if not adapter_dir.is_dir():
+        raise FileNotFoundError(f"{adapter_dir}: adapter directory not found")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, found {dtype!r}")
+    has_adapter = (adapter_dir / "adapter_config.json").is_file()
+    non_lora = adapter_dir / NON_LORA_FILE
+    if not has_adapter and not non_lora.is_file():
+        hint = (
+            " (it is already a full checkpoint: load it directly)"
+            if (adapter_dir / "config.json").is_file()
+            else ""
+        )
+        raise FileNotFoundError(
+            f"{adapter_dir}: expected adapter_config.json (a LoRA stage) or {NON_LORA_FILE}; found neither{hint}"
+        )
+    if out_dir.resolve() == adapter_dir.resolve():
+        raise ValueError(f"--out {out_dir} must differ from --adapter")
+    base = resolve_model(_base_of(adapter_dir, base_model))
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=DTYPES[dtype])
+    copied = load_non_lora(model, non_lora) if non_lora.is_file() else []
+    if has_adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    processor = _load_processor(adapter_dir, base)
+    with atomic_path(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        write_json(
+            tmp / MERGE_INFO,
+            {"adapter": str(adapter_dir), "base_model": base, "lora_merged": has_adapter, "non_lora": copied},
+        )
+    return out_dir

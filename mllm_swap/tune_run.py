@@ -1,0 +1,184 @@
+"""Run one tuning stage on the shared training loop: the stage as a ``Method`` of ``align.train``.
+
+``run_tune(cfg, out_dir)`` loads the model, wraps it for the stage (:mod:`mllm_swap.tune`), streams
+length-grouped LLaVA conversations (:mod:`mllm_swap.conversations`) and writes the stage's outputs:
+the peft adapter (``lora``) or the full checkpoint (``connector``/``full``), ``non_lora_trainables.safetensors``,
+the processor and ``tune_info.json``, next to the loop's checkpoints, metrics and ``result.json``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from align.config import TrainConfig
+from align.io import read_json, write_json
+from mllm_swap.tune import (
+    INFO_FILE,
+    NON_LORA_FILE,
+    TuneConfig,
+    add_lora,
+    describe,
+    load_model,
+    load_non_lora,
+    param_groups,
+    select_trainable,
+)
+
+
+def resolve_data(cfg: TuneConfig) -> tuple[Path, Path | None]:
+    """The conversation JSON and image folder: ``data``/``image_folder``, or a generated shapes world."""
+    if cfg.data is not None:
+        return Path(cfg.data), Path(cfg.image_folder) if cfg.image_folder else Path(cfg.data).parent
+    from align.data.shapes import generate_shapes
+    from align.paths import home
+
+    root = home() / "data" / f"shapes-n{cfg.shapes.n}-s{cfg.shapes.seed}"
+    generate_shapes(root, cfg.shapes.n, seed=cfg.shapes.seed)
+    return root / "instruct.json", root
+
+
+class TuneMethod:
+    """One tuning stage as a Method of the shared loop (``align.train.train``)."""
+
+    def __init__(self, cfg: TuneConfig) -> None:
+        self.cfg = cfg
+        self.data, self.image_folder = resolve_data(cfg)
+        self.groups: dict[str, list[str]] = {}
+        self.processor: Any = None
+        self.dataset: Any = None
+        self.base_model = ""
+        self.tokens_seen = 0
+
+    def build_model(self, train_cfg: TrainConfig) -> nn.Module:
+        """Load, apply earlier trainables, wrap with LoRA for the lora stage, select what trains."""
+        from mllm_swap.conversations import ConversationDataset
+
+        model, self.processor = load_model(self.cfg)
+        self.base_model = str(getattr(model, "name_or_path", self.cfg.model))
+        self.dataset = ConversationDataset(
+            self.data,
+            self.image_folder,
+            self.processor,
+            max_length=self.cfg.max_length,
+            image_aspect_ratio=self.cfg.image_aspect_ratio,
+            on_error=self.cfg.on_error,
+        )
+        print(f"tune data: {self.dataset.summary.describe()}")
+        if self.cfg.init_trainables is not None:
+            load_non_lora(model, self.cfg.init_trainables)
+        if train_cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+        if self.cfg.stage == "lora":
+            model = add_lora(model, self.cfg)
+        self.groups = select_trainable(model, self.cfg)
+        return model
+
+    def param_groups(self, model: nn.Module, train_cfg: TrainConfig) -> list[dict[str, Any]]:
+        """Per-part learning rates (connector_lr, tower_lr)."""
+        return param_groups(model, self.groups, self.cfg)
+
+    def dataloader(self, batch_size: int, seed: int) -> Any:
+        """Length-grouped (or plainly shuffled) batches in an order fixed by ``seed``."""
+        from torch.utils.data import DataLoader
+
+        from align.train_utils import PermutationSampler
+        from mllm_swap.conversations import ConversationCollator, LengthGroupedSampler
+
+        if self.cfg.group_by_length:
+            sampler: Any = LengthGroupedSampler(self.dataset.lengths(), batch_size, seed)
+        else:
+            sampler = PermutationSampler(len(self.dataset), seed)
+        return DataLoader(
+            self.dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.cfg.train.num_workers,
+            collate_fn=ConversationCollator(self.processor.tokenizer.pad_token_id),
+            generator=torch.Generator().manual_seed(seed),  # no draw from the global RNG (exact resume)
+        )
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The model's own next-token loss over the assistant tokens."""
+        if "pixel_values" in batch:
+            dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+            batch = {**batch, "pixel_values": batch["pixel_values"].to(dtype)}
+        out = model(**batch)
+        tokens = batch["attention_mask"].sum()
+        self.tokens_seen += int(tokens)
+        return out.loss, {"tokens": tokens.float(), "label_tokens": (batch["labels"] >= 0).sum().float()}
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        """Exact-match VQA accuracy on ``cfg.eval_vqa`` (skipped when unset)."""
+        if self.cfg.eval_vqa is None:
+            return {}
+        from mllm_swap.vqa_eval import evaluate_vqa
+
+        path = (
+            self.image_folder / "vqa_test.jsonl" if self.cfg.eval_vqa == "shapes" else Path(self.cfg.eval_vqa)
+        )
+        result = evaluate_vqa(model, self.processor, path, limit=self.cfg.eval_limit)
+        flat = {"vqa_accuracy": result["accuracy"], "vqa_n": result["n"]}
+        flat.update({f"vqa_{kind}": acc for kind, acc in result["per_kind"].items()})
+        flat.update({f"chance_{name}": value for name, value in result["chance"].items()})
+        return flat
+
+    def save(self, model: nn.Module, out_dir: Path, state_dict: dict[str, torch.Tensor]) -> None:
+        """Adapter (lora) or full checkpoint, non-LoRA trainables, processor and ``tune_info.json``."""
+        from safetensors.torch import save_file
+
+        prefix = "base_model.model."
+        names = [n for part in ("connector", "tower", "head") for n in self.groups.get(part, [])]
+        non_lora = {n.removeprefix(prefix): state_dict[n].detach().cpu().contiguous() for n in names}
+        model.save_pretrained(out_dir, state_dict=state_dict)
+        save_file(non_lora, str(out_dir / NON_LORA_FILE), metadata={"format": "pt"})
+        self.processor.save_pretrained(out_dir)
+        info = {
+            "stage": self.cfg.stage,
+            "base_model": self.base_model,
+            "trainable": describe(self.groups, model),
+            "data": {"file": str(self.data), "summary": self.dataset.summary.describe()},
+            "tokens_seen": self.tokens_seen,
+        }
+        write_json(out_dir / INFO_FILE, info)
+
+
+def deepspeed_kwargs(cfg: TuneConfig) -> dict[str, Any]:
+    """A DeepSpeed plugin for ``cfg.deepspeed`` unless the launcher already configured DeepSpeed."""
+    if cfg.deepspeed is None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return {}
+    if not Path(cfg.deepspeed).is_file():
+        raise FileNotFoundError(f"deepspeed: {cfg.deepspeed}: config file not found")
+    from accelerate.utils import DeepSpeedPlugin
+
+    return {"deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=str(cfg.deepspeed))}
+
+
+def run_tune(
+    cfg: TuneConfig, out_dir: str | Path, resume: bool | str = "auto", overwrite: bool = False
+) -> Any:
+    """Train one stage into ``out_dir`` with the shared loop; returns its ``TrainResult``."""
+    from align.train import train
+
+    method = TuneMethod(cfg)
+    result = train(
+        method,
+        cfg.train,
+        out_dir,
+        resume,
+        overwrite=overwrite,
+        accelerator_kwargs=deepspeed_kwargs(cfg),
+        config_to_save=cfg,
+    )
+    info_path = Path(out_dir) / INFO_FILE
+    if info_path.is_file():
+        info = read_json(info_path)
+        info["tokens_per_s"] = method.tokens_seen / max(result.elapsed_s, 1e-9)
+        write_json(info_path, info)
+    return result

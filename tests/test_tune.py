@@ -1,0 +1,229 @@
+"""Tuning stages: what trains, LoRA targets, loss on assistant tokens, QLoRA refusal, resume, CLI chain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from align.config import TrainConfig, load_config
+from mllm_swap.cli import UserError, main
+from mllm_swap.tune import (
+    NON_LORA_FILE,
+    QLORA_MESSAGE,
+    TuneConfig,
+    add_lora,
+    head_param_names,
+    load_model,
+    lora_target_modules,
+    param_groups,
+    select_trainable,
+)
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _cfg(shapes_dir: Path, **kw) -> TuneConfig:
+    train = kw.pop("train", TrainConfig(steps=2, batch_size=4, lr=1e-3, report_to=["jsonl"], save_every=0))
+    return TuneConfig(
+        model="tiny-llava",
+        data=shapes_dir / "instruct.json",
+        image_folder=shapes_dir,
+        max_length=256,
+        train=train,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def loaded(shapes_dir: Path):
+    return load_model(_cfg(shapes_dir, stage="connector"))
+
+
+def _fresh(loaded) -> nn.Module:
+    from copy import deepcopy
+
+    return deepcopy(loaded[0])
+
+
+def _trainable(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _names(module: nn.Module, prefix: str) -> set[str]:
+    return {f"{prefix}.{n}" for n, _ in module.named_parameters()}
+
+
+def test_connector_stage_trains_only_the_projector(loaded, shapes_dir: Path) -> None:
+    model = _fresh(loaded)
+    groups = select_trainable(model, _cfg(shapes_dir, stage="connector"))
+    projector = model.model.multi_modal_projector
+    expected = _names(projector, "model.multi_modal_projector")
+    assert _trainable(model) == expected == set(groups["connector"])
+    assert len(expected) == 4  # linear_1/linear_2 weight + bias
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == sum(
+        p.numel() for p in projector.parameters()
+    )
+
+
+def test_lora_stage_targets_every_llm_linear_only(loaded, shapes_dir: Path) -> None:
+    model = _fresh(loaded)
+    llm = model.model.language_model
+    linears = {f"model.language_model.{n}": m for n, m in llm.named_modules() if isinstance(m, nn.Linear)}
+    assert set(lora_target_modules(model)) == set(linears)
+    assert len(linears) == 2 * 7  # 2 Llama layers x (q, k, v, o, gate, up, down)
+    cfg = _cfg(shapes_dir, stage="lora", lora_r=4, lora_alpha=8)
+    wrapped = add_lora(model, cfg)
+    groups = select_trainable(wrapped, cfg)
+    lora = {n for n in _trainable(wrapped) if "lora_" in n}
+    assert lora == set(groups["lora"]) and len(lora) == 2 * len(linears)  # lora_A and lora_B per target
+    for name in lora:
+        assert ".language_model." in name and "vision_tower" not in name and "lm_head" not in name
+    # Independent count: r * (in + out) per adapted linear.
+    assert sum(wrapped.get_parameter(n).numel() for n in lora) == sum(
+        4 * (m.in_features + m.out_features) for m in linears.values()
+    )
+    connector = {n for n in _trainable(wrapped) if "lora_" not in n}
+    assert connector == {
+        "base_model.model." + n
+        for n in _names(model.model.multi_modal_projector, "model.multi_modal_projector")
+    }
+    assert not any("vision_tower" in n or "lm_head" in n for n in _trainable(wrapped))
+
+
+def test_full_stage_and_tower_options(loaded, shapes_dir: Path) -> None:
+    model = _fresh(loaded)
+    select_trainable(model, _cfg(shapes_dir, stage="full"))
+    llm_and_head = _names(model.model.language_model, "model.language_model") | _names(
+        model.lm_head, "lm_head"
+    )
+    assert _trainable(model) == llm_and_head | _names(
+        model.model.multi_modal_projector, "model.multi_modal_projector"
+    )
+    select_trainable(model, _cfg(shapes_dir, stage="connector", unfreeze_tower=True))
+    tower = _names(model.model.vision_tower, "model.vision_tower")
+    assert tower <= _trainable(model) and not (_trainable(model) & llm_and_head)
+    with pytest.raises(ValueError, match="no head parameters"):
+        select_trainable(model, _cfg(shapes_dir, stage="connector", unfreeze_head=True))
+
+
+def test_unfreeze_head_selects_the_towers_head(loaded, shapes_dir: Path) -> None:
+    model = _fresh(loaded)
+    model.model.vision_tower.head = nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 64))  # an alignment head
+    cfg = _cfg(shapes_dir, stage="connector", unfreeze_head=True, tower_lr=1e-5, connector_lr=1e-3)
+    groups = select_trainable(model, cfg)
+    head = _names(model.model.vision_tower.head, "model.vision_tower.head")
+    assert set(head_param_names(model)) == head == set(groups["head"])
+    assert _trainable(model) == head | set(groups["connector"])
+    by_lr = {}
+    for group in param_groups(model, groups, cfg):
+        by_lr.setdefault(group["lr"], 0)
+        by_lr[group["lr"]] += sum(p.numel() for p in group["params"])
+    assert by_lr == {
+        1e-5: sum(p.numel() for p in model.model.vision_tower.head.parameters()),
+        1e-3: sum(p.numel() for p in model.model.multi_modal_projector.parameters()),
+    }
+
+
+def test_model_loss_is_cross_entropy_over_assistant_tokens(loaded, shapes_dir: Path) -> None:
+    from mllm_swap.conversations import IGNORE_INDEX, ConversationCollator, ConversationDataset
+
+    model, processor = loaded
+    ds = ConversationDataset(shapes_dir / "instruct.json", shapes_dir, processor, max_length=256)
+    batch = ConversationCollator(processor.tokenizer.pad_token_id)([ds[0], ds[1]])
+    with torch.no_grad():
+        out = model(**batch)
+    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    manual = -torch.log_softmax(logits.float(), -1)[keep].gather(-1, labels[keep][:, None]).mean()
+    assert torch.allclose(out.loss, manual, atol=1e-5)
+    answers = processor.tokenizer.decode(batch["input_ids"][0][batch["labels"][0] != IGNORE_INDEX])
+    turns = ds.records[0]["conversations"]
+    assert answers.split() == [t["value"] + "</s>" for t in turns[1::2]]
+
+
+def test_qlora_on_cpu_fails_before_loading(shapes_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", refuse)
+    with pytest.raises(UserError) as err:
+        load_model(_cfg(shapes_dir, stage="lora", qlora=True))
+    assert str(err.value).startswith(QLORA_MESSAGE.split("(")[0])
+    assert "QLoRA needs a CUDA GPU with bitsandbytes" in str(err.value)
+    with pytest.raises(ValueError, match="qlora applies to the 'lora' stage only"):
+        _cfg(shapes_dir, stage="connector", qlora=True)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_lora_resume_matches_uninterrupted_run(shapes_dir: Path, tmp_path: Path) -> None:
+    from align.train import train
+    from mllm_swap.tune_run import TuneMethod, run_tune
+
+    train_cfg = TrainConfig(steps=4, batch_size=4, lr=5e-3, save_every=2, log_every=1, report_to=["jsonl"])
+    cfg = _cfg(shapes_dir, stage="lora", lora_r=4, lora_alpha=8, lora_dropout=0.1, train=train_cfg)
+    run_tune(cfg, tmp_path / "a", resume=False)
+
+    class Interrupted(TuneMethod):
+        calls = 0
+
+        def loss(self, model, batch):
+            Interrupted.calls += 1
+            if Interrupted.calls == 3:  # during step 3, after the step-2 checkpoint
+                raise _Interrupt
+            return super().loss(model, batch)
+
+    with pytest.raises(_Interrupt):
+        train(Interrupted(cfg), cfg.train, tmp_path / "b", resume=False, config_to_save=cfg)
+    assert (tmp_path / "b/checkpoints/step-2").is_dir() and not (tmp_path / "b/result.json").exists()
+    result = run_tune(cfg, tmp_path / "b", resume="auto")
+    assert result.resumed_from == tmp_path / "b/checkpoints/step-2" and result.steps == 4
+    for name in ("adapter_model.safetensors", NON_LORA_FILE):
+        a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
+        assert a.keys() == b.keys() and a
+        for key in a:
+            assert torch.allclose(a[key], b[key], atol=1e-6), key
+    base = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert any("lora_B" in k and base[k].abs().max() > 0 for k in base)  # it really trained
+
+
+def test_cli_connector_stage_chains_into_lora(shapes_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    common = [f"data={shapes_dir / 'instruct.json'}", f"image_folder={shapes_dir}", "eval_vqa=null"]
+    common += ["train.steps=2", "train.batch_size=4", "train.save_every=0", "train.report_to=[jsonl]"]
+    sets = [x for item in common for x in ("--set", item)]
+    stage1 = tmp_path / "stage1"
+    assert (
+        main(["tune", "--config", str(RECIPES / "tiny_llava_connector.yaml"), *sets, "--out", str(stage1)])
+        == 0
+    )
+    assert load_config(TuneConfig, stage1 / "config.yaml").stage == "connector"
+    model = AutoModelForImageTextToText.from_pretrained(stage1)  # a full checkpoint: next stage loads by path
+    saved = load_file(stage1 / NON_LORA_FILE)
+    assert set(saved) == {
+        f"model.multi_modal_projector.{n}" for n, _ in model.model.multi_modal_projector.named_parameters()
+    }
+    for key, value in saved.items():
+        assert torch.equal(model.get_parameter(key), value)
+    stage2 = tmp_path / "stage2"
+    lora_sets = [*sets, "--set", f"model={stage1}", "--set", "lora_r=4", "--set", "lora_alpha=8"]
+    assert (
+        main(["tune", "--config", str(RECIPES / "tiny_llava_lora.yaml"), *lora_sets, "--out", str(stage2)])
+        == 0
+    )
+    assert (stage2 / "adapter_model.safetensors").is_file() and (stage2 / "adapter_config.json").is_file()
+    assert (stage2 / "tune_info.json").is_file() and (stage2 / "result.json").is_file()
+    # A LoRA output is not a checkpoint to tune from: the error says to merge it first (exit code 2).
+    assert main(["tune", "--config", str(RECIPES / "tiny_llava_lora.yaml"), *sets, "--set", f"model={stage2}",
+                 "--out", str(tmp_path / "x")]) == 2  # fmt: skip
