@@ -335,4 +335,5 @@ def train(
         return result
     finally:
         pbar.close()
-        accelerator.end_training()
+        for tracker in accelerator.trackers:  # not end_training(): it would end the process group
+            tracker.finish()
