@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from align.io import atomic_path, read_json, write_json
+from align.io import atomic_path, read_json, sha256_file, write_json
 
 EVAL_CONFIGS = Path(__file__).resolve().parent.parent / "eval_configs"
 TASKS_DIR = EVAL_CONFIGS / "tasks"
@@ -112,10 +112,16 @@ def run_model(
 ) -> dict:
     """Evaluate one checkpoint on ``tasks``; write ``results.json`` and per-task samples into ``out_dir``.
 
-    A finished run for the same model files, tasks and limit is read back instead of recomputed.
+    A finished run for the same model files, tasks, limit, model arguments (batch size aside) and shapes
+    data is read back instead of recomputed. The shapes tasks read ``$MLLM_SWAP_SHAPES_DIR``.
     """
     request = {"model": str(model_dir), "fingerprint": fingerprint(model_dir), "tasks": sorted(tasks)}
     request["limit"] = limit
+    request["model_args"] = {k: v for k, v in (model_args or {}).items() if k != "batch_size"}
+    if set(tasks) & set(SHAPES_TASKS):  # the data is part of what was scored
+        if not os.environ.get(SHAPES_ENV):
+            raise ValueError(f"the shapes tasks need ${SHAPES_ENV} (a shapes-world folder)")
+        request["shapes_sha256"] = sha256_file(Path(os.environ[SHAPES_ENV]) / "vqa_test.jsonl")
     results_path = out_dir / "results.json"
     if results_path.is_file():
         previous = read_json(results_path)
@@ -224,6 +230,8 @@ def write_comparison(out: Path, runs: dict[str, dict], suite: dict | None = None
     paths = {"markdown": str(out / "comparison.md"), "csv": str(out / "comparison.csv")}
     if len(models) > 1 and keys:
         paths["chart"] = str(bar_chart(out / "comparison.png", keys, models, table))
+    else:  # a chart from an earlier run with other models would contradict the table
+        (out / "comparison.png").unlink(missing_ok=True)
     return paths
 
 
@@ -282,20 +290,30 @@ def evaluate_models(
         raise ValueError("give exactly one of tasks or suite")
     suite_cfg = load_suite(suite) if suite else None
     task_list = list(tasks) if tasks else suite_tasks(suite_cfg)
-    if shapes is not None:
-        if not (Path(shapes) / "vqa_test.jsonl").is_file():
-            raise FileNotFoundError(
-                f"{Path(shapes) / 'vqa_test.jsonl'}: not found; expected a shapes-world folder"
-            )
-        os.environ[SHAPES_ENV] = str(Path(shapes).resolve())
-    elif set(task_list) & set(SHAPES_TASKS) and not os.environ.get(SHAPES_ENV):
+    shapes = shapes if shapes is not None else os.environ.get(SHAPES_ENV)
+    if shapes and not (Path(shapes) / "vqa_test.jsonl").is_file():
+        raise FileNotFoundError(
+            f"{Path(shapes) / 'vqa_test.jsonl'}: not found; expected a shapes-world folder"
+        )
+    if set(task_list) & set(SHAPES_TASKS) and not shapes:
         raise ValueError(
             f"tasks {sorted(set(task_list) & set(SHAPES_TASKS))} need --shapes DIR (or ${SHAPES_ENV})"
         )
     manager = task_manager(task_list, include_paths)  # fails on unknown names before any model loads
     out = Path(out)
     runs = {}
-    for tag, path in models.items():
-        runs[tag] = run_model(path, task_list, out / tag, limit=limit, model_args=model_args, manager=manager)
+    previous = os.environ.get(SHAPES_ENV)
+    try:
+        if shapes:
+            os.environ[SHAPES_ENV] = str(Path(shapes).resolve())  # read by the shapes tasks' loader
+        for tag, path in models.items():
+            runs[tag] = run_model(
+                path, task_list, out / tag, limit=limit, model_args=model_args, manager=manager
+            )
+    finally:
+        if previous is None:
+            os.environ.pop(SHAPES_ENV, None)
+        else:
+            os.environ[SHAPES_ENV] = previous
     paths = write_comparison(out, runs, suite_cfg, command)
     return {"paths": paths, "runs": runs, "tasks": task_list}
