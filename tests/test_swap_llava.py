@@ -1,0 +1,248 @@
+"""Swaps into HF Llava: drop-in keeps a plain-transformers checkpoint (identical logits for the identical
+tower), rebuild installs the new tower and an untrained connector input layer, and image-token accounting
+matches what the tower really feeds for CLIP (CLS), DINOv2-with-registers (CLS + 4), SigLIP (none) and
+aligned towers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from align.encoders import load_vision_encoder
+from mllm_swap.cli import main
+from mllm_swap.swap import read_report, sample_images, swap
+from mllm_swap.tiny import ensure_tiny_mllm
+
+PROMPT = "What colour is the shape?"
+
+
+def run_python(code: str) -> dict:
+    """Run ``code`` in a fresh interpreter; its last stdout line is JSON."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy(), timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def perturbed_clip(scale: float = 0.02):
+    """tiny-clip with every vision weight moved by ``scale`` of its own std (a slightly re-aligned CLIP)."""
+    enc = load_vision_encoder("tiny-clip")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in enc.model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale * (p.std() if p.numel() > 1 else 1.0))
+    enc.source = "tiny-clip-perturbed"
+    return enc
+
+
+def sail_artifact(root):
+    from align.artifact import AlignedEncoder, save_aligned
+    from align.towers_aligned import build_token_head
+
+    backbone = load_vision_encoder("tiny-dinov2")
+    torch.manual_seed(0)
+    head = build_token_head({"kind": "sail_glu", "in_dim": 96, "out_dim": 48, "num_prefix_tokens": 1})
+    return save_aligned(
+        root / "sail-artifact", AlignedEncoder(backbone, "tiny-text", head, None, method="sail")
+    )
+
+
+@pytest.fixture(scope="module")
+def swapped(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("llava-swaps")
+    jobs = {
+        "clip": ("tiny-clip", {}),
+        "near": (perturbed_clip(), {"mode": "dropin"}),
+        "dinov2": ("tiny-dinov2", {}),
+        "siglip": ("tiny-siglip", {}),
+        "reg": ("tiny-dinov2-reg", {}),
+        "reg_keep": ("tiny-dinov2-reg", {"prefix": "keep"}),
+        "sail": (str(sail_artifact(root)), {}),
+    }
+    return {
+        name: (root / name, swap("tiny-llava", enc, root / name, num_images=2, verbose=False, **kw))
+        for name, (enc, kw) in jobs.items()
+    }
+
+
+EXPECTED_TOKENS = {"clip": 64, "near": 64, "dinov2": 64, "siglip": 64, "reg": 64, "reg_keep": 69, "sail": 64}
+EXPECTED_STRATEGY = {
+    "clip": "default",
+    "dinov2": "default",
+    "siglip": "full",
+    "reg": "full",
+    "reg_keep": "full",
+    "sail": "full",
+}
+
+
+@pytest.mark.slow
+def test_dropin_identity_reloads_with_plain_transformers(swapped) -> None:
+    """No mllm_swap import: drop-in (and plain-HF rebuilds) load with transformers alone and generate."""
+    base = ensure_tiny_mllm("tiny-llava")
+    image = swapped["clip"][0] / "probe.png"
+    sample_images(1)[0].save(image)
+    dirs = {k: str(swapped[k][0]) for k in ("clip", "dinov2", "siglip", "reg_keep")}
+    code = f"""
+import json, sys, torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+image = Image.open({str(image)!r}).convert("RGB")
+msgs = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": {PROMPT!r}}}]}}]
+def run(path):
+    proc = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    inputs = proc(images=image, text=proc.apply_chat_template(msgs, add_generation_prompt=True), return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    return logits, out.shape[1] - inputs["input_ids"].shape[1], type(model.model.vision_tower).__name__
+base, _, _ = run({str(base)!r})
+res = {{}}
+for name, path in {dirs!r}.items():
+    logits, new, tower = run(path)
+    res[name] = {{"new_tokens": new, "tower": tower, "max_diff": float((logits - base).abs().max()) if logits.shape == base.shape else None}}
+res["imported"] = sorted(m for m in ("mllm_swap", "align") if m in sys.modules)
+print(json.dumps(res))
+"""
+    res = run_python(code)
+    assert res["imported"] == []
+    assert res["clip"]["max_diff"] == 0.0  # identical tower -> identical logits, exactly
+    assert {res[k]["tower"] for k in dirs} == {
+        "CLIPVisionModel",
+        "Dinov2Model",
+        "SiglipVisionModel",
+        "Dinov2WithRegistersModel",
+    }
+    assert all(res[k]["new_tokens"] == 4 for k in dirs)
+
+
+@pytest.mark.slow
+def test_aligned_towers_reload_after_import_and_generate(swapped) -> None:
+    dirs = {k: str(swapped[k][0]) for k in ("reg", "sail")}
+    code = f"""
+import json, torch
+import mllm_swap.towers  # registers the aligned tower with the Auto classes
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+res = {{}}
+for name, path in {dirs!r}.items():
+    proc = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    msgs = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What shape?"}}]}}]
+    inputs = proc(images=Image.new("RGB", (64, 64), "red"), text=proc.apply_chat_template(msgs, add_generation_prompt=True), return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    res[name] = [type(model.model.vision_tower).__name__, out.shape[1] - inputs["input_ids"].shape[1]]
+print(json.dumps(res))
+"""
+    assert run_python(code) == {"reg": ["AlignedTower", 3], "sail": ["AlignedTower", 3]}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_TOKENS))
+@torch.no_grad()
+def test_image_token_accounting(swapped, name) -> None:
+    """Processor expansion == report == tokens the tower actually feeds; the model runs without mismatch."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import mllm_swap.towers  # noqa: F401
+
+    path, report = swapped[name]
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    proc = AutoProcessor.from_pretrained(path)
+    text = proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
+        add_generation_prompt=True,
+    )
+    inputs = proc(images=sample_images(1)[0], text=text, return_tensors="pt")
+    expanded = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    feats = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
+    assert expanded == feats.shape[0] == report.new_tower["image_tokens"] == EXPECTED_TOKENS[name]
+    assert model.config.image_seq_length == EXPECTED_TOKENS[name]
+    if name in EXPECTED_STRATEGY:
+        assert model.config.vision_feature_select_strategy == EXPECTED_STRATEGY[name]
+    assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_rebuild_reports_untrained_connector(swapped) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(ensure_tiny_mllm("tiny-llava"))
+    for name, width in (("dinov2", 96), ("siglip", 64), ("sail", 48)):
+        path, report = swapped[name]
+        assert report.mode == "rebuild" and report.untrained == ["model.multi_modal_projector.linear_1"]
+        saved = read_report(path)
+        assert saved["untrained"] == report.untrained and saved["new_tower"]["width"] == width
+        model = AutoModelForImageTextToText.from_pretrained(path)
+        assert model.model.multi_modal_projector.linear_1.in_features == width
+        assert torch.equal(
+            model.model.multi_modal_projector.linear_2.weight,
+            base.model.multi_modal_projector.linear_2.weight,
+        )
+        assert torch.equal(model.lm_head.weight, base.lm_head.weight)
+    assert swapped["sail"][1].new_tower["select_layer"] == -1  # the layer the head was trained on
+    assert swapped["dinov2"][1].new_tower["select_layer"] == -2
+
+
+def test_dropin_reports_drift(swapped) -> None:
+    same, near = swapped["clip"][1].drift, swapped["near"][1].drift
+    assert same["cosine_mean"] == pytest.approx(1.0, abs=1e-6) and same["next_token_kl"] == pytest.approx(
+        0.0, abs=1e-9
+    )
+    assert 0.9 < near["cosine_mean"] < 0.99999
+    assert 0.0 < near["next_token_kl"] < 0.5 and 0.0 < near["next_token_max_abs"] < 0.5
+    assert swapped["near"][1].untrained == [] and swapped["near"][1].mode == "dropin"
+    assert swapped["dinov2"][1].drift["cosine_mean"] is None and "linear_cka" in swapped["dinov2"][1].drift
+
+
+def test_swap_errors(tmp_path, swapped) -> None:
+    with pytest.raises(ValueError, match=r"width 64 vs 96"):
+        swap("tiny-llava", "tiny-dinov2", tmp_path / "a", mode="dropin", verbose=False)
+    with pytest.raises(ValueError, match=r"image tokens 64 vs 69"):
+        swap("tiny-llava", "tiny-dinov2-reg", tmp_path / "a", mode="dropin", prefix="keep", verbose=False)
+    with pytest.raises(ValueError, match="not empty"):
+        swap("tiny-llava", "tiny-clip", swapped["clip"][0], verbose=False)
+    with pytest.raises(ValueError, match="mode 'swap'"):
+        swap("tiny-llava", "tiny-clip", tmp_path / "b", mode="swap", verbose=False)
+    with pytest.raises(ValueError, match="open_clip visual cannot be a Llava tower"):
+        swap("tiny-llava", "tiny-openclip", tmp_path / "c", verbose=False)
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="unknown MLLM family"):
+        swap(tmp_path / "odd", "tiny-clip", tmp_path / "d", verbose=False)
+    (tmp_path / "odd" / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
+        swap(tmp_path / "odd", "tiny-clip", tmp_path / "e", verbose=False)
+
+
+def test_cli_swap(tmp_path, capsys) -> None:
+    out = tmp_path / "cli"
+    assert (
+        main(["swap", "--mllm", "tiny-llava", "--encoder", "tiny-siglip", "--out", str(out), "--images", "2"])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "mode: rebuild" in printed and "untrained" in printed
+    assert read_report(out)["new_tower"]["model_type"] == "siglip_vision_model"
+    assert (
+        main(
+            [
+                "swap",
+                "--mllm",
+                "tiny-llava",
+                "--encoder",
+                "tiny-dinov2",
+                "--out",
+                str(tmp_path / "x"),
+                "--mode",
+                "dropin",
+            ]
+        )
+        == 2
+    )
+    assert "needs the same tower" in capsys.readouterr().err
