@@ -40,9 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    from align.train import NonFiniteLossError
+
     try:
         code = args.func(args)
-    except (UserError, FileNotFoundError, ValueError, KeyError) as err:
+    except (UserError, FileNotFoundError, ValueError, KeyError, NonFiniteLossError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"mllm-swap {args.command}: error: {message}", file=sys.stderr)
         return 2
