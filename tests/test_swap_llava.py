@@ -246,3 +246,54 @@ def test_cli_swap(tmp_path, capsys) -> None:
         == 2
     )
     assert "needs the same tower" in capsys.readouterr().err
+
+
+def tiny_llava_next(out) -> None:
+    """A LLaVA-NeXT checkpoint built from tiny-llava's parts (anyres grid of 64x64 crops)."""
+    from transformers import (
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    src = ensure_tiny_mllm("tiny-llava")
+    base, proc = AutoModelForImageTextToText.from_pretrained(src), AutoProcessor.from_pretrained(src)
+    grid = [[64, 64], [64, 128], [128, 64]]
+    torch.manual_seed(0)
+    config = LlavaNextConfig(
+        vision_config=base.config.vision_config, text_config=base.config.text_config,
+        image_token_index=base.config.image_token_index, image_grid_pinpoints=grid, image_seq_length=64,
+    )  # fmt: skip
+    model = LlavaNextForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(base.model.vision_tower.state_dict())
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, image_grid_pinpoints=grid,
+        image_mean=proc.image_processor.image_mean, image_std=proc.image_processor.image_std,
+    )  # fmt: skip
+    model.save_pretrained(out)
+    LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=proc.tokenizer, patch_size=8,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=proc.chat_template,
+    ).save_pretrained(out)  # fmt: skip
+
+
+@torch.no_grad()
+def test_llava_next_dropin_only(tmp_path) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    tiny_llava_next(tmp_path / "next")
+    report = swap(tmp_path / "next", perturbed_clip(), tmp_path / "out", num_images=2, verbose=False)
+    assert report.mode == "dropin" and 0.0 < report.drift["next_token_kl"] < 0.5
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
+    proc = AutoProcessor.from_pretrained(tmp_path / "out")
+    text = proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
+        add_generation_prompt=True,
+    )
+    out = model.generate(**proc(images=sample_images(1)[0], text=text, return_tensors="pt"), max_new_tokens=2)
+    assert out.shape[0] == 1
+    with pytest.raises(ValueError, match="LLaVA-NeXT supports drop-in only"):
+        swap(tmp_path / "next", "tiny-siglip", tmp_path / "x", verbose=False)

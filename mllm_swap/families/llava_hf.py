@@ -118,7 +118,12 @@ class LlavaHF(Family):
             )
         if mode == "dropin" or (mode == "auto" and not diffs):
             reason = "requested" if mode == "dropin" else "auto: same architecture, width and token layout"
-            return SwapPlan("dropin", reason, old, same, new_modules=[], untrained=[])
+            plan = SwapPlan("dropin", reason, old, same, new_modules=[], untrained=[])
+            if cfg.model_type == "llava_next":
+                plan.notes.append(
+                    "LLaVA-NeXT: image tokens are counted per crop; anyres adds crops per image"
+                )
+            return plan
         if cfg.model_type == "llava_next":
             raise ValueError(
                 f"{loaded.path}: LLaVA-NeXT supports drop-in only (its anyres image processor, grid pinpoints "
@@ -198,6 +203,8 @@ class LlavaHF(Family):
         model = loaded.model
         cfg = model.config
         pixels = loaded.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        if pixels.ndim == 5:  # LLaVA-NeXT anyres: [B, crops, 3, S, S]; crop 0 is the whole image resized
+            pixels = pixels[:, 0]
         tower = model.model.vision_tower
         pixels = pixels.to(next(tower.parameters()).dtype)
         layers = cfg.vision_feature_layer

@@ -149,6 +149,11 @@ class OpenFlamingo(Family):
         notes = [
             "OpenFlamingo's forward is not run here (package not installable): keys, shapes and the vision features are verified"
         ]
+        if openclip_source(tower) is None:
+            notes.append(
+                f"{tower.source} is not an open_clip directory: vision_encoder/ holds visual.safetensors only; "
+                "clip_vision_encoder_path is left as it was"
+            )
         if not stored:
             notes.append(
                 f"the checkpoint stored no {PREFIX}* weights; they were added (load with strict=False)"
@@ -191,14 +196,23 @@ class OpenFlamingo(Family):
         return visual(loaded.extra["preprocess"](images))[1]
 
 
-def write_openclip_dir(tower: NewTower, out: Path) -> bool:
-    """Write the new encoder as an open_clip ``local-dir`` model (its config, weights with the new visual)."""
+def openclip_source(tower: NewTower) -> Path | None:
+    """The open_clip ``local-dir`` directory the new encoder was loaded from, if any."""
     from align.encoders.registry import resolve
 
     enc = tower.encoder
     backbone = enc if hasattr(enc, "visual") else enc.backbone
-    source = resolve(backbone.source)
-    if not (isinstance(source, Path) and (source / "open_clip_config.json").is_file()):
+    try:
+        source = resolve(backbone.source)
+    except (KeyError, ValueError):
+        return None
+    return source if isinstance(source, Path) and (source / "open_clip_config.json").is_file() else None
+
+
+def write_openclip_dir(tower: NewTower, out: Path) -> bool:
+    """Write the new encoder as an open_clip ``local-dir`` model (its config, weights with the new visual)."""
+    source = openclip_source(tower)
+    if source is None:
         out.mkdir(parents=True)
         save_file({k: v.contiguous() for k, v in tower.state_dict.items()}, str(out / "visual.safetensors"))
         return False
