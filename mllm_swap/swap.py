@@ -27,7 +27,7 @@ from PIL import Image
 
 from align.io import atomic_path, write_json
 from mllm_swap.families import detect_family
-from mllm_swap.families.new_tower import PREFIX_RULES, new_tower
+from mllm_swap.families.new_tower import PREFIX_RULES, new_tower, openclip_as_hf
 
 MODES = ("auto", "dropin", "rebuild")
 DEFAULT_PROMPT = "What colour is the shape?"
@@ -172,6 +172,8 @@ def swap(
 
         enc = load_vision_encoder(encoder)
     tower = new_tower(enc, prefix=prefix)
+    if family.hf_tower and tower.kind == "openclip":
+        tower = openclip_as_hf(tower)
     loaded = family.load(src)
     plan = family.plan(loaded, tower, mode, select_layer)
     images = sample_images(num_images, size=plan.old.image_size or plan.new.image_size)

@@ -123,3 +123,19 @@ def test_llava_get_image_features_with_aligned_tower(tmp_path, pixels) -> None:
     torch.testing.assert_close(torch.stack(list(feats)), want)
     ids = torch.tensor([[1] + [39] * 64 + [2]])
     assert model(input_ids=ids, pixel_values=pixels[:1]).logits.shape == (1, 66, 40)
+
+
+@torch.no_grad()
+def test_openclip_visual_as_hf_clip_tower_keeps_hidden_states(pixels) -> None:
+    """open_clip -> HF CLIPVisionModel: every hidden state LLaVA could select is unchanged."""
+    from mllm_swap.families.new_tower import openclip_as_hf
+
+    encoder = load_vision_encoder("tiny-openclip")
+    tower = openclip_as_hf(new_tower(encoder))
+    assert (tower.kind, tower.config.model_type, tower.config.hidden_act, tower.num_tokens) == (
+        "hf", "clip_vision_model", "quick_gelu", 64,
+    )  # fmt: skip
+    states = tower.module()(pixels, output_hidden_states=True).hidden_states
+    assert len(states) == encoder.num_layers + 1
+    for layer in (0, -2, -1):
+        torch.testing.assert_close(states[layer], encoder(pixels, layer=layer), rtol=1e-5, atol=1e-5)

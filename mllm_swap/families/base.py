@@ -124,6 +124,7 @@ class Family:
 
     name = ""
     modes: tuple[str, ...] = ("dropin", "rebuild")
+    hf_tower = True  # holds a transformers tower (an open_clip visual is converted to HF CLIP first)
 
     def load(self, path: Path) -> Loaded:
         raise NotImplementedError

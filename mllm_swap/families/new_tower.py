@@ -202,3 +202,53 @@ def _aligned_tower(encoder: Any, prefix: str, source: str) -> NewTower:
         prefix_rule=f"{encoder.token_rule} (prefix tokens folded into the head)",
         head_layer=-1,
     )
+
+
+def openclip_as_hf(tower: NewTower) -> NewTower:
+    """An open_clip ViT visual as an HF ``CLIPVisionModel`` tower (key mapping of ``align.export``).
+
+    HF CLIP's ``hidden_states`` equal the open_clip encoder's HF-style hidden states, so LLaVA's layer -2
+    tokens are unchanged by the conversion; the processor is built from the encoder's preprocessing.
+    """
+    from transformers import CLIPImageProcessor, CLIPVisionConfig
+
+    from align.export import openclip_to_hf_state_dict
+
+    visual = tower.encoder.visual if hasattr(tower.encoder, "visual") else tower.encoder.backbone.visual
+    block = visual.transformer.resblocks[0]
+    width = visual.transformer.width
+    config = CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=block.mlp.c_fc.out_features,
+        num_hidden_layers=len(visual.transformer.resblocks),
+        num_attention_heads=block.attn.num_heads,
+        image_size=tower.image_size,
+        patch_size=tower.patch_size,
+        hidden_act="quick_gelu" if type(block.mlp.gelu).__name__ == "QuickGELU" else "gelu",
+        layer_norm_eps=visual.ln_pre.eps,
+        projection_dim=visual.proj.shape[1] if visual.proj is not None else width,
+    )
+    state = openclip_to_hf_state_dict({f"visual.{k}": v for k, v in tower.state_dict.items()}, text=False)
+    state = {k[len("vision_model.") :]: v for k, v in state.items() if k.startswith("vision_model.")}
+    pre = tower.encoder.preprocess
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": pre.resize},
+        crop_size={"height": pre.image_size, "width": pre.image_size},
+        image_mean=list(pre.mean),
+        image_std=list(pre.std),
+    )
+    return NewTower(
+        source=tower.source,
+        encoder=tower.encoder,
+        kind="hf",
+        config=config,
+        state_dict=state,
+        image_processor=processor,
+        width=tower.width,
+        image_size=tower.image_size,
+        patch_size=tower.patch_size,
+        num_prefix_tokens=1,
+        num_tokens=tower.num_patches,
+        prefix_rule="drop CLS",
+        notes=[*tower.notes, "open_clip visual converted to an HF CLIPVisionModel"],
+    )

@@ -73,6 +73,7 @@ class OpenFlamingo(Family):
 
     name = "openflamingo"
     modes = ("dropin",)
+    hf_tower = False
 
     def load(self, path: Path) -> Loaded:
         file = state_file(path)
