@@ -17,6 +17,7 @@ COMMANDS = [
     "tune",
     "merge",
     "swap",
+    "demo",
 ]
 
 

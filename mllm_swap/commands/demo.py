@@ -1,0 +1,26 @@
+"""``mllm-swap demo``: the embedded default end to end, with a report."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def run(args: argparse.Namespace) -> int:
+    from mllm_swap.demo import run_demo
+
+    report = run_demo(args.out, quick=args.quick)
+    print(f"report: {report}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="run the whole pipeline on the embedded default (tiny models, shapes world) and write report.md",
+        description="Shapes world -> encoder-pair scores -> SAIL, freeze-align and KUEA -> zero-shot table -> "
+        "swap into a tuned tiny LLaVA (KUEA drop-in, SAIL rebuild) -> connector + LoRA tuning -> lmms-eval "
+        "scores -> OUT/report.md. Offline, CPU, minutes. Rerunning skips stages whose outputs check out.",
+    )
+    parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps (what the tests run)")
+    parser.set_defaults(func=run)
