@@ -90,6 +90,15 @@ def resolve_mllm(spec: str | os.PathLike) -> Path:
     if text in TINY_MLLM_BUILDERS:
         return ensure_tiny_mllm(text)
     path = Path(text).expanduser()
+    if not path.exists() and text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:  # a hub id: the local cache, or a download where a network exists
+            return Path(snapshot_download(text))
+        except Exception as err:  # noqa: BLE001 - any hub failure means "not available here"
+            raise FileNotFoundError(
+                f"MLLM '{text}': not a local path, and the hub id is not available offline ({type(err).__name__})"
+            ) from err
     if not path.exists():
         raise FileNotFoundError(
             f"MLLM '{text}': no such file or directory, and not a tiny id ({', '.join(sorted(TINY_MLLM_BUILDERS))})"
