@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 
 from align.io import atomic_path, write_json
-from mllm_swap.families import detect_family
-from mllm_swap.families.new_tower import PREFIX_RULES, new_tower, openclip_as_hf
+from mllm_swap.families import Family, Loaded, SwapPlan, detect_family
+from mllm_swap.families.new_tower import PREFIX_RULES, NewTower, new_tower, openclip_as_hf
 
 MODES = ("auto", "dropin", "rebuild")
 DEFAULT_PROMPT = "What colour is the shape?"
@@ -145,6 +145,36 @@ def output_drift(old: torch.Tensor, new: torch.Tensor) -> dict[str, Any]:
     }
 
 
+def apply_and_measure(
+    family: Family, loaded: Loaded, tower: NewTower, plan: SwapPlan, prompt: str, num_images: int
+) -> tuple[dict[str, Any], list[Image.Image]]:
+    """Measure the old tower, swap in place, measure the new one: feature drift at the consumed layer and,
+    for drop-in, the change of the next-token distribution. Returns (drift, images fed to the new model)."""
+    images = sample_images(num_images, size=plan.old.image_size or plan.new.image_size)
+    try:
+        old_tokens = family.consumed_tokens(loaded, images)
+    except ValueError as err:  # e.g. an OpenFlamingo checkpoint that stores no vision weights
+        old_tokens, unavailable = None, str(err)
+    old_lp = family.next_token_logprobs(loaded, images[0], prompt) if plan.mode == "dropin" else None
+    family.apply(loaded, tower, plan)
+    same_size = plan.new.image_size == plan.old.image_size
+    new_images = images if same_size else sample_images(num_images, plan.new.image_size)
+    new_tokens = family.consumed_tokens(loaded, new_images)
+    if old_tokens is None:
+        drift: dict[str, Any] = {
+            "cosine_mean": None,
+            "cosine_note": f"old features unavailable: {unavailable}",
+        }
+    else:
+        drift = feature_drift(old_tokens, new_tokens)
+    drift["images"] = num_images
+    if old_lp is not None:
+        new_lp = family.next_token_logprobs(loaded, images[0], prompt)
+        if new_lp is not None:
+            drift.update(output_drift(old_lp, new_lp), prompt=prompt)
+    return drift, new_images
+
+
 def swap(
     mllm: str | os.PathLike,
     encoder: Any,
@@ -174,6 +204,8 @@ def swap(
         )
     src = resolve_mllm(mllm)
     family = detect_family(src)
+    if to_hf and not hasattr(family, "to_hf"):
+        raise ValueError(f"--to-hf: {family.name} checkpoints are already in their own HF layout")
     if isinstance(encoder, torch.nn.Module):
         enc = encoder
     else:
@@ -185,31 +217,7 @@ def swap(
         tower = openclip_as_hf(tower)
     loaded = family.load(src)
     plan = family.plan(loaded, tower, mode, select_layer)
-    images = sample_images(num_images, size=plan.old.image_size or plan.new.image_size)
-    try:
-        old_tokens = family.consumed_tokens(loaded, images)
-    except ValueError as err:  # e.g. an OpenFlamingo checkpoint that stores no vision weights
-        old_tokens, unavailable = None, str(err)
-    old_lp = family.next_token_logprobs(loaded, images[0], prompt) if plan.mode == "dropin" else None
-    family.apply(loaded, tower, plan)
-    new_images = (
-        images
-        if plan.new.image_size == plan.old.image_size
-        else sample_images(num_images, plan.new.image_size)
-    )
-    new_tokens = family.consumed_tokens(loaded, new_images)
-    if old_tokens is None:
-        drift: dict[str, Any] = {
-            "cosine_mean": None,
-            "cosine_note": f"old features unavailable: {unavailable}",
-        }
-    else:
-        drift = feature_drift(old_tokens, new_tokens)
-    drift["images"] = num_images
-    if old_lp is not None:
-        new_lp = family.next_token_logprobs(loaded, images[0], prompt)
-        if new_lp is not None:
-            drift.update(output_drift(old_lp, new_lp), prompt=prompt)
+    drift, new_images = apply_and_measure(family, loaded, tower, plan, prompt, num_images)
     generated = family.generate(loaded, new_images[0], prompt)
     report = SwapReport(
         family=family.name,
@@ -230,8 +238,6 @@ def swap(
         tmp.mkdir(parents=True)
         family.save(loaded, tmp, out, plan, tower)
         if to_hf:
-            if not hasattr(family, "to_hf"):
-                raise ValueError(f"--to-hf: {family.name} checkpoints are already in their HF layout")
             family.to_hf(loaded, tmp / "hf")
             report.notes.append(f"HF-layout copy written to {out / 'hf'}")
         write_json(tmp / REPORT, report.to_dict())
