@@ -22,10 +22,12 @@ from mllm_swap.tune import (
     NON_LORA_FILE,
     TuneConfig,
     add_lora,
+    check_qlora_available,
     describe,
     load_model,
     load_non_lora,
     param_groups,
+    resolve_model,
     select_trainable,
 )
 
@@ -47,6 +49,10 @@ class TuneMethod:
 
     def __init__(self, cfg: TuneConfig) -> None:
         self.cfg = cfg
+        if cfg.qlora:
+            check_qlora_available()
+        # Build a tiny model now, before a ZeRO-3 config exists (it would partition the builder's models).
+        resolve_model(cfg.model)
         self.data, self.image_folder = resolve_data(cfg)
         self.groups: dict[str, list[str]] = {}
         self.processor: Any = None
@@ -77,6 +83,7 @@ class TuneMethod:
         if self.cfg.stage == "lora":
             model = add_lora(model, self.cfg)
         self.groups = select_trainable(model, self.cfg)
+        fill_deepspeed_autos(model)
         return model
 
     def param_groups(self, model: nn.Module, train_cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -147,6 +154,31 @@ class TuneMethod:
             "tokens_seen": self.tokens_seen,
         }
         write_json(out_dir / INFO_FILE, info)
+
+
+def fill_deepspeed_autos(model: nn.Module) -> None:
+    """Resolve the DeepSpeed "auto" sizes from the LLM's width, as HF's Trainer does for multimodal configs.
+
+    accelerate looks for ``model.config.hidden_size``, which a Llava config only has in ``text_config``.
+    """
+    from accelerate.state import AcceleratorState
+
+    plugin = AcceleratorState().deepspeed_plugin if AcceleratorState._shared_state else None
+    if plugin is None:
+        return
+    config = model.config
+    width = getattr(config, "hidden_size", None) or getattr(
+        getattr(config, "text_config", None), "hidden_size", None
+    )
+    zero = plugin.deepspeed_config.get("zero_optimization", {})
+    sizes = {
+        "reduce_bucket_size": width * width,
+        "stage3_prefetch_bucket_size": int(0.9 * width * width),
+        "stage3_param_persistence_threshold": 10 * width,
+    }
+    for key, value in sizes.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
 
 
 def deepspeed_kwargs(cfg: TuneConfig) -> dict[str, Any]:

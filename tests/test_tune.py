@@ -227,3 +227,58 @@ def test_cli_connector_stage_chains_into_lora(shapes_dir: Path, tmp_path: Path) 
     # A LoRA output is not a checkpoint to tune from: the error says to merge it first (exit code 2).
     assert main(["tune", "--config", str(RECIPES / "tiny_llava_lora.yaml"), *sets, "--set", f"model={stage2}",
                  "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*llava*.yaml")), ids=lambda p: p.name)
+def test_recipes_are_valid_tune_configs(recipe: Path) -> None:
+    cfg = load_config(TuneConfig, recipe)
+    if cfg.deepspeed is not None:
+        assert (RECIPES.parent / cfg.deepspeed).is_file()
+    if cfg.stage == "lora" and not recipe.name.startswith("tiny"):
+        assert (cfg.lora_r, cfg.lora_alpha, cfg.train.lr, cfg.connector_lr) == (128, 256, 2e-4, 2e-5)
+        assert cfg.train.mixed_precision == "bf16" and cfg.deepspeed.name == "zero3.json"
+
+
+@pytest.mark.slow
+def test_lora_under_deepspeed_zero3_on_cpu(shapes_dir: Path, tmp_path: Path) -> None:
+    """One process, gloo: ZeRO-3 shards, then gathers the adapter for saving; the merge loads."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(
+        os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
+    out = tmp_path / "ds"
+    sets = [f"data={shapes_dir / 'instruct.json'}", f"image_folder={shapes_dir}", "eval_vqa=null", "lora_r=4"]
+    sets += [
+        f"deepspeed={RECIPES.parent / 'deepspeed_configs/zero3.json'}",
+        "train.steps=2",
+        "train.batch_size=4",
+    ]
+    sets += ["train.save_every=0", "train.report_to=[jsonl]"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mllm_swap",
+        "tune",
+        "--config",
+        str(RECIPES / "tiny_llava_lora.yaml"),
+        "--out",
+        str(out),
+    ]
+    for item in sets:
+        cmd += ["--set", item]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    adapter = load_file(out / "adapter_model.safetensors")
+    a_weights = [k for k in adapter if "lora_A" in k]
+    assert len(a_weights) == 14 and all(
+        adapter[k].shape[0] == 4 and adapter[k].numel() > 0 for k in a_weights
+    )
+    assert adapter["base_model.model.lm_head.weight"].shape == (512, 64)  # modules_to_save, gathered
+    assert main(["merge", "--adapter", str(out), "--out", str(tmp_path / "merged")]) == 0
