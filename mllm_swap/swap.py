@@ -137,6 +137,7 @@ def feature_drift(old: torch.Tensor, new: torch.Tensor) -> dict[str, Any]:
 
 def output_drift(old: torch.Tensor, new: torch.Tensor) -> dict[str, Any]:
     """KL(old || new), max |p_old - p_new| and whether the top-1 token is kept, from log-probabilities."""
+    old, new = old.double(), new.double()
     p_old, p_new = old.exp(), new.exp()
     return {
         "next_token_kl": float((p_old * (old - new)).sum()),
