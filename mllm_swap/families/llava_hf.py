@@ -222,7 +222,7 @@ class LlavaHF(Family):
     @torch.no_grad()
     def next_token_logprobs(self, loaded: Loaded, image: Image.Image, prompt: str) -> torch.Tensor:
         logits = loaded.model(**self._inputs(loaded, image, prompt)).logits[0, -1]
-        return torch.log_softmax(logits.float(), dim=-1)
+        return torch.log_softmax(logits.double(), dim=-1)
 
     @torch.no_grad()
     def generate(self, loaded: Loaded, image: Image.Image, prompt: str, max_new_tokens: int = 8) -> str:
