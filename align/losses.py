@@ -58,14 +58,15 @@ class _ChunkedSigmoidLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u: Tensor, v: Tensor, scale: Tensor, bias: Tensor, chunk: int, denom: float) -> Tensor:
-        cdtype = torch.promote_types(u.dtype, torch.float32)
-        s_c, b_c = scale.detach().to(cdtype), bias.detach().to(cdtype)
-        total = torch.zeros((), dtype=torch.float64, device=u.device)
-        for start in range(0, u.shape[0], chunk):
-            q = (u[start : start + chunk] @ v.T).to(cdtype)
-            q.mul_(s_c).add_(b_c)  # q = z (the logits)
-            q.diagonal(offset=start).neg_()  # q = -y * z, so each pair's loss is softplus(q)
-            total += F.softplus(q).sum(dtype=torch.float64)
+        with torch.autocast(u.device.type, enabled=False):  # explicit dtypes, same in backward
+            cdtype = torch.promote_types(u.dtype, torch.float32)
+            s_c, b_c = scale.detach().to(cdtype), bias.detach().to(cdtype)
+            total = torch.zeros((), dtype=torch.float64, device=u.device)
+            for start in range(0, u.shape[0], chunk):
+                q = (u[start : start + chunk] @ v.T).to(cdtype)
+                q.mul_(s_c).add_(b_c)  # q = z (the logits)
+                q.diagonal(offset=start).neg_()  # q = -y * z, so each pair's loss is softplus(q)
+                total += F.softplus(q).sum(dtype=torch.float64)
         ctx.save_for_backward(u, v, scale, bias)
         ctx.chunk, ctx.denom = chunk, denom
         return (total / denom).to(cdtype)
@@ -82,25 +83,26 @@ class _ChunkedSigmoidLoss(torch.autograd.Function):
         grad_v = torch.zeros_like(v, dtype=cdtype) if want_v else None
         grad_s = torch.zeros((), dtype=torch.float64, device=u.device)
         grad_b = torch.zeros((), dtype=torch.float64, device=u.device)
-        coeff = grad_out.to(cdtype) / denom
-        for start in range(0, u.shape[0], chunk):
-            ub = u[start : start + chunk]
-            sims = (ub @ v.T).to(cdtype)
-            g = sims * s_c + b_c
-            g.diagonal(offset=start).neg_()
-            g.sigmoid_()  # dloss/dq; dq/dz = -y = +1 off the diagonal, -1 on it
-            g.diagonal(offset=start).neg_()
-            g.mul_(coeff)  # g = dL/dz for this block
-            if want_s:
-                grad_s += (g * sims).sum(dtype=torch.float64)
-            if want_b:
-                grad_b += g.sum(dtype=torch.float64)
-            g.mul_(s_c)  # dL/d(u v^T)
-            g_mm = g.to(u.dtype)
-            if want_u:
-                grad_u[start : start + chunk] = g_mm @ v
-            if want_v:
-                grad_v += (g_mm.T @ ub).to(cdtype)
+        with torch.autocast(u.device.type, enabled=False):
+            coeff = grad_out.to(cdtype) / denom
+            for start in range(0, u.shape[0], chunk):
+                ub = u[start : start + chunk]
+                sims = (ub @ v.T).to(cdtype)
+                g = sims * s_c + b_c
+                g.diagonal(offset=start).neg_()
+                g.sigmoid_()  # dloss/dq; dq/dz = -y = +1 off the diagonal, -1 on it
+                g.diagonal(offset=start).neg_()
+                g.mul_(coeff)  # g = dL/dz for this block
+                if want_s:
+                    grad_s += (g * sims).sum(dtype=torch.float64)
+                if want_b:
+                    grad_b += g.sum(dtype=torch.float64)
+                g.mul_(s_c)  # dL/d(u v^T)
+                g_mm = g.to(u.dtype)
+                if want_u:
+                    grad_u[start : start + chunk] = g_mm @ v
+                if want_v:
+                    grad_v += (g_mm.T @ ub).to(cdtype)
         return (
             grad_u,
             grad_v.to(v.dtype) if want_v else None,
@@ -155,6 +157,9 @@ def sigmoid_loss(
     total = 0.0
     for txt in texts:
         v = F.normalize(txt, dim=-1) if normalize else txt
+        if v.dtype != u.dtype:  # e.g. one side from an autocast region: compute in the wider type
+            wide = torch.promote_types(u.dtype, v.dtype)
+            u, v = u.to(wide), v.to(wide)
         if chunk_size is None:
             total = total + _direct_sigmoid(u, v, scale, bias, denom)
         else:
