@@ -24,10 +24,16 @@ class DemoSize:
     align_steps: int
     tune_steps: int
     eval_limit: int
+    clip: str  # the CLIP the existing MLLM uses and KUEA starts from
+    batch: int | None = None  # overrides the recipes' batch sizes (the quick run's world is tiny)
 
 
-FULL = DemoSize(shapes=2000, score_n=500, align_steps=300, tune_steps=300, eval_limit=200)
-QUICK = DemoSize(shapes=120, score_n=64, align_steps=6, tune_steps=4, eval_limit=8)
+FULL = DemoSize(
+    shapes=2000, score_n=500, align_steps=300, tune_steps=300, eval_limit=200, clip="tiny-clip-shapes"
+)
+QUICK = DemoSize(
+    shapes=120, score_n=64, align_steps=6, tune_steps=4, eval_limit=8, clip="tiny-clip", batch=16
+)
 
 
 def mllm_swap(*argv: str) -> str:
@@ -48,6 +54,7 @@ def build_stages(root: Path, size: DemoSize) -> list[Stage]:
     )
     recipes = Path(__file__).resolve().parent.parent / "recipes"
     steps = str(size.align_steps)
+    batch = ["--set", f"train.batch_size={size.batch}"] if size.batch else []
 
     def stage(name: str, title: str, commands: list[list[str]], outputs: list[Path]) -> Stage:
         def run() -> StageResult:
@@ -56,46 +63,14 @@ def build_stages(root: Path, size: DemoSize) -> list[Stage]:
 
         return Stage(name, title, run)
 
+    recipe_of = {"sail": "tiny_sail.yaml", "projector": "tiny_projector.yaml", "kernel": "tiny_kuea.yaml"}
     align_cmd = {
-        "sail": [
-            "align",
-            "sail",
-            "--config",
-            str(recipes / "tiny_sail.yaml"),
-            "--set",
-            f"data.train={shapes}",
-            "--set",
-            f"train.steps={steps}",
-            "--out",
-            str(aligned / "sail"),
-        ],
-        "projector": [
-            "align",
-            "projector",
-            "--config",
-            str(recipes / "tiny_projector.yaml"),
-            "--set",
-            f"data.train={shapes}",
-            "--set",
-            f"train.steps={steps}",
-            "--out",
-            str(aligned / "projector"),
-        ],
-        "kernel": [
-            "align",
-            "kernel",
-            "--config",
-            str(recipes / "tiny_kuea.yaml"),
-            "--set",
-            f"data.train={shapes}",
-            "--set",
-            f"train.steps={steps}",
-            "--out",
-            str(aligned / "kernel"),
-        ],
-    }
+        method: ["align", method, "--config", str(recipes / recipe), "--set", f"data.train={shapes}",
+                 "--set", f"train.steps={steps}", *batch, "--out", str(aligned / method)]
+        for method, recipe in recipe_of.items()
+    }  # fmt: skip
     zeroshot_models = {
-        "clip": "tiny-clip-shapes",
+        "clip": size.clip,
         "kuea": str(aligned / "kernel" / "artifact"),
         "sail": str(aligned / "sail" / "artifact"),
         "projector": str(aligned / "projector" / "artifact"),
@@ -135,7 +110,7 @@ def build_stages(root: Path, size: DemoSize) -> list[Stage]:
                 [
                     "score",
                     "--vision",
-                    "tiny-clip-shapes,tiny-dinov2,tiny-dinov2-reg,tiny-siglip",
+                    f"{size.clip},tiny-dinov2,tiny-dinov2-reg,tiny-siglip",
                     "--text",
                     "tiny-text,minilm",
                     "--data",
@@ -185,7 +160,7 @@ def build_stages(root: Path, size: DemoSize) -> list[Stage]:
                     "--mllm",
                     "tiny-llava",
                     "--encoder",
-                    "tiny-clip-shapes",
+                    size.clip,
                     "--mode",
                     "dropin",
                     "--out",

@@ -63,6 +63,16 @@ KNOWN_HUB_TEXT = {
 }
 
 
+def _tiny_clip_shapes() -> Path:
+    from align.methods.clip_pretrain import ensure_tiny_clip_shapes
+
+    return ensure_tiny_clip_shapes()
+
+
+# Tiny models that are trained (briefly) on the shapes world when first used, so their features mean something.
+TINY_PRETRAINED = {"tiny-clip-shapes": _tiny_clip_shapes}
+
+
 def minilm_dir() -> Path:
     """The bundled all-MiniLM-L6-v2 folder, after checking its weights' sha256."""
     try:
@@ -86,6 +96,8 @@ def resolve(spec: str | os.PathLike) -> str | Path:
     text = str(spec)
     if text in TINY_BUILDERS:
         return ensure_tiny(text)
+    if text in TINY_PRETRAINED:
+        return TINY_PRETRAINED[text]()
     if text == "minilm":
         return minilm_dir()
     return Path(text) if Path(text).exists() else text
@@ -107,7 +119,7 @@ def _read_config(source: str | Path, what: str, **kwargs: Any):
         raise KeyError(f"{what} encoder '{source}': no such directory")
     elif "/" not in source:
         raise KeyError(
-            f"unknown {what} encoder '{source}': not a tiny id ({', '.join(sorted(TINY_BUILDERS))}), "
+            f"unknown {what} encoder '{source}': not a tiny id ({', '.join(sorted([*TINY_BUILDERS, *TINY_PRETRAINED]))}), "
             "'minilm', an existing directory, 'openclip:NAME/TAG' or a hub id 'org/name'"
         )
     try:
