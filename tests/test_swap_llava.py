@@ -209,8 +209,6 @@ def test_swap_errors(tmp_path, swapped) -> None:
         swap("tiny-llava", "tiny-clip", swapped["clip"][0], verbose=False)
     with pytest.raises(ValueError, match="mode 'swap'"):
         swap("tiny-llava", "tiny-clip", tmp_path / "b", mode="swap", verbose=False)
-    with pytest.raises(ValueError, match="open_clip visual cannot be a Llava tower"):
-        swap("tiny-llava", "tiny-openclip", tmp_path / "c", verbose=False)
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="unknown MLLM family"):
@@ -218,6 +216,13 @@ def test_swap_errors(tmp_path, swapped) -> None:
     (tmp_path / "odd" / "config.json").write_text(json.dumps({"model_type": "llava"}))
     with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
         swap(tmp_path / "odd", "tiny-clip", tmp_path / "e", verbose=False)
+
+
+def test_openclip_encoder_drops_in_as_hf_clip(tmp_path) -> None:
+    """tiny-openclip has tiny-clip's architecture: converted to an HF CLIPVisionModel it is a drop-in."""
+    report = swap("tiny-llava", "tiny-openclip", tmp_path / "oc", num_images=2, verbose=False)
+    assert report.mode == "dropin" and report.new_tower["kind"] == "hf"
+    assert any("converted to an HF CLIPVisionModel" in n for n in report.notes)
 
 
 def test_cli_swap(tmp_path, capsys) -> None:
