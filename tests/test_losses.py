@@ -202,8 +202,8 @@ def test_kernel_alignment_loss_equals_mean_squared_difference():
     ks, kt = build_kernel("polynomial", 4, "student"), build_kernel("polynomial", 9, "target")
     a, b = ks(s).tolist(), kt(t).tolist()
     expected = sum((a[i][j] - b[i][j]) ** 2 for i in range(7) for j in range(7)) / 49
-    assert float(kernel_alignment_loss(s, t, ks, kt)) == pytest.approx(expected, rel=1e-5)
-    assert float(kernel_alignment_loss(s, s, ks, ks)) == 0.0
+    assert float(kernel_alignment_loss(s, t, ks, kt).detach()) == pytest.approx(expected, rel=1e-5)
+    assert float(kernel_alignment_loss(s, s, ks, ks).detach()) == 0.0
     with pytest.raises(ValueError, match="same N"):
         kernel_alignment_loss(s, t[:5], ks, kt)
 
