@@ -1,0 +1,76 @@
+"""``mllm-swap align sail|projector|kernel``: train a language-aligned vision encoder from a recipe.
+
+Each method module exposes ``run(config, overrides, out_dir, resume) -> Path`` (the artifact directory)
+and is imported only when its sub-command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+from mllm_swap.cli import UserError
+
+METHODS = {
+    "sail": (
+        "align.methods.sail",
+        "SAIL: GLU heads on frozen DINOv2 + sentence-encoder embeddings, sigmoid loss",
+    ),
+    "projector": ("align.methods.projector", "freeze-align: token projectors on frozen encoders, InfoNCE"),
+    "kernel": ("align.methods.kernel", "KUEA: fine-tune CLIP's image tower toward DINOv2's kernel"),
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    from align.config import ConfigError
+    from align.io import read_json
+
+    module = importlib.import_module(METHODS[args.method][0])
+    if args.config is not None and not Path(args.config).is_file():
+        raise FileNotFoundError(f"{args.config}: recipe file not found")
+    resume: bool | str = False if args.no_resume else (args.resume or "auto")
+    try:
+        artifact = module.run(args.config, list(args.set or []), args.out, resume)
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+    except FileExistsError as err:
+        raise UserError(f"{err} (choose a new --out)") from None
+    print(f"artifact: {artifact}")
+    config = read_json(Path(artifact) / "aligned_encoder.json")
+    for label, scores in (config.get("metrics") or {}).get("zeroshot", {}).items():
+        print(
+            f"zero-shot {label}: acc1 {scores['acc1']:.4f} (chance {scores['chance']:.4f}, "
+            f"majority {scores['majority']:.4f}, n {scores['n']})"
+        )
+    drift = (config.get("metrics") or {}).get("patch_drift")
+    if drift:
+        print(f"per-patch drift: cos(mean patch output, global output) = {drift['mean_patch_cosine']:.4f}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "align",
+        help="train a language-aligned vision encoder (SAIL, freeze-align, KUEA)",
+        description="Train an aligned vision encoder from a YAML recipe (see recipes/) with --set overrides; "
+        "writes checkpoints, metrics.jsonl, loss.png and the artifact in OUT/artifact (with zero-shot scores in "
+        "its model card). Rerunning the same command resumes from the newest checkpoint.",
+    )
+    methods = parser.add_subparsers(dest="method", metavar="METHOD", required=True)
+    for name, (_, help_text) in METHODS.items():
+        sub = methods.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", help="recipe YAML (e.g. recipes/tiny_sail.yaml)")
+        sub.add_argument(
+            "--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)"
+        )
+        sub.add_argument("--out", required=True, help="output directory of the run")
+        group = sub.add_mutually_exclusive_group()
+        group.add_argument(
+            "--resume",
+            nargs="?",
+            const="auto",
+            help="resume (default: newest checkpoint in --out; or a checkpoint path)",
+        )
+        group.add_argument("--no-resume", action="store_true", help="start over, clearing an unfinished run")
+        sub.set_defaults(func=run)
