@@ -55,7 +55,8 @@ class DataConfig:
 @dataclasses.dataclass
 class EvalConfig:
     """Zero-shot evaluation after training: classification of ``data`` (a shapes world or an image
-    folder; default: ``data.train`` when it is a shapes world) by each of ``labels``, on ``split``."""
+    folder; default: ``data.train`` when it is a shapes world) on ``split``: a shapes world by each of
+    ``labels`` (its class sets), an image folder by its sub-directories (reported as ``class``)."""
 
     data: str | None = None
     split: str | None = "test"
@@ -182,7 +183,8 @@ def zero_shot_scores(encoder: Any, eval_cfg: EvalConfig, data: DataConfig) -> di
         return {}
     dual = DualEncoder(encoder.eval(), name="trained")
     scores: dict[str, Any] = {"zeroshot": {}, "eval_data": str(path), "eval_split": eval_cfg.split}
-    for label in eval_cfg.labels:
+    shapes = (Path(path) / "classes.json").is_file()
+    for label in eval_cfg.labels if shapes else ["class"]:  # an image folder has one class set
         result = run_classify(dual, path, label=label, split=eval_cfg.split, limit=eval_cfg.limit)
         keep = ("acc1", "acc5", "mean_per_class_recall", "chance", "majority", "n")
         scores["zeroshot"][label] = {k: result[k] for k in keep if k in result}
