@@ -104,7 +104,8 @@ def test_short_run_learns_and_writes_a_loadable_artifact(tmp_path, capsys):
     generate_shapes(shapes, 100, seed=4, progress=False)
     out = tmp_path / "run"
     args = ["align", "projector", "--config", "recipes/tiny_projector.yaml", "--out", str(out),
-            "--set", f"data.train={shapes}", "--set", "train.steps=30", "--set", "train.batch_size=32",
+            "--set", f"data.train={shapes}", "--set", "text=tiny-text", "--set", "eval.drift_images=16",
+            "--set", "train.steps=30", "--set", "train.batch_size=32",
             "--set", "train.log_every=5", "--set", "train.save_every=15", "--set", "train.report_to=[jsonl]"]  # fmt: skip
     assert main(args) == 0
     assert "zero-shot shape: acc1" in capsys.readouterr().out

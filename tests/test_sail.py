@@ -94,8 +94,8 @@ def test_short_run_learns_and_writes_a_loadable_artifact(shapes, tmp_path, capsy
 
     out = tmp_path / "run"
     args = ["align", "sail", "--config", "recipes/tiny_sail.yaml", "--out", str(out),
-            "--set", f"data.train={shapes}", "--set", "data.captions=[caption,long_caption]",
-            "--set", "train.steps=40", "--set", "train.batch_size=32", "--set", "train.lr=1e-3",
+            "--set", f"data.train={shapes}", "--set", "data.captions=[caption,long_caption]", "--set", "text=tiny-text",
+            "--set", "eval.drift_images=16", "--set", "train.steps=30", "--set", "train.batch_size=32", "--set", "train.lr=1e-3",
             "--set", "train.log_every=5", "--set", "train.save_every=20", "--set", "train.report_to=[jsonl]"]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -105,7 +105,7 @@ def test_short_run_learns_and_writes_a_loadable_artifact(shapes, tmp_path, capsy
     assert (out / "cache" / "text-sentence-1" / "manifest.json").is_file()  # extra positive captions
     enc = load_aligned(out / "artifact")
     config = json.loads((out / "artifact" / "aligned_encoder.json").read_text())
-    assert config["method"] == "sail" and config["training"]["steps"] == 40
+    assert config["method"] == "sail" and config["training"]["steps"] == 30
     assert set(config["metrics"]["zeroshot"]) == {"color", "shape"}
     assert 0 < config["metrics"]["patch_drift"]["mean_patch_cosine"] <= 1
     assert enc.token_rule.startswith("sail") and enc.num_tokens == 64 and enc.out_dim == 128
@@ -118,9 +118,15 @@ def test_short_run_learns_and_writes_a_loadable_artifact(shapes, tmp_path, capsy
     cached = ["align", "sail", "--config", "recipes/tiny_sail.yaml", "--out", str(tmp_path / "cached"),
               "--set", f"data.image_cache={out / 'cache' / 'image-concat'}",
               "--set", f"data.text_caches=[{out / 'cache' / 'text-sentence-0'}]",
-              "--set", "train.steps=2", "--set", "train.batch_size=16", "--set", f"eval.data={shapes}",
-              "--set", "eval.labels=[color]", "--set", "train.report_to=[jsonl]"]  # fmt: skip
+              "--set", "text=tiny-text", "--set", "train.steps=2", "--set", "train.batch_size=16",
+              "--set", "train.report_to=[jsonl]"]  # fmt: skip
     assert main(cached) == 0
+    assert (
+        json.loads((tmp_path / "cached" / "artifact" / "aligned_encoder.json").read_text())["training"][
+            "steps"
+        ]
+        == 2
+    )
 
 
 def test_non_dinov2_backbone_is_refused(shapes, tmp_path, capsys):
