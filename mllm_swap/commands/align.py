@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 from pathlib import Path
 
 from mllm_swap.cli import UserError
@@ -36,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from None
     except FileExistsError as err:
         raise UserError(f"{err} (choose a new --out)") from None
+    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, report once
+        return 0
     print(f"artifact: {artifact}")
     config = read_json(Path(artifact) / "aligned_encoder.json")
     for label, scores in (config.get("metrics") or {}).get("zeroshot", {}).items():
