@@ -98,10 +98,12 @@ def compatibility_report(
         pred_before = (F.normalize(original, dim=-1) @ weights.float().T).argmax(-1)
         pred_after = (F.normalize(aligned, dim=-1) @ weights.float().T).argmax(-1)
         report["zeroshot"][name] = {
+            "acc1": acc_after["acc1"],  # the aligned model's, as every zero-shot score in this project
             "acc_before": acc_before["acc1"],
             "acc_after": acc_after["acc1"],
             "agreement": float((pred_before == pred_after).float().mean()),
             "chance": acc_before["chance"],
+            "majority": acc_before["majority"],
             "n": acc_before["n"],
         }
     return report

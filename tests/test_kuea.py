@@ -3,6 +3,7 @@ behaviour, outputs (artifact, HF CLIP, open_clip) that agree, the compatibility 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -313,7 +314,15 @@ def test_report_functions_against_naive_versions() -> None:
     labels = torch.tensor([0, 1, 0, 1])
     report = compatibility_report(original, aligned, y[:4], ks, ks, kt, {"toy": (weights, labels)})
     assert report["zeroshot"]["toy"] == pytest.approx(
-        {"acc_before": 1.0, "acc_after": 0.75, "agreement": 0.75, "chance": 0.5, "n": 4}
+        {
+            "acc1": 0.75,
+            "acc_before": 1.0,
+            "acc_after": 0.75,
+            "agreement": 0.75,
+            "chance": 0.5,
+            "majority": 0.5,
+            "n": 4,
+        }
     )
     assert report["cosine_to_original"]["min"] == pytest.approx(0.0, abs=1e-6)
 
@@ -371,3 +380,67 @@ def test_target_cache_of_other_settings_is_refused(shapes_dir: Path, tmp_path: P
     cache = write_cache("tiny-dinov2", open_data(shapes_dir, split="train"), tmp_path / "c", "image", "mean")
     with pytest.raises(ValueError, match="target cache made with"):
         KueaMethod(_recipe(shapes_dir, f"data.target_cache={cache}"), tmp_path / "run")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(live: KueaMethod) -> None:
+    grads = []
+    for flag in (False, True):
+        cfg = dataclasses.replace(live.recipe.train, gradient_checkpointing=flag)
+        model = live.build_model(cfg)
+        batch = _batch(live, 4)
+        model(batch["pixels"], target_pixels=batch["target_pixels"])["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["kuea_vitl14_336", "kuea_vitl14", "kuea_vitb16", "tiny_kuea"])
+def test_recipes_load_with_the_paper_settings(name: str) -> None:
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / f"{name}.yaml")
+    assert recipe.kernel.name == "polynomial" and recipe.loss.kernel_weight == 0.5
+    assert recipe.kernel.student["gamma"] == 0.0032 and recipe.kernel.student["coef0"] == 0.191623
+    if name.startswith("kuea_"):
+        t = recipe.train
+        assert (t.steps, t.batch_size, t.lr, t.weight_decay, t.warmup) == (40000, 64, 1e-5, 1e-4, 2800)
+        assert recipe.loss.anchor_weight == 1.0 and recipe.student.startswith("openai/clip-vit-")
+        assert recipe.kernel.student.get("trainable", True) and recipe.target.startswith("facebook/dinov2-")
+
+
+def test_cli_align_kernel_runs_the_tiny_recipe(shapes_dir: Path, tmp_path: Path, capsys) -> None:
+    from mllm_swap.cli import main
+
+    recipe = Path(__file__).parents[1] / "recipes" / "tiny_kuea.yaml"
+    sets = [
+        "student=tiny-clip",
+        f"data.train={shapes_dir}",
+        "train.steps=2",
+        "train.batch_size=8",
+        "eval.limit=16",
+    ]
+    argv = ["align", "kernel", "--config", str(recipe), "--out", str(tmp_path / "run")]
+    assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
+    out = capsys.readouterr().out
+    assert "KUEA compatibility report" in out and "zero-shot color: acc1" in out
+    assert (tmp_path / "run" / "hf_clip" / "config.json").is_file()
+    assert (
+        main(
+            ["align", "kernel", "--config", str(recipe), "--out", str(tmp_path / "x"), "--set", "target=nope"]
+        )
+        == 2
+    )
+    assert "target 'nope'" in capsys.readouterr().err
+
+
+def test_clip_pretraining_builds_a_loadable_clip(tmp_path: Path) -> None:
+    from align.encoders import load_text_encoder
+    from align.methods.clip_pretrain import PretrainSettings, pretrain_clip_on_shapes
+
+    record = pretrain_clip_on_shapes(
+        tmp_path / "clip", PretrainSettings(shapes=80, steps=3, batch_size=16, warmup=1)
+    )
+    assert set(record["zeroshot_test_after"]) == {"color_acc1", "shape_acc1"}
+    assert read_json(tmp_path / "clip" / "pretrain.json")["final_loss"] == pytest.approx(record["final_loss"])
+    vision, text = load_vision_encoder(tmp_path / "clip"), load_text_encoder(tmp_path / "clip")
+    before = CLIPModel.from_pretrained(ensure_tiny("tiny-clip")).state_dict()
+    after = CLIPModel.from_pretrained(tmp_path / "clip").state_dict()
+    assert not torch.equal(before["visual_projection.weight"], after["visual_projection.weight"])
+    assert vision.projection_dim == text.embed_dim == 64

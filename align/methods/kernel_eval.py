@@ -127,8 +127,6 @@ def save_outputs(method: Any, model: Any, out_dir: Path) -> dict[str, str]:
     from align.methods.kernel_export import export_student
 
     student = copy.deepcopy(model.student).cpu().float().eval()
-    if student.kind == "clip" and student.model.is_gradient_checkpointing:
-        student.model.gradient_checkpointing_disable()
     paths = export_student(student, method.student_source, out_dir, method.recipe.export_name)
     record = training_record(method, out_dir)
     record["kernel"] = {
