@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -90,9 +91,10 @@ def prepare_caches(
         source = open_data(data.train, split=data.split, text_col=list(data.captions), on_error=data.on_error)
         root = Path(out_dir) / "cache"
         common = {"dtype": data.cache_dtype, "batch_size": data.encode_batch_size, "on_error": data.on_error}
-        image = EmbeddingCache(
-            write_cache(vision, source, root / f"image-{image_pool}", "image", image_pool, **common)
-        )
+        image_path = root / f"image-{image_pool}"
+        # Load the encoder here, not inside write_cache's no-grad scope (a tiny-* id may be built on first use).
+        vision_encoder = vision if (image_path / "manifest.json").is_file() else _load_vision(vision)
+        image = EmbeddingCache(write_cache(vision_encoder, source, image_path, "image", image_pool, **common))
         text_encoder = None
         texts = []
         for k in range(n_text):
@@ -113,13 +115,29 @@ def prepare_caches(
                 **common,
             )
             texts.append(EmbeddingCache(cache))
-    want = {"image": (image, image_pool)} | {f"text {k}": (c, text_pool) for k, c in enumerate(texts)}
-    for name, (cache, pool) in want.items():
+    want = {"image": (image, image_pool, vision)} | {
+        f"text {k}": (c, text_pool, text) for k, c in enumerate(texts)
+    }
+    for name, (cache, pool, encoder) in want.items():
         if cache.manifest["pool"] != pool:
             raise ValueError(
                 f"{cache.path}: {name} cache has pool {cache.manifest['pool']!r}; this method needs {pool!r}"
             )
+        made_by = cache.manifest["encoder"].get("source")
+        if given and made_by != encoder:
+            warnings.warn(
+                f"{cache.path}: {name} cache was made with '{made_by}' but the recipe names '{encoder}'; the "
+                "artifact will pair the trained heads with the recipe's encoder",
+                UserWarning,
+                stacklevel=2,
+            )
     return image, texts
+
+
+def _load_vision(spec: str):
+    from align.encoders.registry import load_vision_encoder
+
+    return load_vision_encoder(spec)
 
 
 class PairedCaches(Dataset):
