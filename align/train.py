@@ -163,6 +163,7 @@ def _all_finite(model: nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
 
 
+@torch.enable_grad()
 def train(
     method: Method,
     cfg: TrainConfig,
@@ -176,7 +177,9 @@ def train(
     """Train ``method`` with ``cfg``, writing everything to ``out_dir`` (see the module doc).
 
     ``accelerator_kwargs`` go to ``accelerate.Accelerator`` (e.g. ``deepspeed_plugin``);
-    ``config_to_save`` is the full recipe written to ``config.yaml`` (default: ``cfg``). Raises
+    ``config_to_save`` is the full recipe written to ``config.yaml`` (default: ``cfg``). Gradients are
+    enabled inside even when the caller is under ``torch.no_grad()`` (a model built lazily while
+    embeddings are being cached, say). Raises
     ``NonFiniteLossError`` when the loss becomes NaN/inf, naming the step and the last good
     checkpoint, and ``FileExistsError`` for a finished run (see the resume rule).
     """

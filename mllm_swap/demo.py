@@ -63,11 +63,16 @@ def build_stages(root: Path, size: DemoSize) -> list[Stage]:
 
         return Stage(name, title, run)
 
-    recipe_of = {"sail": "tiny_sail.yaml", "projector": "tiny_projector.yaml", "kernel": "tiny_kuea.yaml"}
+    recipe_of = {  # method -> (recipe, its extra settings)
+        "sail": ("tiny_sail.yaml", []),
+        "projector": ("tiny_projector.yaml", []),
+        "kernel": ("tiny_kuea.yaml", [f"student={size.clip}"]),  # KUEA tunes the CLIP the LLaVA uses
+    }
     align_cmd = {
-        method: ["align", method, "--config", str(recipes / recipe), "--set", f"data.train={shapes}",
-                 "--set", f"train.steps={steps}", *batch, "--out", str(aligned / method)]
-        for method, recipe in recipe_of.items()
+        method: ["align", method, "--config", str(recipes / recipe),
+                 *[arg for kv in (f"data.train={shapes}", f"train.steps={steps}", *sets) for arg in ("--set", kv)],
+                 *batch, "--out", str(aligned / method)]
+        for method, (recipe, sets) in recipe_of.items()
     }  # fmt: skip
     zeroshot_models = {
         "clip": size.clip,

@@ -11,6 +11,7 @@ import csv
 import gc
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -248,8 +249,8 @@ def bar_chart(path: Path, keys: list, models: list[str], table: dict) -> Path:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (task, metric, filt) in zip(axes.flat, keys, strict=False):
         rows = [table.get((task, metric, filt, m)) for m in models]
-        values = [r["value"] if r else 0.0 for r in rows]
-        errors = [r["stderr"] or 0.0 if r else 0.0 for r in rows]
+        values = [r["value"] if r else math.nan for r in rows]  # a model without the metric: no bar
+        errors = [(r["stderr"] or 0.0) if r else 0.0 for r in rows]
         ax.bar(
             range(len(models)),
             values,
@@ -259,11 +260,14 @@ def bar_chart(path: Path, keys: list, models: list[str], table: dict) -> Path:
         )
         ax.set_xticks(range(len(models)), models, rotation=20, ha="right", fontsize=8)
         ax.set_title(f"{task}\n{metric}", fontsize=9)
-        top = max(v + e for v, e in zip(values, errors, strict=True))
-        if min(values) >= 0:  # shares [0, 1] for rates; otherwise room above the tallest bar
-            ax.set_ylim(0, 1.05 if top <= 1 else top * 1.15)
-        for i, v in enumerate(values):
-            ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=7)
+        shown = [(v, e) for v, e in zip(values, errors, strict=True) if not math.isnan(v)]
+        top = max((v + e for v, e in shown), default=1.0)
+        if min((v for v, _ in shown), default=0.0) >= 0:  # [0, 1] for rates; else room above the top
+            ax.set_ylim(0, 1.1 if top <= 1 else top * 1.15)
+        for i, (v, e) in enumerate(zip(values, errors, strict=True)):
+            label, y = ("n/a", 0.0) if math.isnan(v) else (f"{v:.3g}", v + e)
+            ax.annotate(label, (i, y), xytext=(0, 2), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=7)  # fmt: skip
     for ax in axes.flat[len(keys) :]:
         ax.axis("off")
     fig.tight_layout()

@@ -202,6 +202,13 @@ def test_finished_run_is_not_trained_over(tmp_path: Path) -> None:
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [2, 4, 6]
 
 
+def test_training_inside_no_grad_still_learns(tmp_path: Path, reference: Path) -> None:
+    # e.g. a tiny model built on first use from inside an embedding cache's no-grad loop
+    with torch.no_grad():
+        train(Regression(**MLP), tcfg(**RESUME_CFG), tmp_path / "run")
+    assert_same_weights(tmp_path / "run", reference)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "run"
     cfg = tcfg(steps=12, save_every=3)

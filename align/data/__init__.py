@@ -5,4 +5,12 @@ from align.data.readers import open_data
 from align.data.records import DataSource, Sample
 from align.data.shapes import generate_shapes, load_shapes, shapes_classes
 
-__all__ = ["DataSource", "ImageTextDataset", "Sample", "generate_shapes", "load_shapes", "open_data", "shapes_classes"]
+__all__ = [
+    "DataSource",
+    "ImageTextDataset",
+    "Sample",
+    "generate_shapes",
+    "load_shapes",
+    "open_data",
+    "shapes_classes",
+]

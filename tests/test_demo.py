@@ -1,0 +1,71 @@
+"""``mllm-swap demo --quick`` end to end: every stage runs and is reported, a rerun skips them all after
+verifying their outputs, and a changed output makes its stage run again. The report's numbers are checked
+against the files the underlying tools wrote (lmms-eval's results.json, the zero-shot JSONs)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from align.io import read_json
+from mllm_swap.cli import main
+from mllm_swap.demo import QUICK, build_stages
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--out", str(root), "--quick"]) == 0
+    return root
+
+
+def stage_titles(root: Path) -> list[str]:
+    return [s.title for s in build_stages(root, QUICK)]
+
+
+def test_report_lists_every_stage_with_its_commands(demo: Path) -> None:
+    report = (demo / "report.md").read_text()
+    stages = build_stages(demo, QUICK)
+    assert {p.stem for p in (demo / "stages").glob("*.json")} == {s.name for s in stages}
+    positions = [report.index(f"## {s.title}") for s in stages]
+    assert positions == sorted(positions)  # in pipeline order
+    for stage in stages:
+        record = read_json(demo / "stages" / f"{stage.name}.json")
+        assert record["command"].startswith("mllm-swap ") and record["command"] in report
+        assert f"| {stage.title} | {record['seconds']:.1f} | ran |" in report
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):  # every picture it shows exists
+        assert (demo / link).is_file(), link
+    assert "figures/zeroshot.png" in report and "eval/comparison.png" in report
+
+
+def test_report_numbers_are_the_tools_own(demo: Path) -> None:
+    report = (demo / "report.md").read_text()
+    for name in ("base", "kuea-dropin", "sail-rebuild", "sail-connector", "sail-lora"):
+        results = read_json(demo / "eval" / name / "results.json")["results"]  # lmms-eval's own output
+        assert f"{results['shapes_vqa']['exact_match,none']:.4f}" in report
+    for model in ("clip", "kuea", "sail", "projector"):
+        row = next(line for line in report.splitlines() if line.startswith(f"| {model} |"))
+        for label in ("color", "shape"):
+            acc = read_json(demo / "zeroshot" / f"{model}-{label}" / f"zeroshot-classify-{label}.json")["acc1"]
+            assert f"{acc:.3f}" in row
+    swap = read_json(demo / "mllm" / "kuea-dropin" / "swap_report.json")
+    assert f"cosine {swap['drift']['cosine_mean']:.3f}" in report  # the findings line
+
+
+def test_rerun_skips_verified_stages_and_redoes_a_changed_one(demo: Path, capsys) -> None:
+    capsys.readouterr()
+    assert main(["demo", "--out", str(demo), "--quick"]) == 0
+    log = capsys.readouterr().out
+    assert log.count("outputs verified, skipped") == len(stage_titles(demo))
+    report = (demo / "report.md").read_text()
+    assert report.count("skipped (outputs verified)") == len(stage_titles(demo))
+
+    csv = demo / "eval" / "comparison.csv"
+    csv.write_text(csv.read_text().replace("shapes_vqa", "tampered", 1))
+    assert main(["demo", "--out", str(demo), "--quick"]) == 0
+    log = capsys.readouterr().out
+    assert log.count("outputs verified, skipped") == len(stage_titles(demo)) - 1
+    assert "earlier outputs changed or missing, running again" in log
+    assert "tampered" not in csv.read_text()
