@@ -12,6 +12,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from align.paths import shipped
 from mllm_swap.stages import Stage, StageResult, run_stages
 
 
@@ -52,7 +53,7 @@ def build_stages(root: Path, size: DemoSize) -> list[Stage]:
     shapes, score, aligned, mllm, tuned, zs, ev = (
         root / d for d in ("shapes", "score", "align", "mllm", "tune", "zeroshot", "eval")
     )
-    recipes = Path(__file__).resolve().parent.parent / "recipes"
+    recipes = shipped("recipes")
     steps = str(size.align_steps)
     batch = ["--set", f"train.batch_size={size.batch}"] if size.batch else []
 

@@ -20,8 +20,9 @@ from typing import Any
 import yaml
 
 from align.io import atomic_path, read_json, sha256_file, write_json
+from align.paths import shipped
 
-EVAL_CONFIGS = Path(__file__).resolve().parent.parent / "eval_configs"
+EVAL_CONFIGS = shipped("eval_configs")
 TASKS_DIR = EVAL_CONFIGS / "tasks"
 SUITES_DIR = EVAL_CONFIGS / "suites"
 SHAPES_ENV = "MLLM_SWAP_SHAPES_DIR"

@@ -48,8 +48,8 @@ def test_report_numbers_are_the_tools_own(demo: Path) -> None:
     for model in ("clip", "kuea", "sail", "projector"):
         row = next(line for line in report.splitlines() if line.startswith(f"| {model} |"))
         for label in ("color", "shape"):
-            acc = read_json(demo / "zeroshot" / f"{model}-{label}" / f"zeroshot-classify-{label}.json")["acc1"]
-            assert f"{acc:.3f}" in row
+            result = read_json(demo / "zeroshot" / f"{model}-{label}" / f"zeroshot-classify-{label}.json")
+            assert f"{result['acc1']:.3f}" in row
     swap = read_json(demo / "mllm" / "kuea-dropin" / "swap_report.json")
     assert f"cosine {swap['drift']['cosine_mean']:.3f}" in report  # the findings line
 
