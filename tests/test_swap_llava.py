@@ -302,3 +302,9 @@ def test_llava_next_dropin_only(tmp_path) -> None:
     assert out.shape[0] == 1
     with pytest.raises(ValueError, match="LLaVA-NeXT supports drop-in only"):
         swap(tmp_path / "next", "tiny-siglip", tmp_path / "x", verbose=False)
+
+
+def test_a_dropin_records_its_tower_for_the_next_swap(swapped, tmp_path) -> None:
+    first = swapped["near"][0]
+    report = swap(str(first), "tiny-clip", tmp_path / "again", mode="dropin", verbose=False)
+    assert report.old_tower["source"] == "tiny-clip-perturbed"

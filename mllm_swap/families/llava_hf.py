@@ -158,6 +158,7 @@ class LlavaHF(Family):
         model = loaded.model
         if plan.mode == "dropin":
             model.model.vision_tower.load_state_dict(tower.state_dict, strict=True)
+            model.config.vision_config._name_or_path = str(tower.source)  # the next swap's "old tower"
             if tower.image_processor is not None and _differs(
                 loaded.processor.image_processor, tower.image_processor
             ):
