@@ -48,14 +48,18 @@ def mllm_swap(*argv: str) -> str:
     return line
 
 
+def _sets(*pairs: str) -> list[str]:
+    """``--set k=v`` for each ``k=v``."""
+    return [arg for kv in pairs for arg in ("--set", kv)]
+
+
 def build_stages(root: Path, size: DemoSize) -> list[Stage]:
     """The demo's stages, in order, writing under ``root``."""
     shapes, score, aligned, mllm, tuned, zs, ev = (
         root / d for d in ("shapes", "score", "align", "mllm", "tune", "zeroshot", "eval")
     )
     recipes = shipped("recipes")
-    steps = str(size.align_steps)
-    batch = ["--set", f"train.batch_size={size.batch}"] if size.batch else []
+    batch = _sets(f"train.batch_size={size.batch}") if size.batch else []
 
     def stage(name: str, title: str, commands: list[list[str]], outputs: list[Path]) -> Stage:
         def run() -> StageResult:
@@ -64,39 +68,36 @@ def build_stages(root: Path, size: DemoSize) -> list[Stage]:
 
         return Stage(name, title, run)
 
-    recipe_of = {  # method -> (recipe, its extra settings)
-        "sail": ("tiny_sail.yaml", []),
-        "projector": ("tiny_projector.yaml", []),
-        "kernel": ("tiny_kuea.yaml", [f"student={size.clip}"]),  # KUEA tunes the CLIP the LLaVA uses
-    }
-    align_cmd = {
-        method: ["align", method, "--config", str(recipes / recipe),
-                 *[arg for kv in (f"data.train={shapes}", f"train.steps={steps}", *sets) for arg in ("--set", kv)],
-                 *batch, "--out", str(aligned / method)]
-        for method, (recipe, sets) in recipe_of.items()
-    }  # fmt: skip
-    zeroshot_models = {
-        "clip": size.clip,
-        "kuea": str(aligned / "kernel" / "artifact"),
-        "sail": str(aligned / "sail" / "artifact"),
-        "projector": str(aligned / "projector" / "artifact"),
-    }
-    # the demo's own shapes world, already on disk; its scoring is the eval stage's (lmms-eval)
-    tune_data = [
-        "--set",
-        f"data={shapes / 'instruct.json'}",
-        "--set",
-        f"image_folder={shapes}",
-        "--set",
-        "shapes=null",
-        "--set",
-        "eval_vqa=null",
-        "--set",
-        f"train.steps={size.tune_steps}",
-    ]
-    lora = str(recipes / "tiny_llava_lora.yaml")
-    models = {
-        "base": mllm / "base",
+    def align(method: str, recipe: str, *extra: str) -> list[str]:
+        settings = _sets(f"data.train={shapes}", f"train.steps={size.align_steps}", *extra)
+        return ["align", method, "--config", str(recipes / recipe), *settings, *batch,
+                "--out", str(aligned / method)]  # fmt: skip
+
+    def tuning(name: str, model: Path) -> list[list[str]]:
+        """Connector pretraining, then LoRA, then merge: ``tune/<name>-connector``, ``mllm/<name>-lora``."""
+        data = _sets(  # the demo's own shapes world; scoring is the eval stage's (lmms-eval)
+            f"data={shapes / 'instruct.json'}", f"image_folder={shapes}", "shapes=null", "eval_vqa=null",
+            f"train.steps={size.tune_steps}",
+        )  # fmt: skip
+        connector, adapter = tuned / f"{name}-connector", tuned / f"{name}-lora"
+        return [
+            ["tune", "--config", str(recipes / "tiny_llava_connector.yaml"), *_sets(f"model={model}"), *data,
+             "--out", str(connector), "--overwrite"],
+            ["tune", "--config", str(recipes / "tiny_llava_lora.yaml"), *_sets(f"model={connector}"), *data,
+             "--out", str(adapter), "--overwrite"],
+            ["merge", "--adapter", str(adapter), "--out", str(mllm / f"{name}-lora")],
+        ]  # fmt: skip
+
+    def swap(mllm_in: str | Path, encoder: str | Path, mode: str, out: Path) -> list[str]:
+        return ["swap", "--mllm", str(mllm_in), "--encoder", str(encoder), "--mode", mode,
+                "--out", str(out), "--overwrite"]  # fmt: skip
+
+    artifact = {m: aligned / m / "artifact" for m in ("sail", "projector", "kernel")}
+    zeroshot_models = {"clip": size.clip, "kuea": artifact["kernel"], "sail": artifact["sail"],
+                       "projector": artifact["projector"]}  # fmt: skip
+    base = mllm / "base-lora"
+    models = {  # what the eval stage scores, by the name the report uses
+        "base": base,
         "kuea-dropin": mllm / "kuea-dropin",
         "sail-rebuild": mllm / "sail-rebuild",
         "sail-connector": tuned / "sail-connector",
@@ -131,10 +132,20 @@ def build_stages(root: Path, size: DemoSize) -> list[Stage]:
             ],
             [score / "scores.json"],
         ),
-        *[
-            stage(f"align-{m}", f"Align: {m}", [cmd], [aligned / m / "artifact"])
-            for m, cmd in align_cmd.items()
-        ],
+        stage("align-sail", "Align: SAIL", [align("sail", "tiny_sail.yaml")], [artifact["sail"]]),
+        stage(
+            "align-projector",
+            "Align: freeze-align",
+            [align("projector", "tiny_projector.yaml")],
+            [artifact["projector"]],
+        ),
+        # KUEA fine-tunes the very CLIP the LLaVA uses, so that it can drop in
+        stage(
+            "align-kernel",
+            "Align: KUEA",
+            [align("kernel", "tiny_kuea.yaml", f"student={size.clip}")],
+            [artifact["kernel"]],
+        ),
         stage(
             "zeroshot",
             "Zero-shot colour and shape classification",
@@ -142,7 +153,7 @@ def build_stages(root: Path, size: DemoSize) -> list[Stage]:
                 [
                     "zeroshot",
                     "--model",
-                    path,
+                    str(path),
                     "--task",
                     "classify",
                     "--data",
@@ -159,94 +170,26 @@ def build_stages(root: Path, size: DemoSize) -> list[Stage]:
         ),
         stage(
             "base",
-            "The existing MLLM: tiny LLaVA with the shapes CLIP, instruction-tuned",
+            "The existing MLLM: tiny LLaVA with the shapes CLIP, tuned (connector, then LoRA)",
             [
-                [
-                    "swap",
-                    "--mllm",
-                    "tiny-llava",
-                    "--encoder",
-                    size.clip,
-                    "--mode",
-                    "dropin",
-                    "--out",
-                    str(mllm / "base-untuned"),
-                    "--overwrite",
-                ],
-                [
-                    "tune",
-                    "--config",
-                    lora,
-                    "--set",
-                    f"model={mllm / 'base-untuned'}",
-                    *tune_data,
-                    "--out",
-                    str(tuned / "base"),
-                    "--overwrite",
-                ],
-                ["merge", "--adapter", str(tuned / "base"), "--out", str(models["base"])],
+                swap("tiny-llava", size.clip, "dropin", mllm / "base-untuned"),
+                *tuning("base", mllm / "base-untuned"),
             ],
-            [models["base"]],
+            [base],
         ),
         stage(
             "swap",
             "Swap: KUEA CLIP drop-in, SAIL tower rebuild",
             [
-                [
-                    "swap",
-                    "--mllm",
-                    str(models["base"]),
-                    "--encoder",
-                    str(aligned / "kernel" / "artifact"),
-                    "--mode",
-                    "dropin",
-                    "--out",
-                    str(models["kuea-dropin"]),
-                    "--overwrite",
-                ],
-                [
-                    "swap",
-                    "--mllm",
-                    str(models["base"]),
-                    "--encoder",
-                    str(aligned / "sail" / "artifact"),
-                    "--mode",
-                    "rebuild",
-                    "--out",
-                    str(models["sail-rebuild"]),
-                    "--overwrite",
-                ],
+                swap(base, artifact["kernel"], "dropin", models["kuea-dropin"]),
+                swap(base, artifact["sail"], "rebuild", models["sail-rebuild"]),
             ],
             [models["kuea-dropin"] / "swap_report.json", models["sail-rebuild"] / "swap_report.json"],
         ),
         stage(
             "tune",
-            "Tune the rebuilt model: connector, then LoRA",
-            [
-                [
-                    "tune",
-                    "--config",
-                    str(recipes / "tiny_llava_connector.yaml"),
-                    "--set",
-                    f"model={models['sail-rebuild']}",
-                    *tune_data,
-                    "--out",
-                    str(models["sail-connector"]),
-                    "--overwrite",
-                ],
-                [
-                    "tune",
-                    "--config",
-                    lora,
-                    "--set",
-                    f"model={models['sail-connector']}",
-                    *tune_data,
-                    "--out",
-                    str(tuned / "sail-lora"),
-                    "--overwrite",
-                ],
-                ["merge", "--adapter", str(tuned / "sail-lora"), "--out", str(models["sail-lora"])],
-            ],
+            "Tune the rebuilt model the same way (connector, then LoRA)",
+            tuning("sail", models["sail-rebuild"]),
             [models["sail-lora"]],
         ),
         stage(

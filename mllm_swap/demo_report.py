@@ -21,7 +21,8 @@ TRAINING_RUNS = {  # run folder -> panel title
     "align/sail": "SAIL (sigmoid)",
     "align/projector": "freeze-align (InfoNCE)",
     "align/kernel": "KUEA (kernel + anchor)",
-    "tune/base": "base LLaVA: LoRA",
+    "tune/base-connector": "base LLaVA: connector",
+    "tune/base-lora": "base LLaVA: LoRA",
     "tune/sail-connector": "SAIL rebuild: connector",
     "tune/sail-lora": "SAIL rebuild: LoRA",
 }
@@ -30,7 +31,7 @@ SWAPS = ("kuea-dropin", "sail-rebuild")
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
+        return f"{v:.3f}" if isinstance(v, float) else "-" if v is None else str(v)
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
@@ -127,10 +128,10 @@ def findings(root: Path) -> list[str]:
             f"{m} {vqa[m]:.3f}" for m in ("sail-rebuild", "sail-connector", "sail-lora") if m in vqa
         )
         out.append(
-            f"Shapes VQA (exact match): the original model scores {vqa['base']:.3f}; the SAIL rebuild goes "
-            f"{steps} through connector and LoRA tuning"
+            f"Shapes VQA (exact match): the original model scores {vqa['base']:.3f}; rebuilt with the SAIL "
+            f"tower and tuned on the same schedule it goes {steps}"
             + (
-                f"; the KUEA drop-in, untuned, scores {vqa['kuea-dropin']:.3f}."
+                f"; the KUEA drop-in, with no tuning, scores {vqa['kuea-dropin']:.3f}."
                 if "kuea-dropin" in vqa
                 else "."
             )
@@ -228,7 +229,7 @@ def zeroshot_section(root: Path) -> str:
 
 
 def base_section(root: Path) -> str:
-    return training_section(root, ["tune/base"])
+    return training_section(root, ["tune/base-connector", "tune/base-lora"])
 
 
 def swap_section(root: Path) -> str:
@@ -244,8 +245,8 @@ def swap_section(root: Path) -> str:
                 report["mode"],
                 f"{old.get('width')} -> {new.get('width')}",
                 f"{old.get('image_tokens')} -> {new.get('image_tokens')}",
-                d.get("cosine_mean", "-"),
-                d.get("next_token_kl", "-"),
+                d.get("cosine_mean"),
+                d.get("next_token_kl"),
                 ", ".join(report["untrained"]) or "none",
             ]
         )
