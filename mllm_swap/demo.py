@@ -73,18 +73,20 @@ def build_stages(root: Path, size: DemoSize) -> list[Stage]:
         return ["align", method, "--config", str(recipes / recipe), *settings, *batch,
                 "--out", str(aligned / method)]  # fmt: skip
 
-    def tuning(name: str, model: Path) -> list[list[str]]:
-        """Connector pretraining, then LoRA, then merge: ``tune/<name>-connector``, ``mllm/<name>-lora``."""
+    def tuning(name: str, model: Path, connector: bool = True) -> list[list[str]]:
+        """[Connector pretraining into ``tune/<name>-connector``,] LoRA into ``tune/<name>-lora``, merged
+        into ``mllm/<name>-lora``."""
         data = _sets(  # the demo's own shapes world; scoring is the eval stage's (lmms-eval)
             f"data={shapes / 'instruct.json'}", f"image_folder={shapes}", "shapes=null", "eval_vqa=null",
             f"train.steps={size.tune_steps}",
         )  # fmt: skip
-        connector, adapter = tuned / f"{name}-connector", tuned / f"{name}-lora"
+        start, adapter = tuned / f"{name}-connector", tuned / f"{name}-lora"
+        steps = [["tune", "--config", str(recipes / "tiny_llava_connector.yaml"), *_sets(f"model={model}"),
+                  *data, "--out", str(start), "--overwrite"]] if connector else []  # fmt: skip
         return [
-            ["tune", "--config", str(recipes / "tiny_llava_connector.yaml"), *_sets(f"model={model}"), *data,
-             "--out", str(connector), "--overwrite"],
-            ["tune", "--config", str(recipes / "tiny_llava_lora.yaml"), *_sets(f"model={connector}"), *data,
-             "--out", str(adapter), "--overwrite"],
+            *steps,
+            ["tune", "--config", str(recipes / "tiny_llava_lora.yaml"),
+             *_sets(f"model={start if connector else model}"), *data, "--out", str(adapter), "--overwrite"],
             ["merge", "--adapter", str(adapter), "--out", str(mllm / f"{name}-lora")],
         ]  # fmt: skip
 
@@ -98,6 +100,7 @@ def build_stages(root: Path, size: DemoSize) -> list[Stage]:
     base = mllm / "base-lora"
     models = {  # what the eval stage scores, by the name the report uses
         "base": base,
+        "base-tuned": mllm / "control-lora",  # the original given the rebuilt model's extra tuning
         "kuea-dropin": mllm / "kuea-dropin",
         "sail-rebuild": mllm / "sail-rebuild",
         "sail-connector": tuned / "sail-connector",
@@ -170,10 +173,10 @@ def build_stages(root: Path, size: DemoSize) -> list[Stage]:
         ),
         stage(
             "base",
-            "The existing MLLM: tiny LLaVA with the shapes CLIP, tuned (connector, then LoRA)",
+            "The existing MLLM: tiny LLaVA with the shapes CLIP, LoRA-tuned",
             [
                 swap("tiny-llava", size.clip, "dropin", mllm / "base-untuned"),
-                *tuning("base", mllm / "base-untuned"),
+                *tuning("base", mllm / "base-untuned", connector=False),
             ],
             [base],
         ),
@@ -188,9 +191,9 @@ def build_stages(root: Path, size: DemoSize) -> list[Stage]:
         ),
         stage(
             "tune",
-            "Tune the rebuilt model the same way (connector, then LoRA)",
-            tuning("sail", models["sail-rebuild"]),
-            [models["sail-lora"]],
+            "Tune the rebuilt model (connector, then LoRA), and the original the same way as a control",
+            [*tuning("sail", models["sail-rebuild"]), *tuning("control", base)],
+            [models["sail-lora"], models["base-tuned"]],
         ),
         stage(
             "eval",

@@ -21,10 +21,11 @@ TRAINING_RUNS = {  # run folder -> panel title
     "align/sail": "SAIL (sigmoid)",
     "align/projector": "freeze-align (InfoNCE)",
     "align/kernel": "KUEA (kernel + anchor)",
-    "tune/base-connector": "base LLaVA: connector",
     "tune/base-lora": "base LLaVA: LoRA",
     "tune/sail-connector": "SAIL rebuild: connector",
     "tune/sail-lora": "SAIL rebuild: LoRA",
+    "tune/control-connector": "control (base): connector",
+    "tune/control-lora": "control (base): LoRA",
 }
 SWAPS = ("kuea-dropin", "sail-rebuild")
 
@@ -123,13 +124,14 @@ def findings(root: Path) -> list[str]:
             f"KL {d['next_token_kl']:.4f}."
         )
     vqa = eval_scores(root).get(("shapes_vqa", "exact_match"), {})
-    if {"base", "sail-rebuild", "sail-lora"} <= vqa.keys():
-        steps = " -> ".join(
-            f"{m} {vqa[m]:.3f}" for m in ("sail-rebuild", "sail-connector", "sail-lora") if m in vqa
+    if {"base", "base-tuned", "sail-rebuild", "sail-lora"} <= vqa.keys():
+        path = " -> ".join(
+            f"{vqa[m]:.3f}" for m in ("sail-rebuild", "sail-connector", "sail-lora") if m in vqa
         )
         out.append(
-            f"Shapes VQA (exact match): the original model scores {vqa['base']:.3f}; rebuilt with the SAIL "
-            f"tower and tuned on the same schedule it goes {steps}"
+            f"Shapes VQA (exact match): the original model scores {vqa['base']:.3f}, and {vqa['base-tuned']:.3f} "
+            f"after the same extra tuning as the rebuild (the control); rebuilt with the SAIL tower it goes "
+            f"{path} (untuned -> connector -> LoRA)"
             + (
                 f"; the KUEA drop-in, with no tuning, scores {vqa['kuea-dropin']:.3f}."
                 if "kuea-dropin" in vqa
@@ -229,7 +231,7 @@ def zeroshot_section(root: Path) -> str:
 
 
 def base_section(root: Path) -> str:
-    return training_section(root, ["tune/base-connector", "tune/base-lora"])
+    return training_section(root, ["tune/base-lora"])
 
 
 def swap_section(root: Path) -> str:
@@ -261,7 +263,9 @@ def swap_section(root: Path) -> str:
 
 
 def tune_section(root: Path) -> str:
-    return training_section(root, ["tune/sail-connector", "tune/sail-lora"])
+    return training_section(
+        root, ["tune/sail-connector", "tune/sail-lora", "tune/control-connector", "tune/control-lora"]
+    )
 
 
 def _vqa_by_kind(root: Path, models: list[str]) -> str:

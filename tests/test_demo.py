@@ -42,7 +42,7 @@ def test_report_lists_every_stage_with_its_commands(demo: Path) -> None:
 
 def test_report_numbers_are_the_tools_own(demo: Path) -> None:
     report = (demo / "report.md").read_text()
-    for name in ("base", "kuea-dropin", "sail-rebuild", "sail-connector", "sail-lora"):
+    for name in ("base", "base-tuned", "kuea-dropin", "sail-rebuild", "sail-connector", "sail-lora"):
         results = read_json(demo / "eval" / name / "results.json")["results"]  # lmms-eval's own output
         assert f"{results['shapes_vqa']['exact_match,none']:.4f}" in report
     for model in ("clip", "kuea", "sail", "projector"):
