@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -79,14 +80,15 @@ def zeroshot_results(root: Path) -> dict[str, dict[str, dict]]:
     return dict(table)
 
 
-def eval_scores(root: Path) -> dict[tuple[str, str], dict[str, float]]:
-    """``{(task, metric): {model: value}}`` from lmms-eval's comparison CSV."""
+def eval_scores(root: Path, stderr: bool = False) -> dict[tuple[str, str], dict[str, float]]:
+    """``{(task, metric): {model: value}}`` (or its standard error) from lmms-eval's comparison CSV."""
     path = root / "eval" / "comparison.csv"
     scores: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
     if path.is_file():
         with path.open() as f:
             for row in csv.DictReader(f):
-                scores[(row["task"], row["metric"])][row["model"]] = float(row["value"])
+                cell = row["stderr"] if stderr else row["value"]
+                scores[(row["task"], row["metric"])][row["model"]] = float(cell) if cell else math.nan
     return dict(scores)
 
 
@@ -123,20 +125,21 @@ def findings(root: Path) -> list[str]:
             f"cosine {d['cosine_mean']:.3f} to the old tower's and the next-token distribution moves by "
             f"KL {d['next_token_kl']:.4f}."
         )
-    vqa = eval_scores(root).get(("shapes_vqa", "exact_match"), {})
-    if {"base", "base-tuned", "sail-rebuild", "sail-lora"} <= vqa.keys():
+    key = ("shapes_vqa", "exact_match")
+    vqa, err = eval_scores(root).get(key, {}), eval_scores(root, stderr=True).get(key, {})
+    if {"base", "base-tuned", "kuea-dropin", "sail-rebuild", "sail-lora"} <= vqa.keys():
         path = " -> ".join(
             f"{vqa[m]:.3f}" for m in ("sail-rebuild", "sail-connector", "sail-lora") if m in vqa
         )
+        gap = vqa["sail-lora"] - vqa["base-tuned"]
+        noise = 2 * math.hypot(err["sail-lora"], err["base-tuned"])
+        verdict = "within" if abs(gap) <= noise else "beyond"
         out.append(
-            f"Shapes VQA (exact match): the original model scores {vqa['base']:.3f}, and {vqa['base-tuned']:.3f} "
-            f"after the same extra tuning as the rebuild (the control); rebuilt with the SAIL tower it goes "
-            f"{path} (untuned -> connector -> LoRA)"
-            + (
-                f"; the KUEA drop-in, with no tuning, scores {vqa['kuea-dropin']:.3f}."
-                if "kuea-dropin" in vqa
-                else "."
-            )
+            f"Shapes VQA (exact match): the original scores {vqa['base']:.3f}, the KUEA drop-in with no "
+            f"tuning {vqa['kuea-dropin']:.3f}. Rebuilt with the SAIL tower it goes {path} (untuned -> "
+            f"connector -> LoRA); the original given the same extra tuning (the control) reaches "
+            f"{vqa['base-tuned']:.3f}. SAIL minus control = {gap:+.3f}, {verdict} two standard errors "
+            f"({noise:.3f})."
         )
     return out
 
