@@ -129,10 +129,9 @@ def tracker_config(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def plot_loss(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str = "training loss") -> None:
     """Write a PNG of loss (and learning rate, when logged) against step, atomically."""
-    import matplotlib
+    from align.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     points = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float))]
     points = [(s, v) for s, v in points if math.isfinite(v)]
@@ -150,9 +149,7 @@ def plot_loss(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: st
         twin.plot(*zip(*lrs, strict=True), color="tab:orange", alpha=0.6, label="lr")
         twin.set_ylabel("learning rate")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def resolve_start(out_dir: Path, resume: bool | str, overwrite: bool) -> Path | None:

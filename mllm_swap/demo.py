@@ -80,13 +80,16 @@ def build_stages(root: Path, size: DemoSize) -> list[Stage]:
             f"data={shapes / 'instruct.json'}", f"image_folder={shapes}", "shapes=null", "eval_vqa=null",
             f"train.steps={size.tune_steps}",
         )  # fmt: skip
-        start, adapter = tuned / f"{name}-connector", tuned / f"{name}-lora"
-        steps = [["tune", "--config", str(recipes / "tiny_llava_connector.yaml"), *_sets(f"model={model}"),
-                  *data, "--out", str(start), "--overwrite"]] if connector else []  # fmt: skip
+        commands = []
+        if connector:
+            start, model = model, tuned / f"{name}-connector"
+            commands.append(["tune", "--config", str(recipes / "tiny_llava_connector.yaml"),
+                             *_sets(f"model={start}"), *data, "--out", str(model), "--overwrite"])  # fmt: skip
+        adapter = tuned / f"{name}-lora"
         return [
-            *steps,
-            ["tune", "--config", str(recipes / "tiny_llava_lora.yaml"),
-             *_sets(f"model={start if connector else model}"), *data, "--out", str(adapter), "--overwrite"],
+            *commands,
+            ["tune", "--config", str(recipes / "tiny_llava_lora.yaml"), *_sets(f"model={model}"), *data,
+             "--out", str(adapter), "--overwrite"],
             ["merge", "--adapter", str(adapter), "--out", str(mllm / f"{name}-lora")],
         ]  # fmt: skip
 

@@ -12,10 +12,13 @@ import json
 import math
 import os
 from collections import defaultdict
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from align.io import atomic_path, read_jsonl
+from align.plots import pyplot, save_figure
 from mllm_swap.stages import StageRecord
 
 TRAINING_RUNS = {  # run folder -> panel title
@@ -48,23 +51,6 @@ def _image(root: Path, path: Path, alt: str) -> str:
     return f"![{alt}]({os.path.relpath(path, root)})" if path.is_file() else ""
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    _pyplot().close(fig)
-    return path
-
-
 # ---- data read back from the stages' outputs ----
 
 
@@ -80,22 +66,17 @@ def zeroshot_results(root: Path) -> dict[str, dict[str, dict]]:
     return dict(table)
 
 
-def eval_scores(root: Path, stderr: bool = False) -> dict[tuple[str, str], dict[str, float]]:
-    """``{(task, metric): {model: value}}`` (or its standard error) from lmms-eval's comparison CSV."""
+def eval_scores(root: Path) -> dict[tuple[str, str], dict[str, tuple[float, float]]]:
+    """``{(task, metric): {model: (value, stderr)}}`` from lmms-eval's comparison CSV, models in the
+    order the eval stage listed them."""
     path = root / "eval" / "comparison.csv"
-    scores: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    scores: dict[tuple[str, str], dict[str, tuple[float, float]]] = defaultdict(dict)
     if path.is_file():
         with path.open() as f:
             for row in csv.DictReader(f):
-                cell = row["stderr"] if stderr else row["value"]
-                scores[(row["task"], row["metric"])][row["model"]] = float(cell) if cell else math.nan
+                err = float(row["stderr"]) if row["stderr"] else math.nan
+                scores[(row["task"], row["metric"])][row["model"]] = (float(row["value"]), err)
     return dict(scores)
-
-
-def eval_models(root: Path) -> list[str]:
-    """The scored models, in the order the eval stage listed them."""
-    scores = eval_scores(root)
-    return list(next(iter(scores.values()), {}))
 
 
 def vqa_samples(root: Path, model: str) -> list[dict]:
@@ -125,8 +106,8 @@ def findings(root: Path) -> list[str]:
             f"cosine {d['cosine_mean']:.3f} to the old tower's and the next-token distribution moves by "
             f"KL {d['next_token_kl']:.4f}."
         )
-    key = ("shapes_vqa", "exact_match")
-    vqa, err = eval_scores(root).get(key, {}), eval_scores(root, stderr=True).get(key, {})
+    scored = eval_scores(root).get(("shapes_vqa", "exact_match"), {})
+    vqa, err = ({m: pair[i] for m, pair in scored.items()} for i in (0, 1))
     if {"base", "base-tuned", "kuea-dropin", "sail-rebuild", "sail-lora"} <= vqa.keys():
         path = " -> ".join(
             f"{vqa[m]:.3f}" for m in ("sail-rebuild", "sail-connector", "sail-lora") if m in vqa
@@ -185,7 +166,7 @@ def training_section(root: Path, runs: list[str]) -> str:
     curves = {r: rows for r, rows in curves.items() if any("loss" in row for row in rows)}
     if not curves:
         return ""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(3.3 * len(curves), 2.6), squeeze=False)
     for ax, (run, rows) in zip(axes.flat, curves.items(), strict=True):
         points = [(row["step"], row["loss"]) for row in rows if "loss" in row]
@@ -196,7 +177,7 @@ def training_section(root: Path, runs: list[str]) -> str:
     axes.flat[0].set_ylabel("training loss", fontsize=8)
     fig.tight_layout()
     name = "loss_" + "_".join(Path(r).name for r in curves) + ".png"
-    path = _save(fig, root / "figures" / name)
+    path = save_figure(fig, root / "figures" / name, dpi=110)
     finals = ", ".join(f"{TRAINING_RUNS[r]} {rows[-1]['loss']:.3f}" for r, rows in curves.items())
     return f"{_image(root, path, 'training loss')}\n\nFinal logged loss: {finals}."
 
@@ -210,7 +191,7 @@ def zeroshot_section(root: Path) -> str:
     any_result = next(iter(zs.values()))
     for base in ("chance", "majority"):
         rows.append([base, *[any_result[label][base] if label in any_result else "-" for label in labels]])
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 2.8))
     width = 0.8 / len(labels)
     for j, label in enumerate(labels):
@@ -223,7 +204,7 @@ def zeroshot_section(root: Path) -> str:
     ax.set_ylabel("acc1 (dotted: chance)", fontsize=8)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    path = _save(fig, root / "figures" / "zeroshot.png")
+    path = save_figure(fig, root / "figures" / "zeroshot.png", dpi=110)
     return (
         "Each model's image embedding against its own text tower's embeddings of class prompts "
         "(held-out scenes; `clip` is the CLIP the original LLaVA uses, the others are the three alignments).\n\n"
@@ -231,10 +212,6 @@ def zeroshot_section(root: Path) -> str:
         + "\n\n"
         + _image(root, path, "zero-shot accuracy")
     )
-
-
-def base_section(root: Path) -> str:
-    return training_section(root, ["tune/base-lora"])
 
 
 def swap_section(root: Path) -> str:
@@ -262,12 +239,6 @@ def swap_section(root: Path) -> str:
         "A drop-in keeps the connector, so the new tower's features can be compared with the old one's "
         "(cosine) and so can the LLM's next-token distribution (KL). A rebuild changes the width, so the "
         "connector is new and untrained until the next stage: no drift is defined.\n\n" + _table(header, rows)
-    )
-
-
-def tune_section(root: Path) -> str:
-    return training_section(
-        root, ["tune/sail-connector", "tune/sail-lora", "tune/control-connector", "tune/control-lora"]
     )
 
 
@@ -300,7 +271,7 @@ def eval_section(root: Path) -> str:
     md = root / "eval" / "comparison.md"
     if not md.is_file():
         return ""
-    models, comparison = eval_models(root), md.read_text()
+    models, comparison = list(next(iter(eval_scores(root).values()), {})), md.read_text()
     parts = [
         "Every model scored by lmms-eval through the `mllm_swap` model plugin: `shapes_vqa` is open answer "
         "(exact match), `shapes_mc` picks one of four options by log-likelihood (chance 0.25).",
@@ -312,20 +283,20 @@ def eval_section(root: Path) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-def _align(run: str):
-    return lambda root: training_section(root, [run])
+def _curves(*runs: str) -> Callable[[Path], str]:
+    return partial(training_section, runs=list(runs))
 
 
 SECTIONS = {
     "data": data_section,
     "score": score_section,
-    "align-sail": _align("align/sail"),
-    "align-projector": _align("align/projector"),
-    "align-kernel": _align("align/kernel"),
+    "align-sail": _curves("align/sail"),
+    "align-projector": _curves("align/projector"),
+    "align-kernel": _curves("align/kernel"),
     "zeroshot": zeroshot_section,
-    "base": base_section,
+    "base": _curves("tune/base-lora"),
     "swap": swap_section,
-    "tune": tune_section,
+    "tune": _curves("tune/sail-connector", "tune/sail-lora", "tune/control-connector", "tune/control-lora"),
     "eval": eval_section,
 }
 

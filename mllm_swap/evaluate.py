@@ -21,6 +21,7 @@ import yaml
 
 from align.io import atomic_path, read_json, sha256_file, write_json
 from align.paths import shipped
+from align.plots import pyplot, save_figure
 
 EVAL_CONFIGS = shipped("eval_configs")
 TASKS_DIR = EVAL_CONFIGS / "tasks"
@@ -239,10 +240,7 @@ def write_comparison(out: Path, runs: dict[str, dict], suite: dict | None = None
 
 def bar_chart(path: Path, keys: list, models: list[str], table: dict) -> Path:
     """One panel per (task, metric), one bar per model, each panel on its own scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cols = min(3, len(keys))
     nrows = (len(keys) + cols - 1) // cols
@@ -272,10 +270,7 @@ def bar_chart(path: Path, keys: list, models: list[str], table: dict) -> Path:
     for ax in axes.flat[len(keys) :]:
         ax.axis("off")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def evaluate_models(

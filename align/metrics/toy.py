@@ -152,13 +152,9 @@ def _run(cfg: ToyConfig) -> dict:
 
 def save_toy(result: dict, out_dir: str | os.PathLike) -> tuple[str, str]:
     """Write ``toy.json`` and the scatter plot ``toy.png`` into ``out_dir``; returns both paths."""
-    import matplotlib
+    from align.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from align.io import atomic_path
-
+    plt = pyplot()
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, "toy.json")
     png_path = os.path.join(out_dir, "toy.png")
@@ -171,7 +167,5 @@ def save_toy(result: dict, out_dir: str | os.PathLike) -> tuple[str, str]:
     ax.set_ylabel(f"CLIP loss after {result['config']['steps']} SGD steps")
     ax.set_title(f"toy: Pearson r = {result['pearson_r']:.3f} ({len(cka)} instances)")
     fig.tight_layout()
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, png_path, dpi=120)
     return json_path, png_path

@@ -113,13 +113,9 @@ def pair_scores(img: torch.Tensor, txt: torch.Tensor, metrics: Sequence[str], k:
 
 def save_heatmap(path: str, values: list[list[float]], rows: list[str], cols: list[str], title: str) -> None:
     """Vision rows x text columns, annotated, written atomically as PNG."""
-    import matplotlib
+    from align.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from align.io import atomic_path
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(cols), 1.2 + 0.6 * len(rows)))
     image = ax.imshow(values, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
@@ -134,9 +130,7 @@ def save_heatmap(path: str, values: list[list[float]], rows: list[str], cols: li
     ax.set_title(title)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def run_pairs(args: argparse.Namespace) -> int:
