@@ -39,12 +39,12 @@ QUICK = DemoSize(
 
 def mllm_swap(*argv: str) -> str:
     """Run one ``mllm-swap`` command in-process; return its command line. Fails on a non-zero exit."""
-    from mllm_swap.cli import main
+    from mllm_swap.cli import UserError, main
 
     line = "mllm-swap " + shlex.join(argv)
     code = main(list(argv))
-    if code != 0:
-        raise RuntimeError(f"demo step failed (exit {code}): {line}")
+    if code != 0:  # the step printed its own error above
+        raise UserError(f"demo step failed (exit {code}): {line}")
     return line
 
 

@@ -69,3 +69,10 @@ def test_rerun_skips_verified_stages_and_redoes_a_changed_one(demo: Path, capsys
     assert log.count("outputs verified, skipped") == len(stage_titles(demo)) - 1
     assert "earlier outputs changed or missing, running again" in log
     assert "tampered" not in csv.read_text()
+
+
+def test_out_that_is_a_file_is_refused(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "report.md"
+    out.write_text("not a folder")
+    assert main(["demo", "--out", str(out), "--quick"]) == 2
+    assert f"--out {out}: is a file" in capsys.readouterr().err

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def run(args: argparse.Namespace) -> int:
+    from mllm_swap.cli import UserError
     from mllm_swap.demo import run_demo
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(
+            f"--out {args.out}: is a file; expected a directory (new or from an earlier demo run)"
+        )
     report = run_demo(args.out, quick=args.quick)
     print(f"report: {report}")
     return 0
