@@ -163,8 +163,9 @@ def write_card(out_dir: str | Path, cfg: Any, info: dict[str, Any], result: Any)
         "| | |",
         "|---|---|",
     ]
-    lines += [*made, "", "Settings: `config.yaml`; per-step metrics: `metrics.jsonl`; trainable counts: "]
-    lines += ["`tune_info.json`.", "", "## How to load it", "", *_load_section(base, kind, stage), ""]
+    lines += [*made, "", "Paths are relative to this directory. Settings: `config.yaml`; per-step metrics:"]
+    lines += ["`metrics.jsonl`; trainable counts: `tune_info.json`.", "", "## How to load it", ""]
+    lines += [*_load_section(base, kind, stage), ""]
     path = out_dir / CARD_FILE
     path.write_text("\n".join(lines))
     return path
