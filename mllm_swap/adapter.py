@@ -13,9 +13,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mllm_swap.tiny import TINY_MLLM_BUILDERS
+
+if TYPE_CHECKING:
+    from align.train import TrainResult
+    from mllm_swap.tune import TuneConfig
 
 CARD_FILE = "README.md"
 
@@ -109,7 +113,7 @@ def _load_section(base: str, kind: str, stage: str) -> list[str]:
     ]
 
 
-def write_card(out_dir: str | Path, cfg: Any, info: dict[str, Any], result: Any) -> Path:
+def write_card(out_dir: str | Path, cfg: TuneConfig, info: dict[str, Any], result: TrainResult) -> Path:
     """Write ``README.md`` for a finished tune output: what it holds, how it was made, how to load it.
 
     ``cfg`` is the stage's ``TuneConfig``, ``info`` its ``tune_info.json``, ``result`` the loop's ``TrainResult``.

@@ -9,9 +9,10 @@ Stages (LLaVA-1.5's recipe and SAIL's variants):
 * ``full``: the whole language model (embeddings and ``lm_head`` included) and the connector.
 
 ``unfreeze_tower`` adds the vision tower, ``unfreeze_head`` only its alignment head (SAIL's stage 2),
-both at ``tower_lr`` (in the ``lora`` stage as ``modules_to_save`` copies too). The model is an HF ``LlavaForConditionalGeneration`` layout (5.x paths
-``model.model.vision_tower``, ``model.model.multi_modal_projector``, ``model.model.language_model``,
-``model.lm_head``); a custom aligned tower needs ``mllm_swap.towers`` imported, which this module does.
+both at ``tower_lr`` (in the ``lora`` stage as ``modules_to_save`` copies too). The model is an HF
+``LlavaForConditionalGeneration`` layout (5.x paths ``model.model.vision_tower``,
+``model.model.multi_modal_projector``, ``model.model.language_model``, ``model.lm_head``); a custom
+aligned tower needs ``mllm_swap.towers`` imported, which this module does.
 """
 
 from __future__ import annotations
