@@ -1,10 +1,12 @@
 """Merge a tuning stage's output into a full checkpoint that the family's plain ``from_pretrained`` loads.
 
-A ``lora`` stage leaves a peft adapter (``adapter_model.safetensors`` + ``adapter_config.json``) and
-``non_lora_trainables.safetensors`` (connector, unfrozen tower/head). Merging loads the base model named
-in the adapter config (or ``base_model``), copies the non-LoRA trainables in, folds the LoRA deltas into
-the linear weights (``merge_and_unload``) and writes model + processor. An output with only non-LoRA
-trainables (and ``tune_info.json`` naming its base) is applied the same way without the LoRA step.
+A ``lora`` stage leaves a standard peft adapter: LoRA weights plus the connector (and any other
+trainable) as peft ``modules_to_save``. Merging loads the base model named in the adapter config (a
+relative record resolves against the adapter directory, :func:`mllm_swap.adapter.locate`; or
+``base_model``), lets peft restore the adapter and folds the LoRA deltas into the linear weights
+(``merge_and_unload``), then writes model + processor. A ``non_lora_trainables.safetensors`` next to
+the adapter (outputs of earlier versions, which kept the connector there) or alone with
+``tune_info.json`` naming its base (a ``connector``/``full`` stage) is copied into the base first.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from align.io import atomic_path, read_json, write_json
+from mllm_swap.adapter import locate, reference
 from mllm_swap.tune import DTYPES, INFO_FILE, NON_LORA_FILE, load_non_lora, resolve_model
 
 MERGE_INFO = "merge_info.json"
@@ -24,7 +27,7 @@ def _base_of(adapter_dir: Path, base_model: str | None) -> str:
     for name, key in (("adapter_config.json", "base_model_name_or_path"), (INFO_FILE, "base_model")):
         path = adapter_dir / name
         if path.is_file() and read_json(path).get(key):
-            return str(read_json(path)[key])
+            return locate(str(read_json(path)[key]), adapter_dir)
     raise ValueError(
         f"{adapter_dir}: cannot tell the base model (no 'base_model_name_or_path' in adapter_config.json and "
         f"no 'base_model' in {INFO_FILE}); pass base_model / --base"
@@ -67,7 +70,8 @@ def merge_adapter(
         )
     if out_dir.resolve() == adapter_dir.resolve():
         raise ValueError(f"--out {out_dir} must differ from --adapter")
-    base = resolve_model(_base_of(adapter_dir, base_model))
+    named = _base_of(adapter_dir, base_model)
+    base = resolve_model(named)
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=DTYPES[dtype])
     copied = load_non_lora(model, non_lora) if non_lora.is_file() else []
     if has_adapter:
@@ -80,6 +84,11 @@ def merge_adapter(
         processor.save_pretrained(tmp)
         write_json(
             tmp / MERGE_INFO,
-            {"adapter": str(adapter_dir), "base_model": base, "lora_merged": has_adapter, "non_lora": copied},
+            {
+                "adapter": reference(adapter_dir, out_dir),
+                "base_model": reference(named, out_dir),
+                "lora_merged": has_adapter,
+                "non_lora": copied,
+            },
         )
     return out_dir

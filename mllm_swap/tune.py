@@ -4,13 +4,15 @@ Stages (LLaVA-1.5's recipe and SAIL's variants):
 
 * ``connector``: only ``multi_modal_projector`` trains (LLaVA stage 1, "pretrain").
 * ``lora``: peft LoRA on every ``nn.Linear`` of the language model (not the tower, connector or
-  ``lm_head``); the connector trains too, at ``connector_lr``.
+  ``lm_head``); the connector trains too, at ``connector_lr``, as a peft ``modules_to_save`` copy, so the
+  adapter holds it and peft restores it (:func:`saved_modules`).
 * ``full``: the whole language model (embeddings and ``lm_head`` included) and the connector.
 
 ``unfreeze_tower`` adds the vision tower, ``unfreeze_head`` only its alignment head (SAIL's stage 2),
-both at ``tower_lr``. The model is an HF ``LlavaForConditionalGeneration`` layout (5.x paths
-``model.model.vision_tower``, ``model.model.multi_modal_projector``, ``model.model.language_model``,
-``model.lm_head``); a custom aligned tower needs ``mllm_swap.towers`` imported, which this module does.
+both at ``tower_lr`` (in the ``lora`` stage as ``modules_to_save`` copies too). The model is an HF
+``LlavaForConditionalGeneration`` layout (5.x paths ``model.model.vision_tower``,
+``model.model.multi_modal_projector``, ``model.model.language_model``, ``model.lm_head``); a custom
+aligned tower needs ``mllm_swap.towers`` imported, which this module does.
 """
 
 from __future__ import annotations
@@ -172,7 +174,12 @@ def _get(module: nn.Module, path: str) -> nn.Module | None:
 
 
 def _params_under(model: nn.Module, prefix: str) -> list[str]:
-    return [name for name, _ in model.named_parameters() if name.startswith(prefix + ".")]
+    """Parameters under ``prefix``; for a module peft saves in full, its trainable copy, not the frozen original."""
+    return [
+        name
+        for name, _ in model.named_parameters()
+        if name.startswith(prefix + ".") and ".original_module." not in name
+    ]
 
 
 def lora_target_modules(model: nn.Module) -> list[str]:
@@ -183,24 +190,48 @@ def lora_target_modules(model: nn.Module) -> list[str]:
     ]
 
 
-def head_param_names(model: nn.Module) -> list[str]:
-    """Parameters of the tower's alignment head: its ``head`` module, else names containing "head"."""
+def head_modules(model: nn.Module) -> list[str]:
+    """The tower's alignment head: its ``head`` module, else its outermost submodules named like "head"."""
     tower = model_parts(model)["tower"]
-    explicit = _params_under(model, tower + ".head")
-    names = explicit or [n for n in _params_under(model, tower) if "head" in n[len(tower) :]]
-    if not names:
+    names = [n for n, _ in model.named_modules() if n.startswith(tower + ".") and ".original_module" not in n]
+    if tower + ".head" in names:
+        return [tower + ".head"]
+    heads = [n for n in names if "head" in n.rsplit(".", 1)[-1]]
+    outer = [n for n in heads if not any(n.startswith(h + ".") for h in heads)]
+    if not outer:
         raise ValueError(
-            f"unfreeze_head: the vision tower ({tower}) has no head parameters; an aligned tower built by "
-            "mllm_swap.towers has one (use unfreeze_tower to train the whole tower)"
+            f"unfreeze_head: the vision tower ({tower}) has no head parameters (no submodule named like "
+            "'head'); an aligned tower built by mllm_swap.towers has one (use unfreeze_tower to train the "
+            "whole tower)"
         )
-    return names
+    return outer
+
+
+def head_param_names(model: nn.Module) -> list[str]:
+    """Parameters of the tower's alignment head (:func:`head_modules`)."""
+    return [n for module in head_modules(model) for n in _params_under(model, module)]
+
+
+def saved_modules(model: nn.Module, cfg: TuneConfig) -> list[str]:
+    """Modules a LoRA adapter keeps in full (peft ``modules_to_save``): every non-LoRA trainable.
+
+    The connector, the tower (``unfreeze_tower``) or its head (``unfreeze_head``), then ``cfg.modules_to_save``.
+    """
+    parts = model_parts(model)
+    names = [parts["connector"]]
+    if cfg.unfreeze_tower:
+        names.append(parts["tower"])
+    elif cfg.unfreeze_head:
+        names += head_modules(model)
+    return names + [m for m in cfg.modules_to_save if m not in names]
 
 
 def select_trainable(model: nn.Module, cfg: TuneConfig) -> dict[str, list[str]]:
     """Set ``requires_grad`` for ``cfg``'s stage; return the trainable parameter names per group.
 
-    Groups: ``lora`` (adapter weights), ``saved`` (peft ``modules_to_save`` copies), ``llm`` (full
-    stage), ``connector``, ``tower``, ``head``. Call after wrapping with peft for the ``lora`` stage.
+    Groups: ``lora`` (adapter weights), ``llm`` (full stage), ``connector``, ``tower``, ``head`` (peft's
+    trainable copies once wrapped) and ``saved`` (other ``modules_to_save`` copies). Call after wrapping
+    with peft for the ``lora`` stage.
     """
     parts = model_parts(model)
     for param in model.parameters():
@@ -210,15 +241,16 @@ def select_trainable(model: nn.Module, cfg: TuneConfig) -> dict[str, list[str]]:
         groups["lora"] = [n for n, _ in model.named_parameters() if "lora_" in n]
         if not groups["lora"]:
             raise ValueError("stage 'lora': the model has no LoRA parameters (wrap it with add_lora first)")
-        saved = [n for n, _ in model.named_parameters() if ".modules_to_save." in n]
-        if saved:
-            groups["saved"] = saved
     elif cfg.stage == "full":
         groups["llm"] = _params_under(model, parts["llm"]) + _params_under(model, parts["lm_head"])
     if cfg.unfreeze_tower:
         groups["tower"] = _params_under(model, parts["tower"])
     elif cfg.unfreeze_head:
         groups["head"] = head_param_names(model)
+    parted = {name for names in groups.values() for name in names}
+    saved = [n for n, _ in model.named_parameters() if ".modules_to_save." in n and n not in parted]
+    if saved:
+        groups["saved"] = saved
     wanted = {name for names in groups.values() for name in names}
     for name, param in model.named_parameters():
         if name in wanted:
@@ -227,7 +259,10 @@ def select_trainable(model: nn.Module, cfg: TuneConfig) -> dict[str, list[str]]:
 
 
 def add_lora(model: nn.Module, cfg: TuneConfig) -> nn.Module:
-    """Wrap ``model`` with peft LoRA on :func:`lora_target_modules` (QLoRA: after k-bit preparation)."""
+    """Wrap ``model`` with peft LoRA on :func:`lora_target_modules`, keeping :func:`saved_modules` in full.
+
+    QLoRA: after k-bit preparation.
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     targets = lora_target_modules(model)
@@ -237,14 +272,15 @@ def add_lora(model: nn.Module, cfg: TuneConfig) -> nn.Module:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.train.gradient_checkpointing
         )
+    # No task_type: transformers 5 has no AutoModelForCausalLM class for a Llava config, so peft records the
+    # base's own class (auto_mapping) instead, which AutoPeftModel(ForCausalLM) then loads the base with.
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
-        modules_to_save=list(cfg.modules_to_save) or None,
+        modules_to_save=saved_modules(model, cfg),
         bias="none",
-        task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
 

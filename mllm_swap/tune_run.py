@@ -2,8 +2,10 @@
 
 ``run_tune(cfg, out_dir)`` loads the model, wraps it for the stage (:mod:`mllm_swap.tune`), streams
 length-grouped LLaVA conversations (:mod:`mllm_swap.conversations`) and writes the stage's outputs:
-the peft adapter (``lora``) or the full checkpoint (``connector``/``full``), ``non_lora_trainables.safetensors``,
-the processor and ``tune_info.json``, next to the loop's checkpoints, metrics and ``result.json``.
+the peft adapter (``lora``: LoRA weights plus every other trainable as peft ``modules_to_save``) or the full
+checkpoint and ``non_lora_trainables.safetensors`` (``connector``/``full``), the processor, ``tune_info.json``
+and a model card (``README.md``, :mod:`mllm_swap.adapter`), next to the loop's checkpoints, metrics and
+``result.json``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 
 from align.config import TrainConfig
 from align.io import read_json, write_json
+from mllm_swap.adapter import reference, write_card
 from mllm_swap.tune import (
     INFO_FILE,
     NON_LORA_FILE,
@@ -57,7 +60,6 @@ class TuneMethod:
         self.groups: dict[str, list[str]] = {}
         self.processor: Any = None
         self.dataset: Any = None
-        self.base_model = ""
         self.tokens_seen = 0
 
     def build_model(self, train_cfg: TrainConfig) -> nn.Module:
@@ -65,7 +67,6 @@ class TuneMethod:
         from mllm_swap.conversations import ConversationDataset
 
         model, self.processor = load_model(self.cfg)
-        self.base_model = str(getattr(model, "name_or_path", self.cfg.model))
         self.dataset = ConversationDataset(
             self.data,
             self.image_folder,
@@ -137,20 +138,35 @@ class TuneMethod:
         return flat
 
     def save(self, model: nn.Module, out_dir: Path, state_dict: dict[str, torch.Tensor]) -> None:
-        """Adapter (lora) or full checkpoint, non-LoRA trainables, processor and ``tune_info.json``."""
-        from safetensors.torch import save_file
+        """Adapter (lora) or full checkpoint + non-LoRA trainables, processor and ``tune_info.json``.
 
-        prefix = "base_model.model."
-        names = [n for part in ("connector", "tower", "head") for n in self.groups.get(part, [])]
-        non_lora = {n.removeprefix(prefix): state_dict[n].detach().cpu().contiguous() for n in names}
-        model.save_pretrained(out_dir, state_dict=state_dict)
-        save_file(non_lora, str(out_dir / NON_LORA_FILE), metadata={"format": "pt"})
+        Paths are recorded by :func:`mllm_swap.adapter.reference` (relative to ``out_dir``, or ids).
+        """
+        base = reference(self.cfg.model, out_dir)
+        if self.cfg.stage == "lora":
+            model.peft_config[model.active_adapter].base_model_name_or_path = base
+            # LoRA targets linear layers only and tuning never resizes the vocabulary: no embedding layers to
+            # save, and no lookup of the base by its recorded name (relative, or a hub id) while saving.
+            model.save_pretrained(out_dir, state_dict=state_dict, save_embedding_layers=False)
+        else:
+            from safetensors.torch import save_file
+
+            names = [n for part in ("connector", "tower", "head") for n in self.groups.get(part, [])]
+            non_lora = {n: state_dict[n].detach().cpu().contiguous() for n in names}
+            model.save_pretrained(out_dir, state_dict=state_dict)
+            save_file(non_lora, str(out_dir / NON_LORA_FILE), metadata={"format": "pt"})
         self.processor.save_pretrained(out_dir)
+        shapes = self.cfg.shapes
+        source = (
+            reference(self.cfg.data, out_dir)
+            if self.cfg.data is not None
+            else f"generated shapes world (n={shapes.n}, seed={shapes.seed})"
+        )
         info = {
             "stage": self.cfg.stage,
-            "base_model": self.base_model,
+            "base_model": base,
             "trainable": describe(self.groups, model),
-            "data": {"file": str(self.data), "summary": self.dataset.summary.describe()},
+            "data": {"source": source, "summary": self.dataset.summary.describe()},
             "tokens_seen": self.tokens_seen,
         }
         write_json(out_dir / INFO_FILE, info)
@@ -196,6 +212,8 @@ def run_tune(
     cfg: TuneConfig, out_dir: str | Path, resume: bool | str = "auto", overwrite: bool = False
 ) -> Any:
     """Train one stage into ``out_dir`` with the shared loop; returns its ``TrainResult``."""
+    from accelerate import PartialState
+
     from align.train import train
 
     method = TuneMethod(cfg)
@@ -209,8 +227,9 @@ def run_tune(
         config_to_save=cfg,
     )
     info_path = Path(out_dir) / INFO_FILE
-    if info_path.is_file():
+    if PartialState().is_main_process and info_path.is_file():
         info = read_json(info_path)
         info["tokens_per_s"] = method.tokens_seen / max(result.elapsed_s, 1e-9)
         write_json(info_path, info)
+        write_card(out_dir, cfg, info, result)  # over peft's empty template
     return result

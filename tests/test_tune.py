@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from mllm_swap.tune import (
     load_model,
     lora_target_modules,
     param_groups,
+    saved_modules,
     select_trainable,
 )
 
@@ -86,11 +88,14 @@ def test_lora_stage_targets_every_llm_linear_only(loaded, shapes_dir: Path) -> N
     assert sum(wrapped.get_parameter(n).numel() for n in lora) == sum(
         4 * (m.in_features + m.out_features) for m in linears.values()
     )
+    # The connector trains as peft's modules_to_save copy (saved in the adapter); its original stays frozen.
     connector = {n for n in _trainable(wrapped) if "lora_" not in n}
-    assert connector == {
-        "base_model.model." + n
-        for n in _names(model.model.multi_modal_projector, "model.multi_modal_projector")
-    }
+    copy = wrapped.base_model.model.model.multi_modal_projector.modules_to_save["default"]
+    assert (
+        connector
+        == set(groups["connector"])
+        == _names(copy, "base_model.model.model.multi_modal_projector.modules_to_save.default")
+    )
     assert not any("vision_tower" in n or "lm_head" in n for n in _trainable(wrapped))
 
 
@@ -126,6 +131,19 @@ def test_unfreeze_head_selects_the_towers_head(loaded, shapes_dir: Path) -> None
         1e-5: sum(p.numel() for p in model.model.vision_tower.head.parameters()),
         1e-3: sum(p.numel() for p in model.model.multi_modal_projector.parameters()),
     }
+    # LoRA stage: the head is kept in full in the adapter too; its peft copy trains at tower_lr.
+    cfg = _cfg(
+        shapes_dir, stage="lora", unfreeze_head=True, lora_r=4, lora_alpha=8, modules_to_save=["lm_head"]
+    )
+    assert saved_modules(model, cfg) == ["model.multi_modal_projector", "model.vision_tower.head", "lm_head"]
+    wrapped = add_lora(model, cfg)
+    groups = select_trainable(wrapped, cfg)
+    copy = "base_model.model.model.vision_tower.head.modules_to_save.default"
+    assert set(groups["head"]) == _names(wrapped.get_submodule(copy), copy)
+    assert {n for n in _trainable(wrapped) if "lora_" not in n} == {
+        n for part in ("connector", "head", "saved") for n in groups[part]
+    }
+    assert all(".modules_to_save." in n for part in ("connector", "head", "saved") for n in groups[part])
 
 
 def test_model_loss_is_cross_entropy_over_assistant_tokens(loaded, shapes_dir: Path) -> None:
@@ -188,13 +206,18 @@ def test_lora_resume_matches_uninterrupted_run(shapes_dir: Path, tmp_path: Path)
     assert (tmp_path / "b/checkpoints/step-2").is_dir() and not (tmp_path / "b/result.json").exists()
     result = run_tune(cfg, tmp_path / "b", resume="auto")
     assert result.resumed_from == tmp_path / "b/checkpoints/step-2" and result.steps == 4
-    for name in ("adapter_model.safetensors", NON_LORA_FILE):
-        a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
-        assert a.keys() == b.keys() and a
-        for key in a:
-            assert torch.allclose(a[key], b[key], atol=1e-6), key
-    base = load_file(tmp_path / "a" / "adapter_model.safetensors")
-    assert any("lora_B" in k and base[k].abs().max() > 0 for k in base)  # it really trained
+    a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("a", "b"))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    assert any("lora_B" in k and a[k].abs().max() > 0 for k in a)  # it really trained
+    assert any(".multi_modal_projector." in k for k in a) and not (tmp_path / "a" / NON_LORA_FILE).exists()
+    # A tiny model is recorded by its id (never its directory on this machine); merge finds it by that id.
+    assert (
+        json.loads((tmp_path / "a/adapter_config.json").read_text())["base_model_name_or_path"]
+        == "tiny-llava"
+    )
+    assert main(["merge", "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "merged")]) == 0
 
 
 def test_cli_connector_stage_chains_into_lora(shapes_dir: Path, tmp_path: Path) -> None:
@@ -224,6 +247,10 @@ def test_cli_connector_stage_chains_into_lora(shapes_dir: Path, tmp_path: Path) 
     )
     assert (stage2 / "adapter_model.safetensors").is_file() and (stage2 / "adapter_config.json").is_file()
     assert (stage2 / "tune_info.json").is_file() and (stage2 / "result.json").is_file()
+    # A local base is recorded relative to the adapter; each output has a model card.
+    assert json.loads((stage2 / "adapter_config.json").read_text())["base_model_name_or_path"] == "../stage1"
+    assert "stage `connector`" in (stage1 / "README.md").read_text()
+    assert "LoRA r=4, alpha=8" in (stage2 / "README.md").read_text()
     # A LoRA output is not a checkpoint to tune from: the error says to merge it first (exit code 2).
     assert main(["tune", "--config", str(RECIPES / "tiny_llava_lora.yaml"), *sets, "--set", f"model={stage2}",
                  "--out", str(tmp_path / "x")]) == 2  # fmt: skip

@@ -1,4 +1,4 @@
-"""``mllm-swap merge``: fold a LoRA stage (adapter + non-LoRA trainables) into a plain checkpoint."""
+"""``mllm-swap merge``: fold a LoRA stage's peft adapter into a plain checkpoint."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "merge",
-        help="merge a tuning stage's LoRA adapter and non-LoRA trainables into a full checkpoint",
-        description="Load the base model named in --adapter's adapter_config.json (or --base), copy "
-        "non_lora_trainables.safetensors in, merge the LoRA weights (merge_and_unload) and write model and "
-        "processor to --out, loadable with the family's plain from_pretrained.",
+        help="merge a tuning stage's LoRA adapter into a full checkpoint",
+        description="Load the base model named in --adapter's adapter_config.json (a relative path is "
+        "resolved against the adapter directory; or --base), apply the adapter (LoRA and modules_to_save, "
+        "after a non_lora_trainables.safetensors of older outputs if present), merge the LoRA weights "
+        "(merge_and_unload) and write model and processor to --out, loadable with the family's plain "
+        "from_pretrained.",
     )
     parser.add_argument("--adapter", required=True, help="output directory of `mllm-swap tune`")
     parser.add_argument("--out", required=True, help="directory for the merged checkpoint")

@@ -27,9 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "tune",
         help="instruction-tune a (swapped) LLaVA model: connector, LoRA/QLoRA or full stage",
         description="Train one stage of LLaVA-style instruction tuning from a YAML recipe (see recipes/). "
-        "Outputs in --out: the peft adapter (lora) or full checkpoint (connector/full), "
-        "non_lora_trainables.safetensors, the processor, tune_info.json, metrics.jsonl, loss.png and resumable "
-        "checkpoints. Rerun the same command to resume. Under `accelerate launch` (DDP or DeepSpeed) the same "
+        "Outputs in --out: a standard peft adapter with the connector as modules_to_save (lora) or a full "
+        "checkpoint + non_lora_trainables.safetensors (connector/full), the processor, tune_info.json, a model "
+        "card (README.md), metrics.jsonl, loss.png and resumable checkpoints. Rerun the same command to resume. Under `accelerate launch` (DDP or DeepSpeed) the same "
         "command runs on many GPUs: accelerate launch --config_file CONF -m mllm_swap tune ...",
     )
     parser.add_argument("--config", required=True, help="recipe YAML (a TuneConfig)")
