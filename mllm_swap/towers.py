@@ -54,27 +54,32 @@ def add_remote_code(directory: str | Path) -> list[str]:
 
     When its ``config.json`` is an aligned tower's or has one as ``vision_config``, the tower's source files
     are copied next to it and ``auto_map`` names their classes, so ``from_pretrained(directory,
-    trust_remote_code=True)`` works in an environment without ``mllm_swap``. Other directories (plain HF
-    towers, adapters without ``config.json``) are left as they are. Returns the file names written.
+    trust_remote_code=True)`` works in an environment without ``mllm_swap``. ``auto_map`` entries of an
+    aligned tower that is no longer there (a checkpoint swapped back to a plain tower) are removed; other
+    directories (adapters without ``config.json``) are left as they are. Returns the file names written.
     """
     path = Path(directory) / "config.json"
     if not path.is_file():
         return []
     config = read_json(path)
     model_type = config.get("model_type")
-    if MODEL_TYPE not in (model_type, (config.get("vision_config") or {}).get("model_type")):
-        return []
-    if model_type not in AUTO_MAP:
+    aligned = MODEL_TYPE in (model_type, (config.get("vision_config") or {}).get("model_type"))
+    if aligned and model_type not in AUTO_MAP:
         raise ValueError(
             f"{path}: an aligned tower inside a '{model_type}' model has no remote code; "
             f"expected model_type one of {sorted(AUTO_MAP)}"
         )
-    files = remote_code_files()
+    files = remote_code_files() if aligned else []
+    module = Path(modeling_aligned_tower.__file__).stem
+    old = config.get("auto_map") or {}
+    new = {k: v for k, v in old.items() if not str(v).startswith(f"{module}.")}
+    if aligned:
+        new.update({auto: f"{module}.{cls.__name__}" for auto, cls in AUTO_MAP[model_type].items()})
     for file in files:
         shutil.copyfile(file, path.parent / file.name)
-    module = files[0].stem
-    config["auto_map"] = {auto: f"{module}.{cls.__name__}" for auto, cls in AUTO_MAP[model_type].items()}
-    write_json(path, config)
+    if new != old:
+        config.pop("auto_map", None)
+        write_json(path, {**config, **({"auto_map": new} if new else {})})
     return [file.name for file in files]
 
 

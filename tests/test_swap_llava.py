@@ -219,6 +219,17 @@ print(json.dumps(res))
         assert torch.allclose(got, want, rtol=0, atol=1e-5), (name, float((got - want).abs().max()))
 
 
+def test_swapping_an_aligned_tower_out_drops_its_remote_code(swapped, tmp_path) -> None:
+    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+
+    out = tmp_path / "back-to-clip"
+    swap(swapped["sail"][0], "tiny-clip", out, num_images=1, verbose=False)
+    assert "auto_map" in json.loads((swapped["sail"][0] / "config.json").read_text())
+    assert "auto_map" not in json.loads((out / "config.json").read_text()) and not list(out.glob("*.py"))
+    model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)
+    assert type(model) is LlavaForConditionalGeneration
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED_TOKENS))
 @torch.no_grad()
 def test_image_token_accounting(swapped, name) -> None:
