@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from mllm_swap.conversations import llava_chat_template
 from mllm_swap.families.new_tower import NewTower
+from mllm_swap.towers import add_remote_code
 
 LLAVA_TYPES = ("llava", "llava_next")
 
@@ -191,9 +193,6 @@ def save_checkpoint(model: Any, processor: Any, out: Path) -> None:
     An HF Llava processor gets :func:`~mllm_swap.conversations.llava_chat_template` (string and list
     content); a model with an aligned tower gets its remote code (:func:`mllm_swap.towers.add_remote_code`).
     """
-    from mllm_swap.conversations import llava_chat_template
-    from mllm_swap.towers import add_remote_code
-
     if model.config.model_type in LLAVA_TYPES:
         processor.chat_template = llava_chat_template(processor.chat_template)
     model.save_pretrained(out)
