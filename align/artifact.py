@@ -1,6 +1,6 @@
 """The AlignedEncoder artifact: a language-aligned vision encoder saved as a directory.
 
-Interface (stable; ``mllm_swap.towers`` wraps it as an HF vision tower)::
+Interface (stable; :mod:`align.modeling_aligned_tower` wraps it as an HF vision tower)::
 
     enc = load_aligned(dir)                      # or align.encoders.load_vision_encoder(dir)
     enc(pixel_values, layer=-1) -> [B, N, D_out] # aligned per-patch tokens by the token rule

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from align.heads import GLUHead, LinearHead, TextGlobalHead, TokenProjector
+from .heads import GLUHead, LinearHead, TextGlobalHead, TokenProjector
 
 IMAGE_HEAD_KINDS = ("sail_glu", "sail_linear", "freeze_align")
 TEXT_HEAD_KINDS = ("sail_glu", "sail_linear", "freeze_align")

@@ -16,6 +16,7 @@ from typing import Any
 
 from align.io import atomic_path, read_json, write_json
 from mllm_swap.adapter import locate, reference
+from mllm_swap.families.base import save_checkpoint
 from mllm_swap.tune import DTYPES, INFO_FILE, NON_LORA_FILE, load_non_lora, resolve_model
 
 MERGE_INFO = "merge_info.json"
@@ -80,8 +81,7 @@ def merge_adapter(
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     processor = _load_processor(adapter_dir, base)
     with atomic_path(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        save_checkpoint(model, processor, tmp)
         write_json(
             tmp / MERGE_INFO,
             {

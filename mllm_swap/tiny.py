@@ -21,7 +21,7 @@ from align.encoders.tiny import OPENAI_MEAN, OPENAI_STD, build_once, ensure_tiny
 from align.encoders.tokenizer import build_bpe_tokenizer
 from mllm_swap.conversations import DEFAULT_CHAT_TEMPLATE
 
-TINY_MLLM_VERSION = 1
+TINY_MLLM_VERSION = 2  # 2: tiny-llava's chat template renders string content too
 LLM = dict(
     hidden_size=64,
     intermediate_size=256,
@@ -32,8 +32,6 @@ LLM = dict(
     rms_norm_eps=1e-6,
     tie_word_embeddings=False,
 )
-# LLaVA-1.5's "USER: <image>\n{q} ASSISTANT: {a}" template (the one the conversation code trains with).
-CHAT_TEMPLATE = DEFAULT_CHAT_TEMPLATE
 IDEFICS_TOKENS = {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>"}
 
 
@@ -65,6 +63,8 @@ def build_tiny_llava(out: Path) -> None:
     """HF Llava: Llama (2 layers, width 64) + tiny-clip's vision tower, layer -2, "default", gelu MLP."""
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+    from mllm_swap.families.base import save_checkpoint
+
     clip_dir = ensure_tiny("tiny-clip")
     vision_config, tower_state = _clip_tower_state(clip_dir)
     tok = build_bpe_tokenizer(extra_special_tokens={"image_token": "<image>"})
@@ -88,10 +88,9 @@ def build_tiny_llava(out: Path) -> None:
         patch_size=vision_config.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=DEFAULT_CHAT_TEMPLATE,
     )
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    save_checkpoint(model, processor, out)
 
 
 def build_tiny_llava_original(out: Path) -> None:

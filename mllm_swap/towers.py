@@ -1,179 +1,86 @@
-"""Vision towers an MLLM can load with ``from_pretrained``: a backbone, an optional per-token head, a token rule.
+"""Aligned vision towers in MLLM checkpoints: Auto-class registration and the remote code written with them.
 
-``AlignedTowerConfig`` / ``AlignedTower`` are registered with ``AutoConfig`` / ``AutoModel`` when this module is
-imported (``import mllm_swap`` does it), so ``LlavaConfig(vision_config=AlignedTowerConfig(...))`` checkpoints
-reload with plain ``AutoModelForImageTextToText.from_pretrained`` afterwards.
-
-Token rule (what the tower hands the MLLM, per layer): ``"patch"`` removes every prefix token (CLS and
-registers) and keeps the ``(S/p)^2`` patch tokens; ``"all"`` keeps prefix and patch tokens. With a head, the
-head sees the full token sequence (SAIL uses ``[CLS ; patch_i]``, freeze-align ``cls_proj(CLS)``) and returns
-per-patch outputs, so the rule only decides whether prefix tokens are fed through as well.
-
-Layer indexing follows the ``VisionEncoder`` contract: ``hidden_states[i]`` are the backbone's HF hidden
-states, except that the last entry is the backbone's final token output (``last_hidden_state``: after the
-final norm for DINOv2 and SigLIP, equal to the last block's output for CLIP).
+The tower itself (``AlignedTowerConfig``, ``AlignedTower``, its token rule) lives in
+:mod:`align.modeling_aligned_tower`, a self-contained module that is also the checkpoints' remote code.
+Importing this module (``import mllm_swap`` does it) registers the tower with ``AutoConfig`` /
+``AutoModel``, so checkpoints with an aligned tower reload with plain ``from_pretrained`` and no
+``trust_remote_code``. :func:`add_remote_code` makes a written checkpoint load without this package.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import shutil
+from pathlib import Path
 
-import torch
-from torch import nn
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
-from transformers.configuration_utils import SubConfigSpec
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers import AutoConfig
 
-TOKEN_RULES = ("patch", "all")
-MODEL_TYPE = "mllm_swap_aligned_tower"
+from align import modeling_aligned_tower
+from align.io import read_json, write_json
+from align.modeling_aligned_tower import (  # noqa: F401  (the tower's public names, re-exported)
+    MODEL_TYPE,
+    TOKEN_RULES,
+    AlignedLlavaConfig,
+    AlignedLlavaForConditionalGeneration,
+    AlignedTower,
+    AlignedTowerConfig,
+    prefix_tokens_of,
+)
 
-
-def prefix_tokens_of(config: PretrainedConfig) -> int:
-    """CLS + register tokens an HF vision backbone puts before its patch tokens (SigLIP: 0)."""
-    model_type = getattr(config, "model_type", "")
-    if model_type == MODEL_TYPE:
-        return int(config.num_prefix_tokens)
-    if model_type.startswith("siglip"):
-        return 0
-    if model_type == "dinov2_with_registers":
-        return 1 + int(config.num_register_tokens)
-    if model_type.startswith(("clip", "dinov2", "idefics_vision")):
-        return 1
-    raise ValueError(
-        f"vision config model_type '{model_type}': unknown token layout; expected clip, siglip, dinov2, "
-        f"dinov2_with_registers or {MODEL_TYPE}"
-    )
-
-
-class AlignedTowerConfig(PretrainedConfig):
-    """Config of an aligned tower: the backbone's own HF config, the head's config and the token rule."""
-
-    model_type = MODEL_TYPE
-    sub_configs_defaults = {
-        "vision_backbone": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model"),
-    }
-
-    vision_backbone: dict | PretrainedConfig | None = None
-    head_config: dict | None = None
-    token_rule: str = "patch"
-    num_prefix_tokens: int = 1
-    hidden_size: int = 0
-    image_size: int = 0
-    patch_size: int = 0
-    num_hidden_layers: int = 0
-    source: str = ""
-
-    def __post_init__(self, **kwargs: Any) -> None:
-        super().__post_init__(**kwargs)
-        if self.token_rule not in TOKEN_RULES:
-            raise ValueError(f"token_rule '{self.token_rule}': expected one of {list(TOKEN_RULES)}")
-        backbone = self.vision_backbone
-        self.num_prefix_tokens = prefix_tokens_of(backbone)
-        self.image_size = int(backbone.image_size)
-        self.patch_size = int(backbone.patch_size)
-        self.num_hidden_layers = int(backbone.num_hidden_layers)
-        head_out = (self.head_config or {}).get("out_dim")
-        self.hidden_size = int(head_out or backbone.hidden_size)
-
-    @property
-    def num_output_prefix_tokens(self) -> int:
-        """Prefix tokens left in the tower's output after the token rule (0 with a head or rule 'patch')."""
-        return 0 if self.head_config or self.token_rule == "patch" else self.num_prefix_tokens
-
-    @property
-    def num_output_tokens(self) -> int:
-        """Tokens per image the tower hands the MLLM."""
-        return (self.image_size // self.patch_size) ** 2 + self.num_output_prefix_tokens
-
-
-def build_head(head_config: dict) -> nn.Module:
-    """The per-token image head described by ``head_config`` (``align.towers_aligned.build_token_head``)."""
-    from align.towers_aligned import build_token_head
-
-    return build_token_head(head_config)
-
-
-class AlignedTower(PreTrainedModel):
-    """Backbone + optional per-token head + token rule, returning HF ``BaseModelOutputWithPooling``.
-
-    ``output_hidden_states`` may be a bool or a layer index (or list of indices) as transformers 5.x
-    ``get_image_features`` passes it; only the requested layers are transformed, the others are ``None``.
-    """
-
-    config: AlignedTowerConfig
-    config_class = AlignedTowerConfig
-    base_model_prefix = "aligned_tower"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    _supports_sdpa = True
-
-    def __init__(self, config: AlignedTowerConfig):
-        super().__init__(config)
-        self.backbone = AutoModel.from_config(config.vision_backbone)
-        self.head = build_head(config.head_config) if config.head_config else None
-        self.post_init()
-
-    @property
-    def patch_size(self) -> int:
-        return self.config.patch_size
-
-    def _init_weights(self, module: nn.Module) -> None:
-        """Backbone modules keep their own model's init; the head initialises itself."""
-        if isinstance(module, PreTrainedModel) and module is not self:
-            module._init_weights(module)
-
-    def transform(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Apply the head (per token, on the full sequence) and the token rule to one layer's tokens."""
-        prefix = self.config.num_prefix_tokens
-        if self.head is not None:
-            return self.head(tokens, num_prefix_tokens=prefix)
-        return tokens[:, prefix:] if self.config.token_rule == "patch" else tokens
-
-    def backbone_states(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """The backbone's HF hidden states with the last entry replaced by its final token output."""
-        out = self.backbone(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
-        states = list(out.hidden_states)
-        states[-1] = out.last_hidden_state
-        return states
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: bool | int | list[int] | None = None,
-        return_dict: bool | None = True,
-        **kwargs: Any,
-    ) -> BaseModelOutputWithPooling:
-        """Tokens of the final layer in ``last_hidden_state``; selected layers in ``hidden_states``."""
-        dtype = next(self.backbone.parameters()).dtype
-        states = self.backbone_states(pixel_values.to(dtype))
-        n = len(states)
-        if isinstance(output_hidden_states, bool) or output_hidden_states is None:
-            wanted = set(range(n)) if output_hidden_states else set()
-        else:
-            indices = (
-                [output_hidden_states] if isinstance(output_hidden_states, int) else output_hidden_states
-            )
-            for i in indices:
-                if not -n <= int(i) < n:
-                    raise ValueError(f"layer {i} out of range for a tower with {n - 1} layers")
-            wanted = {int(i) % n for i in indices}
-        cache: dict[int, torch.Tensor] = {}
-
-        def get(i: int) -> torch.Tensor:
-            if i not in cache:
-                cache[i] = self.transform(states[i])
-            return cache[i]
-
-        last = get(n - 1)
-        hidden = tuple(get(i) if i in wanted else None for i in range(n)) if wanted else None
-        pooled = last.mean(dim=1)
-        return BaseModelOutputWithPooling(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
+# auto_map of a checkpoint with an aligned tower, by the model_type of its config.json
+AUTO_MAP = {
+    "llava": {
+        "AutoConfig": AlignedLlavaConfig,
+        "AutoModelForImageTextToText": AlignedLlavaForConditionalGeneration,
+    },
+    MODEL_TYPE: {"AutoConfig": AlignedTowerConfig, "AutoModel": AlignedTower},
+}
 
 
 def register_towers() -> None:
-    """Register the tower classes with transformers' Auto classes (idempotent)."""
+    """Register the tower config with ``AutoConfig`` (idempotent; the module registers the model itself)."""
     AutoConfig.register(MODEL_TYPE, AlignedTowerConfig, exist_ok=True)
-    AutoModel.register(AlignedTowerConfig, AlignedTower, exist_ok=True)
+
+
+def remote_code_files() -> list[Path]:
+    """The remote-code files: the tower module and the sibling modules it imports, recursively."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    module = Path(modeling_aligned_tower.__file__)
+    return [module, *(Path(f) for f in get_relative_import_files(str(module)))]
+
+
+def add_remote_code(directory: str | Path) -> list[str]:
+    """Make the checkpoint in ``directory`` load without this package (Hugging Face's remote-code convention).
+
+    When its ``config.json`` is an aligned tower's or has one as ``vision_config``, the tower's source files
+    are copied next to it and ``auto_map`` names their classes, so ``from_pretrained(directory,
+    trust_remote_code=True)`` works in an environment without ``mllm_swap``. ``auto_map`` entries of an
+    aligned tower that is no longer there (a checkpoint swapped back to a plain tower) are removed; other
+    directories (adapters without ``config.json``) are left as they are. Returns the file names written.
+    """
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return []
+    config = read_json(path)
+    model_type = config.get("model_type")
+    aligned = MODEL_TYPE in (model_type, (config.get("vision_config") or {}).get("model_type"))
+    if aligned and model_type not in AUTO_MAP:
+        raise ValueError(
+            f"{path}: an aligned tower inside a '{model_type}' model has no remote code; "
+            f"expected model_type one of {sorted(AUTO_MAP)}"
+        )
+    files = remote_code_files() if aligned else []
+    module = Path(modeling_aligned_tower.__file__).stem
+    old = config.get("auto_map") or {}
+    new = {k: v for k, v in old.items() if not str(v).startswith(f"{module}.")}
+    if aligned:
+        new.update({auto: f"{module}.{cls.__name__}" for auto, cls in AUTO_MAP[model_type].items()})
+    for file in files:
+        shutil.copyfile(file, path.parent / file.name)
+    if new != old:
+        config.pop("auto_map", None)
+        write_json(path, {**config, **({"auto_map": new} if new else {})})
+    return [file.name for file in files]
 
 
 register_towers()

@@ -20,6 +20,7 @@ from torch import nn
 from align.config import TrainConfig
 from align.io import read_json, write_json
 from mllm_swap.adapter import reference, write_card
+from mllm_swap.towers import add_remote_code
 from mllm_swap.tune import (
     INFO_FILE,
     NON_LORA_FILE,
@@ -154,6 +155,7 @@ class TuneMethod:
             names = [n for part in ("connector", "tower", "head") for n in self.groups.get(part, [])]
             non_lora = {n: state_dict[n].detach().cpu().contiguous() for n in names}
             model.save_pretrained(out_dir, state_dict=state_dict)
+            add_remote_code(out_dir)  # a full checkpoint with an aligned tower loads without this package
             save_file(non_lora, str(out_dir / NON_LORA_FILE), metadata={"format": "pt"})
         self.processor.save_pretrained(out_dir)
         shapes = self.cfg.shapes

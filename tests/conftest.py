@@ -31,3 +31,23 @@ def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shapes") / "shapes"
     generate_shapes(out, n=96, seed=0, progress=False)
     return out
+
+
+# Python source to put first in a subprocess's code: importing this project there fails, as in an environment
+# without it (the editable install would otherwise serve it, e.g. through lmms-eval's entry-point scan).
+WITHOUT_PROJECT = """
+import sys
+class _WithoutProject:
+    blocked = []
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("align", "mllm_swap"):
+            self.blocked.append(name)
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, _WithoutProject())
+"""
+
+
+@pytest.fixture(scope="session")
+def without_project() -> str:
+    """:data:`WITHOUT_PROJECT`: source that makes ``align`` / ``mllm_swap`` unimportable in a subprocess."""
+    return WITHOUT_PROJECT

@@ -15,12 +15,15 @@ from align.encoders.tokenizer import build_bpe_tokenizer
 from mllm_swap.conversations import (
     DEFAULT_CHAT_TEMPLATE,
     IGNORE_INDEX,
+    LLAVA_HF_LIST_TEMPLATE,
+    ROLES,
     ConversationCollator,
     ConversationDataset,
     LengthGroupedSampler,
     encode,
     expand2square,
     generation_prompt,
+    llava_chat_template,
     load_conversations,
     to_messages,
 )
@@ -96,6 +99,47 @@ def test_labels_match_transformers_assistant_mask(processor: LlavaProcessor) -> 
     ref_mask = torch.tensor(ref["assistant_masks"][0]).bool()
     assert torch.equal(ours["input_ids"], ref_ids)
     assert torch.equal(ours["labels"] != IGNORE_INDEX, ref_mask)
+
+
+def test_chat_template_renders_string_and_list_content_alike(processor: LlavaProcessor) -> None:
+    """String content (lmms-eval's llava_hf wrapper, plain chat code) renders exactly as list content, and list
+    content exactly as LLaVA-1.5's list-only template (as llava-hf ships it), which drops string content."""
+    as_list = to_messages(GOOD["conversations"], True)
+    as_string = [{"role": ROLES[t["from"]], "content": t["value"]} for t in GOOD["conversations"]]
+    tok = processor.tokenizer
+
+    def render(messages: list[dict], template: str, **kwargs):
+        return tok.apply_chat_template(messages, chat_template=template, tokenize=False, **kwargs)
+
+    want = "USER: <image>\nWhat color is the shape? ASSISTANT: red USER: How many shapes are there? ASSISTANT: one "
+    assert render(as_string, DEFAULT_CHAT_TEMPLATE) == render(as_list, DEFAULT_CHAT_TEMPLATE) == want
+    assert render(as_list, LLAVA_HF_LIST_TEMPLATE) == want
+    for n in (1, 3):  # generation prompts after each user turn
+        prompt = render(as_string[:n], DEFAULT_CHAT_TEMPLATE, add_generation_prompt=True)
+        assert prompt == render(as_list[:n], DEFAULT_CHAT_TEMPLATE, add_generation_prompt=True)
+        assert prompt == render(as_list[:n], LLAVA_HF_LIST_TEMPLATE, add_generation_prompt=True)
+        assert prompt.endswith("ASSISTANT:") and prompt.startswith("USER: <image>\nWhat color")
+    masks = [
+        tok.apply_chat_template(
+            m, chat_template=DEFAULT_CHAT_TEMPLATE, return_dict=True, return_assistant_tokens_mask=True
+        )["assistant_masks"]
+        for m in (as_string, as_list)
+    ]
+    assert masks[0] == masks[1] and sum(masks[0]) > 0
+    assert (
+        render(as_string, LLAVA_HF_LIST_TEMPLATE) == "USER: ASSISTANT: USER: ASSISTANT: "
+    )  # the bug it fixes
+
+
+def test_llava_directories_get_the_string_and_list_template() -> None:
+    assert llava_chat_template(None) == DEFAULT_CHAT_TEMPLATE
+    # llava-hf's copy carries Jinja comments and other spacing
+    shipped = LLAVA_HF_LIST_TEMPLATE.replace(
+        "{% for message in messages %}", "{% for message in messages %}{# x #} "
+    )
+    assert llava_chat_template(shipped) == DEFAULT_CHAT_TEMPLATE
+    custom = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    assert llava_chat_template(custom) == custom
 
 
 def test_text_only_record_and_generation_prompt(processor: LlavaProcessor) -> None:

@@ -73,19 +73,29 @@ def test_entry_point_resolves_to_the_model_class():
 
 
 # --------------------------------------------------------------------------- the installed lmms-eval
+def run_cli(
+    out: Path, shapes_dir: Path, args: list[str], launcher: list[str] | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """One offline run of the installed ``lmms-eval`` CLI (or ``launcher`` + args) with the shapes tasks."""
+    script = Path(sys.executable).with_name("lmms-eval")
+    command = launcher or ([str(script)] if script.exists() else [sys.executable, "-m", "lmms_eval"])
+    command += [*args, "--include_path", "eval_configs/tasks", "--limit", "8", "--output_path", str(out),
+                "--log_samples"]  # fmt: skip
+    env = dict(env or os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(out / "hf"))
+    env["MLLM_SWAP_SHAPES_DIR"] = str(shapes_dir)
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    # lmms-eval 0.7.3 logs a failed evaluation and exits 0
+    assert proc.returncode == 0 and "Error during evaluation" not in log, log[-6000:]
+    return proc
+
+
 @pytest.fixture(scope="module")
 def cli_run(tiny_llava: Path, shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One offline run of the installed ``lmms-eval`` console script on both shapes tasks."""
     out = tmp_path_factory.mktemp("lmms-cli")
-    script = Path(sys.executable).with_name("lmms-eval")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "lmms_eval"]
-    command += ["--model", "mllm_swap", "--model_args", f"pretrained={tiny_llava},device=cpu,batch_size=4",
-                "--include_path", "eval_configs/tasks", "--tasks", "shapes_vqa,shapes_mc", "--limit", "8",
-                "--output_path", str(out), "--log_samples"]  # fmt: skip
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", MLLM_SWAP_SHAPES_DIR=str(shapes_dir))
-    env["HF_HOME"] = str(out / "hf")
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_cli(out, shapes_dir, ["--model", "mllm_swap", "--model_args", f"pretrained={tiny_llava},device=cpu,batch_size=4",
+                              "--tasks", "shapes_vqa,shapes_mc"])  # fmt: skip
     return out
 
 
@@ -281,3 +291,65 @@ def test_model_args_win_over_harness_defaults(tiny_llava: Path):
         f"pretrained={tiny_llava},batch_size=3,device=cpu", {"batch_size": "1"}
     )
     assert lm.batch_size == 3 and lm.device.type == "cpu"
+
+
+# ------------------------------------------------------------------- lmms-eval's own llava_hf wrapper
+# lmms-eval as installed without this project (lmms-eval's entry-point scan would import mllm_swap);
+# the attempts and the project modules loaded are printed at exit.
+LMMS_EVAL_MAIN = """
+import atexit, json
+loaded = lambda: sorted(m for m in sys.modules if m.split(".")[0] in ("align", "mllm_swap"))
+blocked = _WithoutProject.blocked
+atexit.register(lambda: print("PROJECT=" + json.dumps({"blocked": blocked, "loaded": loaded()})))
+sys.argv = ["lmms-eval", *sys.argv[1:]]
+from lmms_eval.__main__ import cli_evaluate
+cli_evaluate()
+"""
+# lmms-eval's llava_hf module imports decord (video decoding) at import time; images need none of it.
+DECORD_STUB = """def cpu(index=0):
+    raise RuntimeError("decord stub (tests): no video decoding")
+
+
+class VideoReader:
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError("decord stub (tests): no video decoding")
+"""
+
+
+@pytest.mark.slow
+def test_lmms_eval_llava_hf_wrapper_answers_like_the_plugin(
+    shapes_dir: Path, tmp_path: Path, without_project: str
+):
+    """lmms-eval's own ``llava_hf`` (string message content, no project import) scores a drop-in swapped
+    tiny LLaVA with the same shapes_vqa answers as the ``mllm_swap`` model."""
+    from mllm_swap.swap import swap
+
+    model = tmp_path / "dropin"
+    swap("tiny-llava", "tiny-clip", model, mode="dropin", num_images=1, verbose=False)
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    (stubs / "decord.py").write_text(DECORD_STUB)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(stubs)
+    wrapper = run_cli(tmp_path / "llava_hf", shapes_dir,
+                      ["--model", "llava_hf", "--force_simple", "--model_args",
+                       f"pretrained={model},device=cpu,device_map=cpu,dtype=float32", "--tasks", "shapes_vqa",
+                       "--batch_size", "1"],
+                      launcher=[sys.executable, "-c", without_project + LMMS_EVAL_MAIN], env=env)  # fmt: skip
+    (line,) = [x for x in wrapper.stdout.splitlines() if x.startswith("PROJECT=")]
+    project = json.loads(line.removeprefix("PROJECT="))
+    assert project["loaded"] == [], project  # 'mllm_swap' not in sys.modules of the wrapper's process
+    assert "Found total 0" not in wrapper.stdout + wrapper.stderr
+    theirs = {s["doc_id"]: s["filtered_resps"] for s in _cli_samples(tmp_path / "llava_hf", "shapes_vqa")}
+    rows = read_jsonl(shapes_dir / "vqa_test.jsonl")[:8]  # what --limit 8 scores, in order
+    lm = make_lm(model, [{**r, "image": str(shapes_dir / r["image"])} for r in rows])
+    gen_kwargs = {"max_new_tokens": 8, "temperature": 0, "do_sample": False, "until": ["\n"]}  # the task's
+    ours = lm.generate_until(
+        [
+            instance("generate_until", (r["question"], dict(gen_kwargs), visual, i, TASK, "test"), i)
+            for i, r in enumerate(rows)
+        ]
+    )
+    assert sorted(theirs) == list(range(8)) and any(ours)  # the model says something: equality is informative
+    # llava_hf generates past the task's stop string "\n"; the plugin stops there
+    assert [theirs[i].split("\n")[0] for i in range(8)] == ours

@@ -21,10 +21,10 @@ from mllm_swap.tiny import ensure_tiny_mllm
 PROMPT = "What colour is the shape?"
 
 
-def run_python(code: str) -> dict:
-    """Run ``code`` in a fresh interpreter; its last stdout line is JSON."""
+def run_python(code: str, **env: str) -> dict:
+    """Run ``code`` in a fresh interpreter (``env`` added to the environment); its last stdout line is JSON."""
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy(), timeout=600
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -125,10 +125,11 @@ print(json.dumps(res))
 
 @pytest.mark.slow
 def test_aligned_towers_reload_after_import_and_generate(swapped) -> None:
+    """With ``import mllm_swap`` the package's classes load aligned rebuilds: no remote code runs."""
     dirs = {k: str(swapped[k][0]) for k in ("reg", "sail")}
     code = f"""
-import json, torch
-import mllm_swap.towers  # registers the aligned tower with the Auto classes
+import json, sys, torch
+import mllm_swap  # registers the aligned tower with the Auto classes
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 res = {{}}
@@ -138,10 +139,95 @@ for name, path in {dirs!r}.items():
     msgs = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What shape?"}}]}}]
     inputs = proc(images=Image.new("RGB", (64, 64), "red"), text=proc.apply_chat_template(msgs, add_generation_prompt=True), return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    res[name] = [type(model.model.vision_tower).__name__, out.shape[1] - inputs["input_ids"].shape[1]]
+    tower = type(model.model.vision_tower)
+    res[name] = [f"{{tower.__module__}}.{{tower.__name__}}", out.shape[1] - inputs["input_ids"].shape[1]]
+res["remote_code"] = sorted(m for m in sys.modules if m.startswith("transformers_modules"))
 print(json.dumps(res))
 """
-    assert run_python(code) == {"reg": ["AlignedTower", 3], "sail": ["AlignedTower", 3]}
+    tower = "align.modeling_aligned_tower.AlignedTower"
+    assert run_python(code) == {"reg": [tower, 3], "sail": [tower, 3], "remote_code": []}
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_aligned_rebuilds_load_without_the_package(swapped, tmp_path, without_project) -> None:
+    """Remote code: SAIL and register-dropping rebuilds (and a tower saved alone, as the original-LLaVA family
+    writes it) load and generate where align/mllm_swap cannot be imported, with trust_remote_code=True, and
+    give the logits of the package's own classes; without trust_remote_code they are refused."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mllm_swap.towers import add_remote_code
+
+    image = tmp_path / "probe.png"
+    sample_images(1)[0].save(image)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    dirs, expected = {}, {}
+    for name in ("sail", "reg"):
+        path = swapped[name][0]
+        model = AutoModelForImageTextToText.from_pretrained(path).eval()
+        assert type(model.model.vision_tower).__module__ == "align.modeling_aligned_tower"
+        proc = AutoProcessor.from_pretrained(path)
+        text = proc.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = proc(images=sample_images(1)[0], text=text, return_tensors="pt")
+        dirs[name], expected[name] = str(path), model(**inputs).logits
+        if name == "sail":
+            tower_dir = tmp_path / "tower"
+            model.model.vision_tower.save_pretrained(tower_dir)
+            assert add_remote_code(tower_dir) == [
+                "modeling_aligned_tower.py",
+                "towers_aligned.py",
+                "heads.py",
+            ]
+            expected["tower"] = model.model.vision_tower(inputs["pixel_values"]).last_hidden_state
+    code = (
+        without_project
+        + f"""
+import json, torch
+from PIL import Image
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+image = Image.open({str(image)!r}).convert("RGB")
+msgs = {messages!r}
+res = {{}}
+with torch.no_grad():
+    for name, path in {dirs!r}.items():
+        try:
+            AutoConfig.from_pretrained(path)
+            refused = None
+        except ValueError as err:
+            refused = str(err)
+        proc = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+        model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True).eval()
+        inputs = proc(images=image, text=proc.apply_chat_template(msgs, add_generation_prompt=True), return_tensors="pt")
+        torch.save(model(**inputs).logits, {str(tmp_path)!r} + f"/{{name}}.pt")
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        res[name] = {{"new_tokens": out.shape[1] - inputs["input_ids"].shape[1], "refused": refused,
+                     "tower": type(model.model.vision_tower).__module__.split(".")[0]}}
+        if name == "sail":
+            tower = AutoModel.from_pretrained({str(tower_dir)!r}, trust_remote_code=True).eval()
+            torch.save(tower(inputs["pixel_values"]).last_hidden_state, {str(tmp_path)!r} + "/tower.pt")
+res["project_modules"] = sorted(m for m in sys.modules if m.split(".")[0] in ("align", "mllm_swap"))
+print(json.dumps(res))
+"""
+    )
+    res = run_python(code, HF_HOME=str(tmp_path / "hf"))
+    assert res.pop("project_modules") == []  # 'mllm_swap' not in sys.modules there
+    for name in ("sail", "reg"):
+        assert res[name]["tower"] == "transformers_modules" and res[name]["new_tokens"] == 4
+        assert "mllm_swap_aligned_tower" in res[name]["refused"]
+    for name, want in expected.items():
+        got = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+        assert torch.allclose(got, want, rtol=0, atol=1e-5), (name, float((got - want).abs().max()))
+
+
+def test_swapping_an_aligned_tower_out_drops_its_remote_code(swapped, tmp_path) -> None:
+    from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+
+    out = tmp_path / "back-to-clip"
+    swap(swapped["sail"][0], "tiny-clip", out, num_images=1, verbose=False)
+    assert "auto_map" in json.loads((swapped["sail"][0] / "config.json").read_text())
+    assert "auto_map" not in json.loads((out / "config.json").read_text()) and not list(out.glob("*.py"))
+    model = AutoModelForImageTextToText.from_pretrained(out, trust_remote_code=True)
+    assert type(model) is LlavaForConditionalGeneration
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_TOKENS))

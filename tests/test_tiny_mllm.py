@@ -51,6 +51,9 @@ def test_tiny_llava_has_tiny_clip_tower_and_generates() -> None:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert text.startswith("USER: <image>\n") and text.endswith("ASSISTANT:")
+    # the tokenizer (what lmms-eval's llava_hf renders with) has the template, for string content too
+    string = [{"role": "user", "content": f"<image>\n{PROMPT}"}]
+    assert processor.tokenizer.apply_chat_template(string, add_generation_prompt=True, tokenize=False) == text
     inputs = processor(images=_image(), text=text, return_tensors="pt")
     assert int((inputs["input_ids"] == cfg.image_token_id).sum()) == 64  # (64/8)^2 + 1 CLS - 1 ("default")
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)

@@ -15,7 +15,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from mllm_swap.conversations import llava_chat_template
 from mllm_swap.families.new_tower import NewTower
+from mllm_swap.towers import add_remote_code
+
+LLAVA_TYPES = ("llava", "llava_next")
 
 
 @dataclass
@@ -181,3 +185,16 @@ def require_files(path: Path, what: str, groups: list[tuple[str, ...]]) -> None:
         raise FileNotFoundError(
             f"{path}: {what} checkpoint is missing {', '.join(missing)} (found {sorted(present)[:12]})"
         )
+
+
+def save_checkpoint(model: Any, processor: Any, out: Path) -> None:
+    """``save_pretrained`` of a model and its processor into ``out``, made to load without this package.
+
+    An HF Llava processor gets :func:`~mllm_swap.conversations.llava_chat_template` (string and list
+    content); a model with an aligned tower gets its remote code (:func:`mllm_swap.towers.add_remote_code`).
+    """
+    if model.config.model_type in LLAVA_TYPES:
+        processor.chat_template = llava_chat_template(processor.chat_template)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    add_remote_code(out)

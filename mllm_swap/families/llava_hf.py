@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 from mllm_swap.families.base import (
+    LLAVA_TYPES,
     Family,
     Loaded,
     SwapPlan,
@@ -22,11 +23,11 @@ from mllm_swap.families.base import (
     mismatches,
     quiet_transformers,
     require_files,
+    save_checkpoint,
 )
 from mllm_swap.families.new_tower import NewTower
 from mllm_swap.towers import MODEL_TYPE, prefix_tokens_of
 
-LLAVA_TYPES = ("llava", "llava_next")
 WEIGHTS = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -196,8 +197,7 @@ class LlavaHF(Family):
         )
 
     def save(self, loaded: Loaded, out: Path, final: Path, plan: SwapPlan, tower: NewTower) -> None:
-        loaded.model.save_pretrained(out)
-        loaded.processor.save_pretrained(out)
+        save_checkpoint(loaded.model, loaded.processor, out)
 
     @torch.no_grad()
     def consumed_tokens(self, loaded: Loaded, images: list[Image.Image]) -> torch.Tensor:

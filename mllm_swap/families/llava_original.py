@@ -22,9 +22,17 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from mllm_swap.families.base import Loaded, SwapPlan, TowerView, quiet_transformers, require_files
+from mllm_swap.families.base import (
+    Loaded,
+    SwapPlan,
+    TowerView,
+    quiet_transformers,
+    require_files,
+    save_checkpoint,
+)
 from mllm_swap.families.llava_hf import LlavaHF, feed_view
 from mllm_swap.families.new_tower import NewTower
+from mllm_swap.towers import add_remote_code
 
 TOWER_PREFIX = "model.vision_tower.vision_tower."
 CLIP_TOWER_PREFIX = TOWER_PREFIX + "vision_model."  # upstream's CLIPVisionModel (4.x nesting)
@@ -158,7 +166,7 @@ def _load(path: Path):
     )
     from transformers.initialization import no_init_weights
 
-    from mllm_swap.tiny import CHAT_TEMPLATE
+    from mllm_swap.conversations import DEFAULT_CHAT_TEMPLATE
     from mllm_swap.towers import prefix_tokens_of
 
     config = read_original_config(path)
@@ -218,7 +226,7 @@ def _load(path: Path):
         patch_size=vision_config.patch_size,
         vision_feature_select_strategy=strategy,
         num_additional_image_tokens=extra,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=DEFAULT_CHAT_TEMPLATE,
     )
     return model.eval(), processor
 
@@ -234,8 +242,7 @@ def convert_llava_original_to_hf(path: str | Path, out: str | Path) -> Path:
 
     model, processor = load_llava_original_with_processor(path)
     with atomic_path(out) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        save_checkpoint(model, processor, tmp)
     return Path(out)
 
 
@@ -282,6 +289,7 @@ class LlavaOriginal(LlavaHF):
         model = loaded.model
         vision = model.model.vision_tower
         vision.save_pretrained(out / "vision_tower")
+        add_remote_code(out / "vision_tower")
         loaded.processor.image_processor.save_pretrained(out / "vision_tower")
         clip = model.config.vision_config.model_type == "clip_vision_model"
         prefix = CLIP_TOWER_PREFIX if clip else TOWER_PREFIX
@@ -313,5 +321,4 @@ class LlavaOriginal(LlavaHF):
 
     def to_hf(self, loaded: Loaded, out: Path) -> None:
         """The swapped model in the HF Llava layout (what :func:`convert_llava_original_to_hf` writes)."""
-        loaded.model.save_pretrained(out)
-        loaded.processor.save_pretrained(out)
+        save_checkpoint(loaded.model, loaded.processor, out)
