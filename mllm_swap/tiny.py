@@ -21,7 +21,7 @@ from align.encoders.tiny import OPENAI_MEAN, OPENAI_STD, build_once, ensure_tiny
 from align.encoders.tokenizer import build_bpe_tokenizer
 from mllm_swap.conversations import DEFAULT_CHAT_TEMPLATE
 
-TINY_MLLM_VERSION = 1
+TINY_MLLM_VERSION = 2
 LLM = dict(
     hidden_size=64,
     intermediate_size=256,
@@ -58,6 +58,7 @@ def _clip_tower_state(clip_dir: Path) -> tuple[object, dict[str, torch.Tensor]]:
 
     with quiet_transformers():
         tower = CLIPVisionModel.from_pretrained(clip_dir)
+    tower.config._name_or_path = clip_dir.name  # its tiny id, not this machine's path
     return tower.config, tower.state_dict()
 
 
