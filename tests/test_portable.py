@@ -134,3 +134,20 @@ def test_headed_artifact_travels_with_its_local_models(kind: str, tmp_path: Path
     shutil.copytree(tmp_path / "b" / "run" / "artifact", tmp_path / "alone")
     with pytest.raises(FileNotFoundError, match=r"backbone '\.\./\.\./.*models/dino' \(a dinov2 model"):
         load_aligned(tmp_path / "alone")
+
+
+def test_portable_and_locate_round_trip(tmp_path: Path) -> None:
+    from align.paths import locate, portable, portable_tree
+
+    base = tmp_path / "run" / "artifact"
+    data = tmp_path / "data"
+    data.mkdir()
+    assert portable(data, base) == "../../data" and locate("../../data", base) == base / "../../data"
+    assert (locate(portable(data, base), base)).resolve() == data.resolve()
+    assert portable(base / "backbone", base) == "./backbone"
+    assert portable(ensure_tiny("tiny-clip"), base) == "tiny-clip"  # a built tiny model: its id
+    for ref in ("tiny-clip", "facebook/dinov2-large", "openclip:ViT-B-32/openai"):
+        assert portable(ref, base) == ref and locate(ref, base) == ref
+    record = {"data": str(data), "n": 3, "runs": [str(data / "x"), "cls"], "url": "https://a/b"}
+    assert portable_tree(record, base) == {"data": "../../data", "n": 3, "runs": ["../../data/x", "cls"],
+                                           "url": "https://a/b"}  # fmt: skip
