@@ -51,7 +51,7 @@ def portable(path: str | os.PathLike, base: str | os.PathLike) -> str:
     if local.parent == models_dir().resolve():
         return local.name
     rel = Path(os.path.relpath(local, Path(base).resolve())).as_posix()
-    return rel if rel.startswith(".") else f"./{rel}"
+    return rel if rel in (".", "..") or rel.startswith("../") else f"./{rel}"
 
 
 def portable_tree(tree: object, base: str | os.PathLike) -> object:
@@ -68,4 +68,4 @@ def portable_tree(tree: object, base: str | os.PathLike) -> object:
 def locate(ref: str, base: str | os.PathLike) -> str | Path:
     """The source a file in ``base`` recorded with :func:`portable`: ``./``/``../`` paths joined to ``base``,
     ids unchanged."""
-    return Path(base) / ref if ref.startswith(("./", "../")) or ref == "." else ref
+    return Path(base) / ref if ref in (".", "..") or ref.startswith(("./", "../")) else ref
