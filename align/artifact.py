@@ -255,12 +255,14 @@ def save_aligned(
         raise ValueError(
             "save_aligned: the backbone has no source to reload it from (backbone.source is empty)"
         )
+    from align.encoders.registry import resolve
+
     own = f"./{BACKBONE_DIR}"
     backbone_ref = own if backbone_dir is not None else portable(encoder.backbone.source, out)
     text_ref = None
     if encoder._text_source:
-        same = backbone_dir is not None and str(encoder._text_source) == str(encoder.backbone.source)
-        text_ref = own if same else portable(encoder._text_source, out)
+        same = str(resolve(encoder._text_source)) == str(resolve(encoder.backbone.source))
+        text_ref = own if same and backbone_dir is not None else portable(encoder._text_source, out)
     config = {
         "format": FORMAT,
         "version": VERSION,
@@ -286,8 +288,6 @@ def save_aligned(
     tensors = {**_state("image_head", encoder.image_head), **_state("text_head", encoder.text_head)}
     if include_backbone:
         tensors.update(_state("backbone", encoder.backbone))
-    from align.encoders.registry import resolve
-
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         write_json(tmp / CONFIG_FILE, config)

@@ -151,3 +151,28 @@ def test_portable_and_locate_round_trip(tmp_path: Path) -> None:
     record = {"data": str(data), "n": 3, "runs": [str(data / "x"), "cls"], "url": "https://a/b"}
     assert portable_tree(record, base) == {"data": "../../data", "n": 3, "runs": ["../../data/x", "cls"],
                                            "url": "https://a/b"}  # fmt: skip
+
+
+def test_open_clip_student_artifact_carries_its_export(tmp_path: Path) -> None:
+    """An open_clip KUEA student: the artifact bundles the open_clip export and loads from a copy alone."""
+    from align.methods.kernel_export import export_student
+
+    student = load_vision_encoder("tiny-openclip")
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    paths = export_student(student, "tiny-openclip", tmp_path / "run", "kuea-tiny-oc")
+    enc = AlignedEncoder(student, "tiny-openclip", method="kernel", image_pool="projected", token_rule="patch")
+    save_aligned(tmp_path / "run" / "artifact", enc, backbone_dir=paths["open_clip"])
+    pixels = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        want_tokens, want_image, want_text = enc(pixels), enc.encode_image(pixels), enc.encode_text(TEXTS)
+    shutil.copytree(tmp_path / "run" / "artifact", tmp_path / "copy")
+    shutil.rmtree(tmp_path / "run")
+    again = load_aligned(tmp_path / "copy")
+    assert again.backbone.kind == "openclip" and again.text.source.endswith("backbone")
+    with torch.no_grad():
+        torch.testing.assert_close(again(pixels), want_tokens, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(again.encode_image(pixels), want_image, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(again.encode_text(TEXTS), want_text, rtol=1e-6, atol=1e-6)
+    assert text_files_naming(tmp_path / "copy", tmp_path) == []
