@@ -20,7 +20,12 @@ tokens dropped) or ``all`` (kept), and the global embedding is the backbone's ``
 Directory: ``aligned_encoder.json`` (method, backbone and text specs, head configs, token rule, logit
 scale, training record, metrics), ``model.safetensors`` (``image_head.*``, ``text_head.*`` and, when the
 backbone was fine-tuned, ``backbone.*``), ``preprocess.json`` (+ the backbone's own
-``preprocessor_config.json`` when it has one) and a generated model card ``README.md``.
+``preprocessor_config.json`` when it has one), a generated model card ``README.md`` and, for a fine-tuned
+backbone saved whole (KUEA), ``backbone/``: a complete checkpoint of the backbone and its text tower.
+
+The directory travels: the backbone and text sources are recorded as ids (tiny ids, hub ids,
+``openclip:NAME/TAG``), as ``./backbone``, or as paths relative to the artifact (``align.paths.portable``);
+no absolute path of the machine that wrote it is stored.
 """
 
 from __future__ import annotations
@@ -38,10 +43,11 @@ from torch import Tensor, nn
 
 from align.encoders.base import TextEncoder, VisionEncoder
 from align.io import atomic_path, read_json, write_json
+from align.paths import locate, portable, portable_tree
 from align.towers_aligned import TOKEN_RULES, build_text_head, build_token_head
 
 FORMAT, VERSION = "mllm-swap aligned encoder", 1
-CONFIG_FILE, WEIGHTS_FILE = "aligned_encoder.json", "model.safetensors"
+CONFIG_FILE, WEIGHTS_FILE, BACKBONE_DIR = "aligned_encoder.json", "model.safetensors", "backbone"
 HEADLESS_RULES = ("patch", "all")
 
 __all__ = ["AlignedEncoder", "load_aligned", "patch_drift", "save_aligned"]
@@ -229,14 +235,18 @@ def save_aligned(
     encoder: AlignedEncoder,
     *,
     include_backbone: bool = False,
+    backbone_dir: str | os.PathLike | None = None,
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``encoder`` as an artifact directory at ``out_dir`` (atomically) and return the path.
 
-    ``include_backbone``: also store the backbone's weights (a fine-tuned backbone, e.g. KUEA); otherwise
-    the backbone is re-loaded from its recorded source. ``training``: a JSON-able record (data, steps,
-    config); ``metrics``: JSON-able scores (zero-shot, patch drift) shown in the model card.
+    ``include_backbone``: also store the backbone's weights (a fine-tuned backbone), its architecture
+    re-loaded from its recorded source. ``backbone_dir``: a complete checkpoint of the (fine-tuned)
+    backbone, loadable by ``load_vision_encoder`` (KUEA: its HF CLIP or open_clip export), copied into the
+    artifact as ``backbone/`` and loaded from there, as is the text tower when the encoder's text source is
+    the backbone's own (CLIP); the artifact then needs nothing outside itself. ``training``: a JSON-able
+    record (data, steps, config); ``metrics``: JSON-able scores (zero-shot, patch drift) shown in the card.
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file())):
@@ -245,16 +255,24 @@ def save_aligned(
         raise ValueError(
             "save_aligned: the backbone has no source to reload it from (backbone.source is empty)"
         )
+    from align.encoders.registry import resolve
+
+    own = f"./{BACKBONE_DIR}"
+    backbone_ref = own if backbone_dir is not None else portable(encoder.backbone.source, out)
+    text_ref = None
+    if encoder._text_source:
+        same = str(resolve(encoder._text_source)) == str(resolve(encoder.backbone.source))
+        text_ref = own if same and backbone_dir is not None else portable(encoder._text_source, out)
     config = {
         "format": FORMAT,
         "version": VERSION,
         "method": encoder.method,
         "backbone": {
-            "source": encoder.backbone.source,
-            "spec": encoder.backbone.spec,
-            "weights_included": include_backbone,
+            "source": backbone_ref,
+            "spec": {**encoder.backbone.spec, "source": backbone_ref},
+            "weights_included": include_backbone or backbone_dir is not None,
         },
-        "text": {"source": encoder._text_source, "spec": encoder.text_spec} if encoder._text_source else None,
+        "text": {"source": text_ref, "spec": {**(encoder.text_spec or {}), "source": text_ref}} if text_ref else None,
         "image_head": encoder.image_head_config,
         "text_head": dict(encoder.text_head.config) if encoder.text_head is not None else None,
         "image_pool": encoder.image_pool,
@@ -264,19 +282,19 @@ def save_aligned(
         "logit_scale": encoder.logit_scale,
         "logit_bias": encoder.logit_bias,
         "preprocess": encoder.preprocess.describe(),
-        "training": training or {},
-        "metrics": metrics or {},
+        "training": portable_tree(training or {}, out),
+        "metrics": portable_tree(metrics or {}, out),
     }
     tensors = {**_state("image_head", encoder.image_head), **_state("text_head", encoder.text_head)}
     if include_backbone:
         tensors.update(_state("backbone", encoder.backbone))
-    from align.encoders.registry import resolve
-
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         write_json(tmp / CONFIG_FILE, config)
         save_file(tensors or {"empty": torch.zeros(0)}, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(tmp / "preprocess.json", config["preprocess"])
+        if backbone_dir is not None:
+            shutil.copytree(backbone_dir, tmp / BACKBONE_DIR)
         src = resolve(encoder.backbone.source)
         if isinstance(src, Path) and (src / "preprocessor_config.json").is_file():
             shutil.copyfile(src / "preprocessor_config.json", tmp / "preprocessor_config.json")
@@ -345,7 +363,7 @@ def load_aligned(path: str | os.PathLike, device: str | torch.device | None = No
     if not weights_file.is_file():
         raise FileNotFoundError(f"{weights_file}: artifact weights not found")
     state = load_file(str(weights_file))
-    backbone = load_vision_encoder(config["backbone"]["source"])
+    backbone = load_vision_encoder(_source(root, "backbone", config["backbone"]))
     want = config["backbone"]["spec"]
     for key in ("embed_dim", "num_prefix_tokens", "num_patches"):
         if want.get(key) != backbone.spec.get(key):
@@ -353,7 +371,7 @@ def load_aligned(path: str | os.PathLike, device: str | torch.device | None = No
                 f"{root / CONFIG_FILE}: backbone '{config['backbone']['source']}' has {key}={backbone.spec.get(key)}, "
                 f"but the artifact was trained with {key}={want.get(key)}"
             )
-    if config["backbone"].get("weights_included"):
+    if config["backbone"].get("weights_included") and config["backbone"]["source"] != f"./{BACKBONE_DIR}":
         _load_part(backbone, state, "backbone", weights_file)
     image_head = build_token_head(config["image_head"]) if config.get("image_head") else None
     text_head = build_text_head(config["text_head"]) if config.get("text_head") else None
@@ -362,7 +380,7 @@ def load_aligned(path: str | os.PathLike, device: str | torch.device | None = No
     text = config.get("text") or {}
     encoder = AlignedEncoder(
         backbone,
-        text.get("source"),
+        str(_source(root, "text", text)) if text.get("source") else None,
         image_head,
         text_head,
         method=config["method"],
@@ -376,6 +394,19 @@ def load_aligned(path: str | os.PathLike, device: str | torch.device | None = No
     encoder.artifact_config = config
     encoder.eval().requires_grad_(False)
     return encoder.to(device) if device is not None else encoder
+
+
+def _source(root: Path, part: str, entry: dict[str, Any]) -> str | Path:
+    """Where to load a recorded backbone/text source from; a missing relative one says what to provide."""
+    source = locate(entry["source"], root)
+    if isinstance(source, Path) and not source.exists():
+        spec = entry.get("spec") or {}
+        raise FileNotFoundError(
+            f"{root / CONFIG_FILE}: {part} '{entry['source']}' (a {spec.get('kind') or spec.get('model_type')} "
+            f"model recorded relative to the artifact) not found at {source}; put that model directory "
+            "there, or copy the artifact together with it"
+        )
+    return source
 
 
 def _load_part(module: nn.Module | None, state: dict[str, Tensor], prefix: str, where: Path) -> None:

@@ -28,6 +28,7 @@ from align.io import write_json
 from align.losses import kernel_alignment_loss
 from align.metrics.cka import linear_cka
 from align.metrics.zeroshot import classification_metrics
+from align.paths import portable_tree
 
 __all__ = [
     "compatibility_report",
@@ -156,8 +157,8 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 
 def write_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write the report as JSON (atomically) and return the path."""
-    write_json(path, dict(report))
+    """Write the report as JSON (atomically; local paths relative to its folder) and return the path."""
+    write_json(path, portable_tree(dict(report), Path(path).parent))
     return Path(path)
 
 

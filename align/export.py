@@ -9,9 +9,12 @@ HF tokenizer is stored next to the open_clip weights (``text_cfg.hf_tokenizer_na
 supported (clear error): timm/ResNet towers (e.g. open_clip SigLIP), CoCa, custom attention blocks.
 
 An open_clip export directory holds ``open_clip_config.json`` + ``open_clip_model.safetensors``
-(load with ``create_model_and_transforms("local-dir:DIR")``) and ``<name>.json``, a model-config
-JSON for a named architecture: ``open_clip.add_model_config(DIR / "<name>.json")`` then
-``create_model_and_transforms("<name>", pretrained=str(DIR / "open_clip_model.safetensors"))``.
+(load with ``create_model_and_transforms("local-dir:DIR")`` and ``get_tokenizer("local-dir:DIR")``) and
+``<name>.json``, a model-config JSON for a named architecture: ``open_clip.add_model_config(DIR /
+"<name>.json")`` then ``create_model_and_transforms("<name>", pretrained=str(DIR /
+"open_clip_model.safetensors"))``. The directory travels: an HF tokenizer stored in it is named
+``hf_tokenizer_name: "."``, which open_clip resolves to the directory itself under ``local-dir:``
+(with a named config, take the tokenizer from ``get_tokenizer("local-dir:DIR")``).
 """
 
 from __future__ import annotations
@@ -361,7 +364,7 @@ def save_openclip(
         tmp.mkdir(parents=True)
         if tokenizer is not None and not is_openai_tokenizer(tokenizer):
             tokenizer.save_pretrained(tmp)
-            cfg["text_cfg"]["hf_tokenizer_name"] = str(out.resolve())
+            cfg["text_cfg"]["hf_tokenizer_name"] = "."  # this directory: see the module doc
         tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k != "attn_mask"}
         save_file(tensors, str(tmp / "open_clip_model.safetensors"))
         (tmp / "open_clip_config.json").write_text(

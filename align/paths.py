@@ -34,3 +34,38 @@ def shipped(name: str) -> Path:
         f"shipped folder {name!r} not found next to the source tree nor under {sys.prefix}/share/mllm-swap; "
         "reinstall mllm-swap"
     )
+
+
+def portable(path: str | os.PathLike, base: str | os.PathLike) -> str:
+    """How a file written into directory ``base`` refers to ``path`` without a machine's absolute path.
+
+    Ids stay as they are (``tiny-clip``, hub ids, ``openclip:NAME/TAG``); a tiny model built under
+    :func:`models_dir` becomes its id; any other local path becomes relative to ``base`` and starts with
+    ``./`` or ``../`` (so it never reads as a hub id ``org/name``). :func:`locate` reverses it.
+    """
+    text = str(path)
+    local = Path(text).expanduser()
+    if not (local.is_absolute() or text.startswith(".") or local.exists()):
+        return text
+    local = local.resolve()
+    if local.parent == models_dir().resolve():
+        return local.name
+    rel = Path(os.path.relpath(local, Path(base).resolve())).as_posix()
+    return rel if rel in (".", "..") or rel.startswith("../") else f"./{rel}"
+
+
+def portable_tree(tree: object, base: str | os.PathLike) -> object:
+    """A JSON-able record with every absolute path in it made :func:`portable` relative to ``base``."""
+    if isinstance(tree, dict):
+        return {k: portable_tree(v, base) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [portable_tree(v, base) for v in tree]
+    if isinstance(tree, str) and Path(tree).is_absolute():
+        return portable(tree, base)
+    return tree
+
+
+def locate(ref: str, base: str | os.PathLike) -> str | Path:
+    """The source a file in ``base`` recorded with :func:`portable`: ``./``/``../`` paths joined to ``base``,
+    ids unchanged."""
+    return Path(base) / ref if ref in (".", "..") or ref.startswith(("./", "../")) else ref

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from align.config import TrainConfig, config_to_dict, save_config
 from align.io import append_jsonl, read_json, write_json
+from align.paths import portable_tree
 from align.schedules import build_optimizer, build_scheduler, check_param_groups, default_param_groups
 from align.train_utils import (
     STATE_FILE,
@@ -333,7 +334,8 @@ def train(
         if is_main:
             method.save(inner, out_dir, state_dict)
             plot_loss(history, out_dir / "loss.png")
-            write_json(out_dir / "result.json", config_to_dict(dataclasses.asdict(result)))
+            record = config_to_dict(dataclasses.asdict(result))
+            write_json(out_dir / "result.json", portable_tree(record, out_dir))  # the run folder travels
         accelerator.wait_for_everyone()
         return result
     finally:

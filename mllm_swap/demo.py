@@ -4,11 +4,15 @@ shapes world -> encoder-pair scores -> SAIL, freeze-align and KUEA alignment -> 
 a tuned tiny LLaVA as the "existing MLLM" -> drop-in of the KUEA CLIP and rebuild with the SAIL tower ->
 connector + LoRA tuning -> lmms-eval scoring -> ``report.md``. Every stage is a list of ``mllm-swap``
 command lines (recorded in the report); finished stages are skipped on rerun once their outputs check out.
+The commands run inside the output directory with paths relative to it (the recipes they use are copied
+into ``recipes/`` there), so the directory travels and nothing in it names the machine's paths.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shlex
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,12 +57,16 @@ def _sets(*pairs: str) -> list[str]:
     return [arg for kv in pairs for arg in ("--set", kv)]
 
 
-def build_stages(root: Path, size: DemoSize) -> list[Stage]:
-    """The demo's stages, in order, writing under ``root``."""
+RECIPES = ("tiny_sail.yaml", "tiny_projector.yaml", "tiny_kuea.yaml", "tiny_llava_connector.yaml",
+           "tiny_llava_lora.yaml")  # fmt: skip
+
+
+def build_stages(size: DemoSize) -> list[Stage]:
+    """The demo's stages, in order, as commands run from inside the output directory."""
     shapes, score, aligned, mllm, tuned, zs, ev = (
-        root / d for d in ("shapes", "score", "align", "mllm", "tune", "zeroshot", "eval")
+        Path(d) for d in ("shapes", "score", "align", "mllm", "tune", "zeroshot", "eval")
     )
-    recipes = shipped("recipes")
+    recipes = Path("recipes")
     batch = _sets(f"train.batch_size={size.batch}") if size.batch else []
 
     def stage(name: str, title: str, commands: list[list[str]], outputs: list[Path]) -> Stage:
@@ -227,6 +235,10 @@ def run_demo(out: str | Path, quick: bool = False) -> Path:
     """Run (or resume) the demo under ``out``; returns the path of ``report.md``."""
     from mllm_swap.demo_report import write_report
 
-    root = Path(out)
-    records = run_stages(build_stages(root, QUICK if quick else FULL), root)
+    root = Path(out).resolve()
+    (root / "recipes").mkdir(parents=True, exist_ok=True)
+    for name in RECIPES:  # the exact recipes the commands use, next to them
+        shutil.copyfile(shipped("recipes") / name, root / "recipes" / name)
+    with contextlib.chdir(root):
+        records = run_stages(build_stages(QUICK if quick else FULL), Path("."))
     return write_report(root, records)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from align.io import atomic_path, read_jsonl
+from align.paths import locate
 from align.plots import pyplot, save_figure
 from mllm_swap.stages import StageRecord
 
@@ -256,14 +257,16 @@ def _vqa_by_kind(root: Path, models: list[str]) -> str:
 
 def _gallery(root: Path, models: list[str], n: int = 4) -> str:
     samples = {m: {s["doc"]["id"]: s for s in vqa_samples(root, m)} for m in models}
-    first = next((s for s in samples.values() if s), {})
+    shown = next((m for m in models if samples[m]), None)
+    first = samples[shown] if shown else {}
     rows = []
     for doc_id in list(first)[:: max(1, len(first) // n)][:n]:
         doc = first[doc_id]["doc"]
         answers = [
             samples[m][doc_id]["filtered_resps"][0].strip() if doc_id in samples[m] else "-" for m in models
         ]
-        rows.append([_image(root, Path(doc["image"]), doc["id"]), doc["question"], doc["answer"], *answers])
+        image = Path(locate(doc["image"], root / "eval" / shown))  # recorded relative to its samples file
+        rows.append([_image(root, image, doc["id"]), doc["question"], doc["answer"], *answers])
     return _table(["image", "question", "answer", *models], rows) if rows else ""
 
 
@@ -308,7 +311,8 @@ def write_report(root: Path, records: list[StageRecord]) -> Path:
         "# mllm-swap demo report",
         "",
         "The embedded default end to end: tiny encoders and a tiny LLaVA built offline, the procedural shapes "
-        "world, every step run through the same `mllm-swap` commands a user types (listed per stage).",
+        "world, every step run through the same `mllm-swap` commands a user types (listed per stage, run from this "
+        "directory).",
         "",
         "## Findings",
         "",

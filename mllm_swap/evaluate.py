@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from align.io import atomic_path, read_json, sha256_file, write_json
-from align.paths import shipped
+from align.paths import locate, portable, portable_tree, shipped
 from align.plots import pyplot, save_figure
 
 EVAL_CONFIGS = shipped("eval_configs")
@@ -125,6 +125,7 @@ def run_model(
         if not os.environ.get(SHAPES_ENV):
             raise ValueError(f"the shapes tasks need ${SHAPES_ENV} (a shapes-world folder)")
         request["shapes_sha256"] = sha256_file(Path(os.environ[SHAPES_ENV]) / "vqa_test.jsonl")
+    request = portable_tree(request, out_dir)  # what is written: paths relative to out_dir
     results_path = out_dir / "results.json"
     if results_path.is_file():
         previous = read_json(results_path)
@@ -143,11 +144,11 @@ def run_model(
     for task, samples in (raw.get("samples") or {}).items():
         with atomic_path(out_dir / f"samples_{task}.jsonl") as tmp, tmp.open("w") as fh:
             for sample in samples:
-                fh.write(json.dumps(sample, default=str) + "\n")
+                fh.write(json.dumps(portable_tree(_jsonable(sample), out_dir)) + "\n")
     record = {
         "request": request,
         "model_args": model_args or {},
-        "shapes_dir": os.environ.get(SHAPES_ENV),
+        "shapes_dir": portable(os.environ[SHAPES_ENV], out_dir) if os.environ.get(SHAPES_ENV) else None,
         "results": _jsonable(raw["results"]),
         "higher_is_better": _jsonable(raw.get("higher_is_better", {})),
         "n-samples": _jsonable(raw.get("n-samples", {})),
@@ -227,7 +228,8 @@ def write_comparison(out: Path, runs: dict[str, dict], suite: dict | None = None
     lines += ["", "Models:", ""]
     for tag, run in runs.items():
         req = run["request"]
-        lines.append(f"- `{tag}`: {req['model']} (limit {req['limit']}, fingerprint {req['fingerprint']})")
+        model = portable(locate(req["model"], out / tag), out)  # recorded relative to out/tag
+        lines.append(f"- `{tag}`: {model} (limit {req['limit']}, fingerprint {req['fingerprint']})")
     with atomic_path(out / "comparison.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     paths = {"markdown": str(out / "comparison.md"), "csv": str(out / "comparison.csv")}

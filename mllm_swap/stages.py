@@ -1,13 +1,14 @@
 """Run a pipeline as named stages that are skipped on rerun once their outputs check out.
 
 A finished stage leaves ``<out>/stages/<name>.json``: its summary, the command-line equivalent that
-reproduces it, and the sha256 of every output file it declared. On rerun a stage is skipped only if that
+reproduces it, and the sha256 of every output file it declared (by its path relative to ``<out>``). On rerun a stage is skipped only if that
 record exists and every recorded file still exists with the same digest; otherwise it runs again (and so do
 the stages after it, whose inputs may have changed).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ class StageRecord:
     files: dict[str, str] = field(default_factory=dict)
 
 
-def _files(outputs: Iterable[Path]) -> dict[str, str]:
+def _files(outputs: Iterable[Path], root: Path) -> dict[str, str]:
     files = {}
     for path in outputs:
         path = Path(path)
@@ -52,13 +53,13 @@ def _files(outputs: Iterable[Path]) -> dict[str, str]:
         if not targets or not all(p.is_file() for p in targets):
             raise FileNotFoundError(f"stage output {path} was not written")
         for p in targets:
-            files[str(p.resolve())] = sha256_file(p)
+            files[os.path.relpath(p, root)] = sha256_file(p)
     return files
 
 
-def _still_valid(record: dict) -> bool:
+def _still_valid(record: dict, root: Path) -> bool:
     for name, digest in record.get("files", {}).items():
-        path = Path(name)
+        path = root / name
         if not path.is_file() or sha256_file(path) != digest:
             return False
     return bool(record.get("files"))
@@ -73,7 +74,7 @@ def run_stages(stages: list[Stage], root: Path, log: Callable[[str], None] = pri
         record_file = root / "stages" / f"{stage.name}.json"
         if not rerun_rest and record_file.is_file():
             saved = read_json(record_file)
-            if _still_valid(saved):
+            if _still_valid(saved, root):
                 log(f"[{i}/{len(stages)}] {stage.title}: done earlier, outputs verified, skipped")
                 records.append(StageRecord(**{**saved, "skipped": True}))
                 continue
@@ -90,7 +91,7 @@ def run_stages(stages: list[Stage], root: Path, log: Callable[[str], None] = pri
             result.command,
             round(seconds, 1),
             False,
-            _files(result.outputs),
+            _files(result.outputs, root),
         )
         write_json(record_file, {k: v for k, v in record.__dict__.items() if k != "skipped"})
         log(f"[{i}/{len(stages)}] {stage.title}: {seconds:.1f}s")

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from align.io import atomic_path, write_json
+from align.paths import portable, portable_tree
 from mllm_swap.families import Family, Loaded, SwapPlan, detect_family
 from mllm_swap.families.new_tower import PREFIX_RULES, NewTower, new_tower, openclip_as_hf
 
@@ -214,6 +215,9 @@ def swap(
 
         enc = load_vision_encoder(encoder)
     tower = new_tower(enc, prefix=prefix)
+    tower.source = portable(tower.source, out)  # recorded in the checkpoint: an id or a path relative to it
+    if tower.kind == "aligned":
+        tower.config.source = tower.source
     if family.hf_tower and tower.kind == "openclip":
         tower = openclip_as_hf(tower)
     loaded = family.load(src)
@@ -241,7 +245,7 @@ def swap(
         if to_hf:
             family.to_hf(loaded, tmp / "hf")
             report.notes.append(f"HF-layout copy written to {out / 'hf'}")
-        write_json(tmp / REPORT, report.to_dict())
+        write_json(tmp / REPORT, portable_tree(report.to_dict(), out))
     if verbose:
         print(report.summary())
     return report

@@ -21,7 +21,7 @@ from align.encoders.tiny import OPENAI_MEAN, OPENAI_STD, build_once, ensure_tiny
 from align.encoders.tokenizer import build_bpe_tokenizer
 from mllm_swap.conversations import DEFAULT_CHAT_TEMPLATE
 
-TINY_MLLM_VERSION = 2  # 2: tiny-llava's chat template renders string content too
+TINY_MLLM_VERSION = 3  # 2: chat template renders string content; 3: tiny-llava records tiny-clip, not a path
 LLM = dict(
     hidden_size=64,
     intermediate_size=256,
@@ -56,6 +56,7 @@ def _clip_tower_state(clip_dir: Path) -> tuple[object, dict[str, torch.Tensor]]:
 
     with quiet_transformers():
         tower = CLIPVisionModel.from_pretrained(clip_dir)
+    tower.config._name_or_path = clip_dir.name  # its tiny id, not this machine's path
     return tower.config, tower.state_dict()
 
 

@@ -4,6 +4,7 @@ against the files the underlying tools wrote (lmms-eval's results.json, the zero
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -21,13 +22,13 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def stage_titles(root: Path) -> list[str]:
-    return [s.title for s in build_stages(root, QUICK)]
+def stage_titles() -> list[str]:
+    return [s.title for s in build_stages(QUICK)]
 
 
 def test_report_lists_every_stage_with_its_commands(demo: Path) -> None:
     report = (demo / "report.md").read_text()
-    stages = build_stages(demo, QUICK)
+    stages = build_stages(QUICK)
     assert {p.stem for p in (demo / "stages").glob("*.json")} == {s.name for s in stages}
     positions = [report.index(f"## {s.title}") for s in stages]
     assert positions == sorted(positions)  # in pipeline order
@@ -38,6 +39,16 @@ def test_report_lists_every_stage_with_its_commands(demo: Path) -> None:
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):  # every picture it shows exists
         assert (demo / link).is_file(), link
     assert "figures/zeroshot.png" in report and "eval/comparison.png" in report
+
+
+def test_outputs_name_no_machine_path(demo: Path) -> None:
+    """The run directory travels: no file in it names the run's folder, $MLLM_SWAP_HOME or this checkout
+    (commands run inside it with relative paths; everything written records ids or relative paths)."""
+    needles = {demo.parent, Path(os.environ["MLLM_SWAP_HOME"]), Path(__file__).resolve().parents[1]}
+    words = {str(n).encode() for n in needles} | {str(n.resolve()).encode() for n in needles}
+    files = [p for p in demo.rglob("*") if p.is_file()]
+    assert len(files) > 100 and any(p.name == "aligned_encoder.json" for p in files)
+    assert [str(p) for p in files if any(w in p.read_bytes() for w in words)] == []
 
 
 def test_report_numbers_are_the_tools_own(demo: Path) -> None:
@@ -58,15 +69,15 @@ def test_rerun_skips_verified_stages_and_redoes_a_changed_one(demo: Path, capsys
     capsys.readouterr()
     assert main(["demo", "--out", str(demo), "--quick"]) == 0
     log = capsys.readouterr().out
-    assert log.count("outputs verified, skipped") == len(stage_titles(demo))
+    assert log.count("outputs verified, skipped") == len(stage_titles())
     report = (demo / "report.md").read_text()
-    assert report.count("skipped (outputs verified)") == len(stage_titles(demo))
+    assert report.count("skipped (outputs verified)") == len(stage_titles())
 
     csv = demo / "eval" / "comparison.csv"
     csv.write_text(csv.read_text().replace("shapes_vqa", "tampered", 1))
     assert main(["demo", "--out", str(demo), "--quick"]) == 0
     log = capsys.readouterr().out
-    assert log.count("outputs verified, skipped") == len(stage_titles(demo)) - 1
+    assert log.count("outputs verified, skipped") == len(stage_titles()) - 1
     assert "earlier outputs changed or missing, running again" in log
     assert "tampered" not in csv.read_text()
 

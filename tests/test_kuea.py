@@ -227,8 +227,8 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(
         run(None, overrides, tmp_path / "run", resume=False)
     monkeypatch.setattr(KueaMethod, "loss", original_loss)
     run(None, overrides, tmp_path / "run", resume="auto")
-    a = load_file(str(finished / "artifact" / "model.safetensors"))
-    b = load_file(str(tmp_path / "run" / "artifact" / "model.safetensors"))
+    a = load_file(str(finished / "artifact" / "backbone" / "model.safetensors"))  # the fine-tuned CLIP
+    b = load_file(str(tmp_path / "run" / "artifact" / "backbone" / "model.safetensors"))
     assert set(a) == set(b)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from align.data.images import ImageTextDataset
 from align.encoders.base import TextEncoder, VisionEncoder
 from align.io import atomic_path, read_json, sha256_file, write_json
+from align.paths import portable_tree
 
 CACHE_VERSION = 1
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -162,6 +163,7 @@ def write_cache(
         "caption_index": caption_index if modality == "text" else None,
         "max_tokens": max_tokens if pool == "tokens" and modality == "text" else None,
     }
+    config = portable_tree(config, out)  # the cache travels: no absolute path in it
     rank, world, state = _dist()
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "cache_config.json"

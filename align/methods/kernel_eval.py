@@ -139,7 +139,8 @@ def save_outputs(method: Any, model: Any, out_dir: Path) -> dict[str, str]:
     encoder = AlignedEncoder(
         student, method.student_source, method="kernel", image_pool="projected", token_rule="patch"
     )
-    paths["artifact"] = str(save_aligned(out_dir / "artifact", encoder, include_backbone=True,
+    bundled = paths["hf_clip" if student.kind == "clip" else "open_clip"]  # the student's own format
+    paths["artifact"] = str(save_aligned(out_dir / "artifact", encoder, backbone_dir=bundled,
                                          training=record, metrics=method.report))  # fmt: skip
     if method.report:
         paths["report"] = str(write_report(method.report, out_dir / "compat_report.json"))

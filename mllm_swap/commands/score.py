@@ -137,6 +137,7 @@ def run_pairs(args: argparse.Namespace) -> int:
     """Score every vision x text pair on the data and write scores.json, heatmaps and a table."""
     from align.encoders.registry import load_text_encoder, load_vision_encoder
     from align.io import write_json
+    from align.paths import portable_tree
 
     vision_ids, text_ids = _split_ids(args.vision, "--vision"), _split_ids(args.text, "--text")
     if not args.data:
@@ -180,7 +181,7 @@ def run_pairs(args: argparse.Namespace) -> int:
         "grid": grid,
         "pairs": sorted(rows, key=lambda r: -r[metrics[0]]),
     }
-    write_json(os.path.join(args.out, "scores.json"), result)
+    write_json(os.path.join(args.out, "scores.json"), portable_tree(result, args.out))
     for metric in metrics:
         save_heatmap(
             os.path.join(args.out, f"heatmap_{metric}.png"),

@@ -9,6 +9,7 @@ from pathlib import Path
 def run(args: argparse.Namespace) -> int:
     from align.io import write_json
     from align.metrics.zeroshot import format_table, load_dual_encoder, run_task
+    from align.paths import portable_tree
 
     if not Path(args.data).exists():
         raise FileNotFoundError(f"{args.data}: data not found")
@@ -25,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_task(load_dual_encoder(args.model), args.task, args.data, **opts)
     name = f"zeroshot-{args.task}" + (f"-{args.label}" if args.task == "classify" else "") + ".json"
     out = Path(args.out) / name
-    write_json(out, result)
+    write_json(out, portable_tree(result, out.parent))
     print(f"{args.task} {result.get('label', '')} | model {args.model} | data {args.data} ({args.split})")
     print(format_table(result))
     print(f"wrote {out}")

@@ -147,7 +147,7 @@ def new_tower(encoder: Any, prefix: str = "drop") -> NewTower:
             prefix_rule=rule,
             **common,
         )
-    tower_config = AlignedTowerConfig(vision_backbone=config.to_dict(), token_rule="patch", source=source)
+    tower_config = AlignedTowerConfig(vision_backbone=_backbone_config(config), token_rule="patch", source=source)
     return NewTower(
         kind="aligned",
         config=tower_config,
@@ -157,6 +157,11 @@ def new_tower(encoder: Any, prefix: str = "drop") -> NewTower:
         prefix_rule=f"drop CLS + {prefix_n - 1} registers (tower token rule 'patch')",
         **common,
     )
+
+
+def _backbone_config(config: Any) -> dict[str, Any]:
+    """The backbone's config for a tower config, without the machine path it was loaded from."""
+    return {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
 
 
 def _aligned_tower(encoder: Any, prefix: str, source: str) -> NewTower:
@@ -181,7 +186,7 @@ def _aligned_tower(encoder: Any, prefix: str, source: str) -> NewTower:
     config, state = _hf_vision_parts(backbone)
     head_state = {f"head.{k}": v.detach().clone() for k, v in encoder.image_head.state_dict().items()}
     tower_config = AlignedTowerConfig(
-        vision_backbone=config.to_dict(),
+        vision_backbone=_backbone_config(config),
         head_config=encoder.image_head_config,
         token_rule="patch",
         source=source,
