@@ -156,6 +156,26 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, reference: Path)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["lr"] == pytest.approx(b["lr"])
 
 
+def test_resume_inside_a_log_window_writes_the_same_metrics(tmp_path: Path) -> None:
+    """The newest checkpoint (step 6) falls inside a log window (log_every=4: rows at 4, 8, 12, 13), so
+    the row at step 8 averages steps 5-6 from before the kill with 7-8 after it: metrics.jsonl must be
+    the uninterrupted run's, row for row and key for key (timing aside)."""
+    cfg = tcfg(**{**RESUME_CFG, "log_every": 4})
+    ref = tmp_path / "reference"
+    train(Regression(**MLP), cfg, ref)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(Regression(**MLP, kill_at=17), cfg, out)
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [3, 6]
+    assert train(Regression(**MLP), cfg, out).resumed_from == out / "checkpoints" / "step-6"
+    ref_rows, rows = read_jsonl(ref / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == [4, 8, 12, 13]
+    for a, b in zip(ref_rows, rows, strict=True):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"samples_per_s"}:
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-12), (a["step"], key)
+
+
 def test_half_written_checkpoints_are_ignored(tmp_path: Path, reference: Path) -> None:
     out = tmp_path / "run"
     killed_run(out)
