@@ -410,11 +410,30 @@ def test_per_group_learning_rates_follow_the_schedule(tmp_path: Path) -> None:
     assert len(method.seen) == 2  # after_step got the unwrapped model
 
 
-def test_bf16_mixed_precision_runs(tmp_path: Path) -> None:
-    result = train(
-        Regression(hidden=8), tcfg(steps=4, mixed_precision="bf16", save_every=2), tmp_path / "run"
-    )
+class DtypeSpy(Regression):
+    """Records the dtype of the first layer's output in every training forward (a forward hook)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.dtypes: list[torch.dtype] = []
+
+    def build_model(self, cfg):
+        model = super().build_model(cfg)
+        model[0].register_forward_hook(
+            lambda module, args, out: self.dtypes.append(out.dtype) if module.training else None
+        )
+        return model
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("no", torch.float32)])
+def test_mixed_precision_really_computes_in_its_dtype(
+    tmp_path: Path, precision: str, dtype: torch.dtype
+) -> None:
+    spy = DtypeSpy(hidden=8)
+    result = train(spy, tcfg(steps=4, mixed_precision=precision, save_every=2), tmp_path / "run")
     assert result.steps == 4 and result.final_loss is not None and result.final_loss == result.final_loss
+    assert spy.calls == 4 and spy.dtypes == [dtype] * 4
+    assert weights(tmp_path / "run")["0.weight"].dtype == torch.float32  # master weights stay fp32
 
 
 JOB = """
