@@ -231,9 +231,9 @@ def table_columns(metrics: Sequence[str]) -> list[str]:
 
 def score_cell(pair: dict, column: str) -> str:
     """A score (4 decimals) or, for ``<metric> null``, its noise floor as ``mean±sd``."""
-    if column.endswith(" null"):
-        null = pair["null"][column.removesuffix(" null")]
-        return f"{null['mean']:+.4f}±{null['sd']:.4f}"
+    if column.endswith(" null"):  # scores.json of an older version has no noise floor: "-"
+        null = pair.get("null", {}).get(column.removesuffix(" null"))
+        return f"{null['mean']:+.4f}±{null['sd']:.4f}" if null else "-"
     return f"{pair[column]:.4f}"
 
 
@@ -242,7 +242,7 @@ def null_note(result: dict) -> str:
     if not any(m in NULL_KERNELS for m in result["metrics"]):
         return ""
     return (
-        f"null: the same {result['cka_estimator']} CKA against the text features with their rows "
+        f"null: the same {result.get('cka_estimator', 'biased')} CKA against the text features with their rows "
         f"shuffled ({NULL_PERMUTATIONS} shuffles, n={result['n']}): mean±sd; CKA differences within a "
         "few sd are noise."
     )
