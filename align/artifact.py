@@ -413,7 +413,10 @@ def _load_part(module: nn.Module | None, state: dict[str, Tensor], prefix: str, 
     if module is None:
         return
     part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
-    missing, unexpected = module.load_state_dict(part, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(part, strict=False)
+    except ValueError as err:  # a head refusing weights of an older formula (e.g. freeze-align's text head)
+        raise ValueError(f"{where}: {err}") from None
     if missing or unexpected:
         raise ValueError(
             f"{where}: weights for '{prefix}' do not match its config: missing {list(missing)[:5]}, "

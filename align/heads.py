@@ -82,17 +82,38 @@ class TokenProjector(nn.Module):
 
 
 class TextGlobalHead(nn.Module):
-    """freeze-align text global head: ``LayerNorm(x + Dropout(Linear(GELU(Linear(x)))))``."""
+    """freeze-align text global head, the authors' ``ProjectionHead``.
+
+    ``p = projection(x); out = layer_norm(dropout(fc(GELU(p))) + p)``: the residual is on the projection
+    ``p``, not on the input ``x``. Submodule names are the authors' (``projection``, ``fc``,
+    ``layer_norm``), so their state dict loads as is. Weights saved by the earlier, wrong formula
+    ``LayerNorm(x + fc(GELU(P x)))`` (keys ``mlp.*`` / ``norm.*``) are refused when loaded: the two
+    functions differ, so those weights cannot be converted.
+    """
 
     def __init__(self, d: int = 1024, dropout: float = 0.1) -> None:
         super().__init__()
         self.d = d
-        self.mlp = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d), nn.Dropout(dropout))
-        self.norm = nn.LayerNorm(d)
+        self.projection = nn.Linear(d, d)
+        self.gelu = nn.GELU()
+        self.fc = nn.Linear(d, d)
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm = nn.LayerNorm(d)
 
     def forward(self, x: Tensor) -> Tensor:
         """``[..., d] -> [..., d]``."""
-        return self.norm(x + self.mlp(x))
+        projected = self.projection(x)
+        return self.layer_norm(self.dropout(self.fc(self.gelu(projected))) + projected)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        if f"{prefix}mlp.0.weight" in state_dict:
+            raise ValueError(
+                f"freeze-align text head '{prefix.rstrip('.')}': these weights were trained with the earlier "
+                "head LayerNorm(x + fc(GELU(P x))) (keys 'mlp.*', 'norm.*'); the authors' head, used since "
+                "head version 2, is LayerNorm(fc(GELU(P x)) + P x). The two differ, so the weights cannot be "
+                "converted: retrain the projector (mllm-swap align projector)."
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def freeze_align_param_count(vision_dim: int, text_dim: int, d_out: int = 1024) -> int:

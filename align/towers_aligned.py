@@ -11,7 +11,7 @@ registers) and return aligned per-patch tokens ``[B, N, D_out]`` plus a global e
 
 Text heads turn a text encoder's output into the joint space: ``sail_glu`` / ``sail_linear`` act on the
 sentence embedding; ``freeze_align`` projects every token, takes the attention-mask mean and applies the
-global head. Every head is built from a JSON-able ``config`` dict (``build_token_head`` /
+authors' global ``ProjectionHead`` ``LayerNorm(fc(GELU(P m)) + P m)``. Every head is built from a JSON-able ``config`` dict (``build_token_head`` /
 ``build_text_head``) and keeps it in ``.config``, so artifacts and MLLM towers rebuild it from JSON.
 ``config["out_dim"]`` is the output width.
 """
@@ -28,6 +28,9 @@ from .heads import GLUHead, LinearHead, TextGlobalHead, TokenProjector
 
 IMAGE_HEAD_KINDS = ("sail_glu", "sail_linear", "freeze_align")
 TEXT_HEAD_KINDS = ("sail_glu", "sail_linear", "freeze_align")
+# 2: the global head is the authors' LayerNorm(fc(GELU(P x)) + P x); weights of version 1 (no
+# ``head_version`` key, residual on the input x) are refused when loaded (see TextGlobalHead).
+FREEZE_ALIGN_TEXT_HEAD_VERSION = 2
 TOKEN_RULES = {
     "sail_glu": "sail: head([CLS ; patch_i])",
     "sail_linear": "sail: head([CLS ; patch_i])",
@@ -147,7 +150,13 @@ class FreezeAlignTextHead(nn.Module):
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
         _require(config, ("kind", "in_dim", "out_dim"), "freeze-align text head")
-        self.config = dict(config)
+        version = config.get("head_version", FREEZE_ALIGN_TEXT_HEAD_VERSION)
+        if version != FREEZE_ALIGN_TEXT_HEAD_VERSION:
+            raise ValueError(
+                f"freeze-align text head config {config}: head_version {version!r} is not supported "
+                f"(expected {FREEZE_ALIGN_TEXT_HEAD_VERSION}: the authors' ProjectionHead)"
+            )
+        self.config = {**config, "head_version": FREEZE_ALIGN_TEXT_HEAD_VERSION}
         d, d_out, p = int(config["in_dim"]), int(config["out_dim"]), float(config.get("dropout", 0.1))
         self.token_proj = TokenProjector(d, d_out, p)
         self.global_head = TextGlobalHead(d_out, p)

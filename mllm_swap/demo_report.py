@@ -147,13 +147,18 @@ def score_section(root: Path) -> str:
     scores = _load(root / "score" / "scores.json")
     if not scores:
         return ""
-    metrics = [k for k in scores["pairs"][0] if k not in ("vision", "text")]
-    rows = [[p["vision"], p["text"], *[p[m] for m in metrics]] for p in scores["pairs"]]
+    from mllm_swap.commands.score import null_note, score_cell, table_columns
+
+    metrics = scores["metrics"]
+    columns = table_columns(metrics)
+    rows = [[p["vision"], p["text"], *[score_cell(p, c) for c in columns]] for p in scores["pairs"]]
     plots = " ".join(_image(root, root / "score" / f"heatmap_{m}.png", m) for m in metrics)
     return (
         "How alike each vision/text pair's similarity structure is on the same scenes (linear CKA, mutual "
         "k-nearest neighbours; higher is more alike). freeze-align picks its pair from such a ranking.\n\n"
-        + _table(["vision", "text", *metrics], rows)
+        + _table(["vision", "text", *columns], rows)
+        + "\n\n"
+        + null_note(scores)
         + "\n\n"
         + plots
     )

@@ -149,3 +149,27 @@ def test_errors_name_the_problem(dino_reg, text, tmp_path):
         )
     with pytest.raises(ValueError, match="image head kind"):
         build_token_head({"kind": "mlp"})
+
+
+def test_freeze_align_artifact_of_the_old_text_head_is_refused(dino_reg, text, tmp_path):
+    """An artifact saved before head_version 2 (residual on the input, keys mlp.*/norm.*) fails to load
+    with a message naming the file and the two formulas."""
+    from safetensors.torch import load_file, save_file
+
+    out = save_aligned(tmp_path / "fa", make("freeze_align", dino_reg, text))
+    config = json.loads((out / "aligned_encoder.json").read_text())
+    assert config["text_head"]["head_version"] == 2
+    load_aligned(out)  # the current format loads
+    del config["text_head"]["head_version"]
+    (out / "aligned_encoder.json").write_text(json.dumps(config))
+    old_names = {"projection": "mlp.0", "fc": "mlp.2", "layer_norm": "norm"}
+    state = {}
+    for key, value in load_file(str(out / "model.safetensors")).items():
+        for new, old in old_names.items():
+            key = key.replace(f"text_head.global_head.{new}.", f"text_head.global_head.{old}.")
+        state[key] = value
+    save_file(state, str(out / "model.safetensors"))
+    with pytest.raises(
+        ValueError, match=r"model\.safetensors: .*LayerNorm\(x \+ fc\(GELU\(P x\)\)\).*retrain"
+    ):
+        load_aligned(out)

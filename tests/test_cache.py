@@ -99,6 +99,25 @@ def test_corrupt_shard_is_detected_and_redone(shapes_dir, tmp_path, monkeypatch)
     torch.testing.assert_close(_digest(EmbeddingCache(out, verify=True)), before)
 
 
+def test_resume_redoes_a_same_size_corruption_mid_shard(shapes_dir, tmp_path, monkeypatch) -> None:
+    """Resume must check each finished shard's sha256, not only its size."""
+    enc = load_vision_encoder("tiny-clip")
+    out = write_cache(enc, shapes_dir, tmp_path / "c", pool="mean", shard_size=32)
+    before = _digest(EmbeddingCache(out))
+    shard = out / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4] = bytes(b ^ 0xFF for b in data[middle : middle + 4])  # inside the tensor data
+    shard.write_bytes(bytes(data))
+    assert not torch.equal(_digest(EmbeddingCache(out)), before)  # same size, readable, wrong values
+    redone = []
+    real = cache_mod._write_shard
+    monkeypatch.setattr(cache_mod, "_write_shard", lambda *a, **k: (redone.append(a[3]), real(*a, **k)))
+    write_cache(enc, shapes_dir, out, pool="mean", shard_size=32)
+    assert redone == [1]
+    torch.testing.assert_close(_digest(EmbeddingCache(out, verify=True)), before)
+
+
 def test_settings_mismatch_and_bad_requests(shapes_dir, tmp_path) -> None:
     enc = load_vision_encoder("tiny-siglip")
     write_cache(enc, shapes_dir, tmp_path / "c", pool="mean", shard_size=64)

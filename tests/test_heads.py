@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from align.heads import GLUHead, LinearHead, TextGlobalHead, TokenProjector, freeze_align_param_count
+from align.towers_aligned import FreezeAlignTextHead
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -61,13 +63,58 @@ def test_token_projector_formula_and_dropout():
     assert not torch.allclose(proj(x), expected)  # dropout is active in training
 
 
-def test_text_global_head_is_residual_then_norm():
+class _AuthorsProjectionHead(torch.nn.Module):
+    """freeze-align's ``ProjectionHead`` as its authors wrote it (residual on the projection)."""
+
+    def __init__(self, embedding_dim: int, projection_dim: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.projection = torch.nn.Linear(embedding_dim, projection_dim)
+        self.gelu = torch.nn.GELU()
+        self.fc = torch.nn.Linear(projection_dim, projection_dim)
+        self.dropout = torch.nn.Dropout(dropout)
+        self.layer_norm = torch.nn.LayerNorm(projection_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        projected = self.projection(x)
+        x = self.gelu(projected)
+        x = self.fc(x)
+        x = self.dropout(x)
+        x = x + projected
+        return self.layer_norm(x)
+
+
+def test_text_global_head_is_the_authors_projection_head():
     torch.manual_seed(0)
     head = TextGlobalHead(24).eval()
-    x = torch.randn(3, 24)
-    expected = F.layer_norm(x + head.mlp[2](F.gelu(head.mlp[0](x))), (24,), head.norm.weight, head.norm.bias)
-    torch.testing.assert_close(head(x), expected)
+    with torch.no_grad():  # non-trivial norm parameters, so a wrong residual cannot hide behind them
+        head.layer_norm.weight.uniform_(0.5, 1.5)
+        head.layer_norm.bias.uniform_(-0.5, 0.5)
+    x = 3.0 * torch.randn(3, 24)
+    p = x @ head.projection.weight.T + head.projection.bias
+    h = F.gelu(p) @ head.fc.weight.T + head.fc.bias
+    z = h + p  # residual on the projection P x, not on the input x
+    z = (z - z.mean(-1, keepdim=True)) / torch.sqrt(z.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    expected = z * head.layer_norm.weight + head.layer_norm.bias
+    torch.testing.assert_close(head(x), expected, rtol=1e-5, atol=1e-5)
+    authors = _AuthorsProjectionHead(24, 24).eval()
+    authors.load_state_dict(head.state_dict(), strict=True)  # same parameter names and shapes
+    torch.testing.assert_close(head(x), authors(x))
     assert _count(head) == 2 * _linear(24, 24) + 2 * 24
+
+
+def test_text_global_head_refuses_weights_of_the_old_formula():
+    old = {"mlp.0.weight": torch.zeros(8, 8), "mlp.0.bias": torch.zeros(8), "mlp.2.weight": torch.zeros(8, 8)}
+    old |= {"mlp.2.bias": torch.zeros(8), "norm.weight": torch.ones(8), "norm.bias": torch.zeros(8)}
+    with pytest.raises(ValueError, match=r"LayerNorm\(x \+ fc\(GELU\(P x\)\)\).*cannot be\s+converted"):
+        TextGlobalHead(8).load_state_dict(old)
+    text = FreezeAlignTextHead({"kind": "freeze_align", "in_dim": 6, "out_dim": 8})
+    assert text.config["head_version"] == 2
+    state = {k: v for k, v in text.state_dict().items() if not k.startswith("global_head.")}
+    state |= {f"global_head.{k}": v for k, v in old.items()}
+    with pytest.raises(ValueError, match="global_head.*retrain"):
+        text.load_state_dict(state)
+    with pytest.raises(ValueError, match="head_version 1"):
+        FreezeAlignTextHead({"kind": "freeze_align", "in_dim": 6, "out_dim": 8, "head_version": 1})
 
 
 def test_freeze_align_count_for_dinov2_large_and_roberta_large():

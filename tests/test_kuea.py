@@ -109,6 +109,42 @@ def test_kernel_params_are_the_optimizers_and_they_train(live: KueaMethod) -> No
     assert not any(k.startswith("frozen") for k in model.state_dict())  # frozen parts stay out
 
 
+def test_loss_terms_after_real_steps_match_an_independent_computation(live: KueaMethod) -> None:
+    """After optimizer steps (student moved, kernel parameters moved), anchor and kernel terms equal
+    the spec's formulas computed here from plain HF models: the anchor on unnormalized projected
+    embeddings, the kernel with the student kernel's current gamma and c."""
+    model = live.build_model(live.recipe.train)
+    optimizer = torch.optim.AdamW(live.param_groups(model, live.recipe.train), lr=1e-3)
+    batch = _batch(live)
+    for _ in range(3):
+        live.loss(model, batch)[0].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        out = model(batch["pixels"], target_pixels=batch["target_pixels"])
+        moved = CLIPVisionModelWithProjection.from_pretrained(ensure_tiny("tiny-clip")).eval()
+        moved.load_state_dict(model.student.model.state_dict())
+        emb = moved(pixel_values=batch["pixels"]).image_embeds
+        original = CLIPVisionModelWithProjection.from_pretrained(ensure_tiny("tiny-clip")).eval()
+        emb0 = original(pixel_values=batch["pixels"]).image_embeds
+        cls = (
+            load_vision_encoder("tiny-dinov2")
+            .model(pixel_values=batch["target_pixels"])
+            .last_hidden_state[:, 0]
+        )
+    anchor = sum(float(((emb[i] - emb0[i]) ** 2).sum()) for i in range(len(emb))) / len(emb)
+    assert anchor > 1e-4  # the student really moved, so the anchor is not trivially 0
+    kernel = model.student_kernel.values()
+    assert kernel["gamma"] != 0.0032 and kernel["coef0"] != 0.191623
+    k_student = _poly(emb, kernel["gamma"], kernel["coef0"])
+    expected_kernel = ((k_student - _poly(cls, 1.0 / cls.shape[1], 1.0)) ** 2).mean()
+    torch.testing.assert_close(
+        out["anchor"].double(), torch.tensor(anchor, dtype=torch.float64), rtol=1e-4, atol=1e-9
+    )
+    torch.testing.assert_close(out["kernel"].double(), expected_kernel, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(out["loss"].double(), anchor + 0.5 * expected_kernel, rtol=1e-4, atol=1e-9)
+
+
 class _ReferenceBugKernel(PolynomialKernel):
     """The reference implementation's bug: rebinding the parameters to a device copy in forward."""
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.metrics.cka import linear_cka
+from align.metrics.cka import cka_null, linear_cka
 from align.metrics.probe import alignment_probe, retrieval_recall
 from mllm_swap.cli import main
 
@@ -93,7 +93,12 @@ def test_score_pairs_cli_on_tiny_encoders(shapes_dir, tmp_path, capsys):
     firsts = [p["cka"] for p in result["pairs"]]
     assert firsts == sorted(firsts, reverse=True)
     printed = capsys.readouterr().out
-    assert "rank" in printed and "tiny-text" in printed
+    assert (
+        "rank" in printed
+        and "tiny-text" in printed
+        and "cka null" in printed
+        and "10 shuffles, n=60" in printed
+    )
 
     from align.data.readers import open_data
     from mllm_swap.commands.score import load_samples
@@ -101,7 +106,16 @@ def test_score_pairs_cli_on_tiny_encoders(shapes_dir, tmp_path, capsys):
     ids = [s.id for s in load_samples(str(shapes_dir), 60, 0, "raise")]
     assert len(ids) == 60 and len({s.id for s in open_data(shapes_dir)}) == 96
     img, txt = _mean_token_features("tiny-clip", "tiny-text", shapes_dir, ids)
-    assert result["grid"]["cka"][0][1] == pytest.approx(linear_cka(img, txt), rel=1e-4)
+    assert result["cka_estimator"].startswith("debiased")
+    assert result["grid"]["cka"][0][1] == pytest.approx(linear_cka(img, txt, debiased=True), rel=1e-4)
+    null = next(p for p in result["pairs"] if p["text"] == "tiny-text")["null"]["cka"]
+    expected = cka_null(img, txt, "linear", debiased=True, permutations=10, seed=0)
+    assert null["permutations"] == 10 and null["mean"] == pytest.approx(expected["mean"], abs=1e-5)
+    assert null["sd"] == pytest.approx(expected["sd"], rel=1e-3)
+    out_biased = tmp_path / "biased"
+    assert main([*argv, "--n", "60", "--out", str(out_biased), "--metrics", "cka", "--biased-cka"]) == 0
+    biased = json.loads((out_biased / "scores.json").read_text())
+    assert biased["grid"]["cka"][0][1] == pytest.approx(linear_cka(img, txt, debiased=False), rel=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -110,7 +124,7 @@ def test_score_pairs_cli_on_tiny_encoders(shapes_dir, tmp_path, capsys):
         (["--vision", "no-such-encoder", "--text", "tiny-text"], "no-such-encoder"),
         (["--vision", "tiny-clip", "--text", "tiny-text", "--metrics", "cka,bleu"], "bleu"),
         (["--text", "tiny-text"], "--vision is required"),
-        (["--vision", "tiny-clip", "--text", "tiny-text", "--n", "1"], "--n must be >= 2"),
+        (["--vision", "tiny-clip", "--text", "tiny-text", "--n", "3"], "--n must be >= 4"),
     ],
 )
 def test_score_bad_inputs(shapes_dir, tmp_path, capsys, extra, message):

@@ -143,6 +143,77 @@ def test_openflamingo_vision_encoder_loads_back_with_open_clip(tmp_path) -> None
     torch.testing.assert_close(from_dir, want, rtol=0, atol=0)  # vision_encoder/ holds the same visual
 
 
+def _mpt_language_model(state: dict[str, torch.Tensor], out) -> None:
+    """An HF ``MptForCausalLM`` directory (and a tokenizer that, with OpenFlamingo's two special tokens,
+    fills the 512-row embedding) holding the checkpoint's ``lang_encoder.transformer.*`` weights."""
+    from transformers import MptConfig, MptForCausalLM
+
+    from align.encoders.tokenizer import build_bpe_tokenizer
+
+    lm = {k[len("lang_encoder.") :]: v for k, v in state.items() if k.startswith("lang_encoder.transformer.")}
+    model = MptForCausalLM(MptConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=128, vocab_size=512))
+    missing, unexpected = model.load_state_dict(lm, strict=False)
+    assert missing == ["lm_head.weight"] and unexpected == []  # MPT ties lm_head to wte
+    model.save_pretrained(out)
+    tokenizer = build_bpe_tokenizer(vocab_size=510)
+    assert len(tokenizer) == 510
+    tokenizer.save_pretrained(out)
+
+
+def test_openflamingo_factory_runs_the_swapped_checkpoint(tmp_path) -> None:
+    """open_flamingo's own ``create_model_and_transforms`` builds from the swap's ``vision_encoder/``, loads
+    the swapped ``vision_encoder.*`` strictly, and runs forward and generate on a left-padded batch; the
+    perceiver really consumes the new encoder's final-layer tokens."""
+    pytest.importorskip(
+        "open_flamingo",
+        reason="open-flamingo is not installed (pip install --no-deps open-flamingo==2.0.1 einops-exts==0.0.4)",
+    )
+    from open_flamingo import create_model_and_transforms
+
+    enc = perturbed("tiny-openclip", rename=False)
+    out = tmp_path / "of"
+    swap("tiny-openflamingo", enc, out, num_images=2, verbose=False)
+    state = load_file(str(out / "checkpoint.safetensors"))
+    meta = json.loads((out / "openflamingo.json").read_text())
+    _mpt_language_model(state, tmp_path / "lm")
+    model, image_processor, tokenizer = create_model_and_transforms(
+        clip_vision_encoder_path=meta["clip_vision_encoder_path"],
+        clip_vision_encoder_pretrained=meta["clip_vision_encoder_pretrained"],
+        lang_encoder_path=str(tmp_path / "lm"),
+        tokenizer_path=str(tmp_path / "lm"),
+        cross_attn_every_n_layers=meta["cross_attn_every_n_layers"],
+        use_local_files=True,
+    )
+    vision = {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
+    model.vision_encoder.load_state_dict(vision, strict=True)
+    for (
+        block
+    ) in model.lang_encoder.gated_cross_attn_layers:  # open the tanh gates (0 at init: images ignored)
+        block.attn_gate.data.fill_(1.0)
+        block.ff_gate.data.fill_(1.0)
+    model.eval()
+    images = sample_images(2)
+    pixels = torch.stack([image_processor(im) for im in images])
+    tokenizer.padding_side = "left"
+    lang = tokenizer(["<image>a red", "<image>what shape is it and where"], return_tensors="pt", padding=True)
+    assert not bool(lang["attention_mask"].all())  # a padded batch, passed with its mask
+    vision_x = pixels[:, None, None]  # [B, T_img=1, F=1, C, H, W]
+    with torch.no_grad():
+        enc.visual.output_tokens = True
+        torch.testing.assert_close(model.vision_encoder(pixels)[1], enc.visual(pixels)[1], rtol=0, atol=0)
+        logits = model(vision_x, lang["input_ids"], attention_mask=lang["attention_mask"]).logits
+        generated = model.generate(
+            vision_x, lang["input_ids"], attention_mask=lang["attention_mask"], max_new_tokens=3,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+        model.vision_encoder.load_state_dict(load_vision_encoder("tiny-openclip").visual.state_dict())
+        original = model(vision_x, lang["input_ids"], attention_mask=lang["attention_mask"]).logits
+    assert logits.shape == (2, lang["input_ids"].shape[1], len(tokenizer)) and torch.isfinite(logits).all()
+    assert generated.shape == (2, lang["input_ids"].shape[1] + 3)
+    assert torch.equal(generated[:, : lang["input_ids"].shape[1]], lang["input_ids"])
+    assert not torch.allclose(logits, original)  # the swapped vision weights change what the LM sees
+
+
 def test_openflamingo_refusals_and_trainable_only_checkpoint(tmp_path) -> None:
     with pytest.raises(
         ValueError,

@@ -286,6 +286,35 @@ def test_dropin_reports_drift(swapped) -> None:
     assert swapped["dinov2"][1].drift["cosine_mean"] is None and "linear_cka" in swapped["dinov2"][1].drift
 
 
+def test_reported_next_token_kl_is_torchs_kl_div(swapped) -> None:
+    """KL(old || new) of the next-token distribution, recomputed from the two checkpoints on disk with
+    plain transformers and ``F.kl_div``; the reverse KL (nearly equal for a small change) must not pass."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out, report = swapped["near"]
+    image = sample_images(2, size=report.old_tower["image_size"])[0]
+    logprobs = []
+    for path in (ensure_tiny_mllm("tiny-llava"), out):
+        model = AutoModelForImageTextToText.from_pretrained(path).eval()
+        proc = AutoProcessor.from_pretrained(path)
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": report.drift["prompt"]}]}
+        ]
+        text = proc.apply_chat_template(messages, add_generation_prompt=True)
+        with torch.no_grad():
+            logits = model(**proc(images=image, text=text, return_tensors="pt")).logits[0, -1]
+        logprobs.append(torch.log_softmax(logits.double(), dim=-1))
+    old, new = logprobs
+    kl = F.kl_div(new, old, reduction="sum", log_target=True).item()
+    reverse = F.kl_div(old, new, reduction="sum", log_target=True).item()
+    assert kl > 1e-6 and abs(kl - reverse) > 1e-5 * kl
+    assert report.drift["next_token_kl"] == pytest.approx(kl, rel=1e-7, abs=0)  # same weights, same ops
+    assert report.drift["next_token_max_abs"] == pytest.approx(
+        float((old.exp() - new.exp()).abs().max()), rel=1e-5
+    )
+
+
 def test_swap_errors(tmp_path, swapped) -> None:
     with pytest.raises(ValueError, match=r"width 64 vs 96"):
         swap("tiny-llava", "tiny-dinov2", tmp_path / "a", mode="dropin", verbose=False)
@@ -373,19 +402,38 @@ def tiny_llava_next(out) -> None:
 
 @torch.no_grad()
 def test_llava_next_dropin_only(tmp_path) -> None:
+    """Drop-in into LLaVA-NeXT: the reloaded checkpoint is the original NeXT with exactly the new CLIP's
+    vision weights put in by hand (every tower weight replaced, everything else untouched), so its logits
+    and greedy tokens on an anyres image equal that hand-built model's; a different tower is refused."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     tiny_llava_next(tmp_path / "next")
-    report = swap(tmp_path / "next", perturbed_clip(), tmp_path / "out", num_images=2, verbose=False)
+    new_clip = perturbed_clip()
+    report = swap(tmp_path / "next", new_clip, tmp_path / "out", num_images=2, verbose=False)
     assert report.mode == "dropin" and 0.0 < report.drift["next_token_kl"] < 0.5
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
+    expected = AutoModelForImageTextToText.from_pretrained(tmp_path / "next").eval()
+    clip_state = {k.removeprefix("vision_model."): v for k, v in new_clip.model.state_dict().items()}
+    tower_state = {k: v.clone() for k, v in expected.model.vision_tower.state_dict().items()}
+    assert tower_state.keys() <= clip_state.keys()
+    expected.model.vision_tower.load_state_dict({k: clip_state[k] for k in tower_state})
+    swapped_state, want = model.state_dict(), expected.state_dict()
+    assert swapped_state.keys() == want.keys()
+    assert [k for k in want if not torch.equal(swapped_state[k], want[k])] == []
+    assert any(not torch.equal(tower_state[k], clip_state[k]) for k in tower_state)  # the tower did change
     proc = AutoProcessor.from_pretrained(tmp_path / "out")
     text = proc.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
         add_generation_prompt=True,
     )
-    out = model.generate(**proc(images=sample_images(1)[0], text=text, return_tensors="pt"), max_new_tokens=2)
-    assert out.shape[0] == 1
+    image = sample_images(1, size=96)[0].resize((128, 64))  # a wide image: a 64x128 anyres grid
+    inputs = proc(images=image, text=text, return_tensors="pt")
+    assert inputs["pixel_values"].shape[1] == 3  # base view + two crops
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected(**inputs).logits, rtol=0, atol=0)
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert torch.equal(out, expected.generate(**inputs, max_new_tokens=3, do_sample=False))
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
     with pytest.raises(ValueError, match="LLaVA-NeXT supports drop-in only"):
         swap(tmp_path / "next", "tiny-siglip", tmp_path / "x", verbose=False)
 

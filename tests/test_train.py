@@ -156,6 +156,26 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path: Path, reference: Path)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["lr"] == pytest.approx(b["lr"])
 
 
+def test_resume_inside_a_log_window_writes_the_same_metrics(tmp_path: Path) -> None:
+    """The newest checkpoint (step 6) falls inside a log window (log_every=4: rows at 4, 8, 12, 13), so
+    the row at step 8 averages steps 5-6 from before the kill with 7-8 after it: metrics.jsonl must be
+    the uninterrupted run's, row for row and key for key (timing aside)."""
+    cfg = tcfg(**{**RESUME_CFG, "log_every": 4})
+    ref = tmp_path / "reference"
+    train(Regression(**MLP), cfg, ref)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(Regression(**MLP, kill_at=17), cfg, out)
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [3, 6]
+    assert train(Regression(**MLP), cfg, out).resumed_from == out / "checkpoints" / "step-6"
+    ref_rows, rows = read_jsonl(ref / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows] == [4, 8, 12, 13]
+    for a, b in zip(ref_rows, rows, strict=True):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"samples_per_s"}:
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-12), (a["step"], key)
+
+
 def test_half_written_checkpoints_are_ignored(tmp_path: Path, reference: Path) -> None:
     out = tmp_path / "run"
     killed_run(out)
@@ -390,11 +410,30 @@ def test_per_group_learning_rates_follow_the_schedule(tmp_path: Path) -> None:
     assert len(method.seen) == 2  # after_step got the unwrapped model
 
 
-def test_bf16_mixed_precision_runs(tmp_path: Path) -> None:
-    result = train(
-        Regression(hidden=8), tcfg(steps=4, mixed_precision="bf16", save_every=2), tmp_path / "run"
-    )
+class DtypeSpy(Regression):
+    """Records the dtype of the first layer's output in every training forward (a forward hook)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.dtypes: list[torch.dtype] = []
+
+    def build_model(self, cfg):
+        model = super().build_model(cfg)
+        model[0].register_forward_hook(
+            lambda module, args, out: self.dtypes.append(out.dtype) if module.training else None
+        )
+        return model
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("no", torch.float32)])
+def test_mixed_precision_really_computes_in_its_dtype(
+    tmp_path: Path, precision: str, dtype: torch.dtype
+) -> None:
+    spy = DtypeSpy(hidden=8)
+    result = train(spy, tcfg(steps=4, mixed_precision=precision, save_every=2), tmp_path / "run")
     assert result.steps == 4 and result.final_loss is not None and result.final_loss == result.final_loss
+    assert spy.calls == 4 and spy.dtypes == [dtype] * 4
+    assert weights(tmp_path / "run")["0.weight"].dtype == torch.float32  # master weights stay fp32
 
 
 JOB = """

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict
 from lmms_eval.api.task import ConfigurableTask
 from PIL import Image
+
+from mllm_swap.vqa_eval import normalize
 
 ENV_VAR = "MLLM_SWAP_SHAPES_DIR"
 REQUIRED = ("id", "image", "question", "options", "answer")
@@ -107,14 +108,8 @@ def mc_doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> 
     return _wrap(f"{doc['question']}\nOptions: {', '.join(doc['options'])}.", lmms_eval_specific_kwargs)
 
 
-def normalize(text: str) -> str:
-    """Lower-case, collapse whitespace, drop surrounding punctuation and a leading article."""
-    text = re.sub(r"\s+", " ", text.strip().lower())
-    text = text.strip(" .,;:!?\"'`")
-    return re.sub(r"^(a|an|the) ", "", text)
-
-
 def vqa_process_results(doc: dict, results: list[str]) -> dict[str, float]:
-    """``exact_match``: 1 when the normalized answer equals the normalized ground truth."""
+    """``exact_match``: 1 when the normalized answer equals the normalized ground truth (the VQA
+    normalisation of :func:`mllm_swap.vqa_eval.normalize`: case, punctuation, articles, number words)."""
     prediction = results[0] if results else ""
     return {"exact_match": float(normalize(prediction) == normalize(doc["answer"]))}

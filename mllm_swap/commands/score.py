@@ -7,7 +7,9 @@ Two forms::
     mllm-swap score toy --out DIR [--instances 200] [--n 32] [--d 16] [--seed 0]
 
 Image feature = mean of all final-layer tokens of the vision encoder (prefix tokens included);
-text feature = the text model's own sentence embedding, averaged over a sample's captions.
+text feature = the text model's own sentence embedding, averaged over a sample's captions. CKA is
+debiased (unbiased HSIC) unless ``--biased-cka``; every CKA score comes with its noise floor, the same
+score against row-permuted text features (``NULL_PERMUTATIONS`` shuffles: mean ± sd).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ METRICS = {
     "mknn": "mutual k-NN",
     "probe": "probe R@10 (mean i2t/t2i)",
 }
+NULL_KERNELS = {"cka": "linear", "rbf_cka": "rbf"}  # metrics shown with a permutation noise floor
+NULL_PERMUTATIONS = 10
 
 
 def _split_ids(value: str | None, flag: str) -> list[str]:
@@ -91,23 +95,29 @@ def text_features(encoder, samples: Sequence, batch_size: int, device: str) -> t
     return sums / torch.bincount(owner, minlength=len(samples))[:, None].float()
 
 
-def pair_scores(img: torch.Tensor, txt: torch.Tensor, metrics: Sequence[str], k: int, seed: int) -> dict:
-    """Every requested metric for one (vision, text) feature pair; ``probe`` adds its details."""
-    from align.metrics.cka import linear_cka, mutual_knn, rbf_cka
+def pair_scores(
+    img: torch.Tensor, txt: torch.Tensor, metrics: Sequence[str], k: int, seed: int, debiased: bool = True
+) -> dict:
+    """Every requested metric for one (vision, text) feature pair; ``probe`` adds its details and
+    each CKA metric its noise floor under ``null`` (see :func:`align.metrics.cka.cka_null`)."""
+    from align.metrics.cka import cka_null, linear_cka, mutual_knn, rbf_cka
     from align.metrics.probe import alignment_probe
 
     out: dict = {}
     for metric in metrics:
         if metric == "cka":
-            out[metric] = linear_cka(img, txt)
+            out[metric] = linear_cka(img, txt, debiased=debiased)
         elif metric == "rbf_cka":
-            out[metric] = rbf_cka(img, txt)
+            out[metric] = rbf_cka(img, txt, debiased=debiased)
         elif metric == "mknn":
             out[metric] = mutual_knn(img, txt, k=k)
         else:
             details = alignment_probe(img, txt, seed=seed)
             out[metric] = 0.5 * (details["i2t_R@10"] + details["t2i_R@10"])
             out["probe_details"] = details
+        if metric in NULL_KERNELS:
+            null = cka_null(img, txt, NULL_KERNELS[metric], debiased, NULL_PERMUTATIONS, seed)
+            out.setdefault("null", {})[metric] = null
     return out
 
 
@@ -143,8 +153,8 @@ def run_pairs(args: argparse.Namespace) -> int:
     if not args.data:
         raise UserError("--data is required in the pairs form (a pairs .jsonl/.csv, shapes dir, ...)")
     metrics = parse_metrics(args.metrics)
-    if args.n < 2 or args.batch_size < 1:
-        raise UserError(f"--n must be >= 2 and --batch-size >= 1, found {args.n} and {args.batch_size}")
+    if args.n < 4 or args.batch_size < 1:
+        raise UserError(f"--n must be >= 4 and --batch-size >= 1, found {args.n} and {args.batch_size}")
     samples = load_samples(args.data, args.n, args.seed, args.on_error)
     if "mknn" in metrics and len(samples) <= args.knn:
         raise UserError(f"mknn needs more samples than --knn={args.knn}; {args.data} gave {len(samples)}")
@@ -163,7 +173,7 @@ def run_pairs(args: argparse.Namespace) -> int:
                 {
                     "vision": vid,
                     "text": tid,
-                    **pair_scores(img, text_feats[tid], metrics, args.knn, args.seed),
+                    **pair_scores(img, text_feats[tid], metrics, args.knn, args.seed, not args.biased_cka),
                 }
             )
     os.makedirs(args.out, exist_ok=True)
@@ -174,6 +184,7 @@ def run_pairs(args: argparse.Namespace) -> int:
         "vision": vision_ids,
         "text": text_ids,
         "metrics": metrics,
+        "cka_estimator": "biased" if args.biased_cka else "debiased (unbiased HSIC)",
         "features": {
             "image": "mean of all final-layer tokens",
             "text": "sentence embedding, mean over captions",
@@ -191,6 +202,7 @@ def run_pairs(args: argparse.Namespace) -> int:
             f"{METRICS[metric]} (n={len(samples)})",
         )
     print(format_table(result["pairs"], metrics))
+    print(null_note(result))
     print(f"wrote {os.path.join(args.out, 'scores.json')} and {len(metrics)} heatmap(s)")
     return 0
 
@@ -200,14 +212,41 @@ def _find(rows: list[dict], vision: str, text: str) -> dict:
 
 
 def format_table(pairs: list[dict], metrics: Sequence[str]) -> str:
-    """Plain-text ranking (already sorted by the first metric)."""
-    header = ["rank", "vision", "text", *metrics]
+    """Plain-text ranking (already sorted by the first metric); each CKA metric is followed by its
+    noise floor column ``<metric> null`` (mean ± sd against permuted text features)."""
+    columns = table_columns(metrics)
+    header = ["rank", "vision", "text", *columns]
     lines = [
-        [str(i + 1), p["vision"], p["text"], *(f"{p[m]:.4f}" for m in metrics)] for i, p in enumerate(pairs)
+        [str(i + 1), p["vision"], p["text"], *(score_cell(p, c) for c in columns)]
+        for i, p in enumerate(pairs)
     ]
     widths = [max(len(row[c]) for row in [header, *lines]) for c in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join(fmt.format(*row) for row in [header, *lines])
+
+
+def table_columns(metrics: Sequence[str]) -> list[str]:
+    """The metrics, each CKA metric followed by its ``<metric> null`` column."""
+    return [c for m in metrics for c in ([m, f"{m} null"] if m in NULL_KERNELS else [m])]
+
+
+def score_cell(pair: dict, column: str) -> str:
+    """A score (4 decimals) or, for ``<metric> null``, its noise floor as ``mean±sd``."""
+    if column.endswith(" null"):  # scores.json of an older version has no noise floor: "-"
+        null = pair.get("null", {}).get(column.removesuffix(" null"))
+        return f"{null['mean']:+.4f}±{null['sd']:.4f}" if null else "-"
+    return f"{pair[column]:.4f}"
+
+
+def null_note(result: dict) -> str:
+    """One line saying what the ``null`` columns are, for under a score table."""
+    if not any(m in NULL_KERNELS for m in result["metrics"]):
+        return ""
+    return (
+        f"null: the same {result.get('cka_estimator', 'biased')} CKA against the text features with their rows "
+        f"shuffled ({NULL_PERMUTATIONS} shuffles, n={result['n']}): mean±sd; CKA differences within a "
+        "few sd are noise."
+    )
 
 
 def run_toy_command(args: argparse.Namespace) -> int:
@@ -261,6 +300,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--metrics", default="cka,rbf_cka,mknn,probe", help=f"subset of {','.join(METRICS)}")
     parser.add_argument("--knn", type=int, default=10, help="k of mutual k-NN (default 10)")
+    parser.add_argument(
+        "--biased-cka",
+        action="store_true",
+        help="use the biased HSIC estimator (Kornblith et al. 2019) instead of the debiased one; it scores "
+        "independent features well above 0 at small n",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     parser.add_argument(

@@ -1,7 +1,9 @@
 """OpenFlamingo checkpoints: a state dict whose ``vision_encoder.*`` is an open_clip ``VisionTransformer``.
 
-The ``open-flamingo`` package pins torch 2.0.1 and cannot be installed here, so its forward pass is not
-run. What is handled and verified: the ``vision_encoder.*`` keys are replaced by the new open_clip
+The swap itself does not import ``open-flamingo`` (its metadata pins torch 2.0.1; it works with current
+torch, open_clip and transformers when installed with ``pip install --no-deps open-flamingo==2.0.1
+einops-exts==0.0.4``, and the test suite runs its ``create_model_and_transforms``, forward and generate on
+a swapped checkpoint). What is handled and verified here: the ``vision_encoder.*`` keys are replaced by the new open_clip
 visual's (same key set and shapes required), the width is checked against the perceiver
 (``perceiver.latents`` is ``[n_latents, vis_dim]``) and the gated cross-attention (``to_kv`` reads
 ``vis_dim``), the new encoder is also written as an open_clip ``local-dir`` model (``vision_encoder/``) for
@@ -148,7 +150,8 @@ class OpenFlamingo(Family):
             select_layer=old.select_layer,
         )
         notes = [
-            "OpenFlamingo's forward is not run here (package not installable): keys, shapes and the vision features are verified"
+            "keys, shapes and the vision features are verified here; OpenFlamingo's forward is not run by swap "
+            "(build it with open_flamingo.create_model_and_transforms from clip_vision_encoder_path)"
         ]
         if openclip_source(tower) is None:
             notes.append(
@@ -303,7 +306,7 @@ def tiny_openflamingo_state(
         "clip_vision_encoder_pretrained": None,
         "cross_attn_every_n_layers": 1,
         "vis_dim": vis,
-        "note": "tiny test checkpoint: perceiver and language model are random; the forward pass needs the "
-        "open-flamingo package, which is not installable here",
+        "note": "tiny test checkpoint: perceiver and language model are random (the language model is an "
+        "MPT-style state dict without an HF config of its own)",
     }
     return {k: v.contiguous() for k, v in state.items()}, meta
