@@ -25,6 +25,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from align.errors import UserError
 from align.io import atomic_path
 
 T = TypeVar("T")
@@ -39,8 +40,20 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A recipe value or key that does not fit its schema; the message names source and key."""
+# The largest float32: a learning rate above it overflows in the optimizer's float32 arithmetic.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+class ConfigError(UserError):
+    """A recipe value or key that does not fit its schema; the message names source and key.
+
+    ``key`` is the schema-local key a ``__post_init__`` check rejected, so that the error can name the
+    ``--set`` override (or the file) it came from.
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dataclasses.dataclass
@@ -89,8 +102,8 @@ class TrainConfig:
             "epochs": self.epochs is None or self.epochs > 0,
             "batch_size": self.batch_size > 0,
             "grad_accum": self.grad_accum > 0,
-            "lr": self.lr >= 0,
-            "weight_decay": self.weight_decay >= 0,
+            "lr": 0 <= self.lr <= FLOAT32_MAX,
+            "weight_decay": 0 <= self.weight_decay <= FLOAT32_MAX,
             "min_lr_ratio": 0.0 <= self.min_lr_ratio <= 1.0,
             "warmup": self.warmup >= 0 and (isinstance(self.warmup, int) or self.warmup <= 1.0),
             "grad_clip": self.grad_clip is None or self.grad_clip >= 0,
@@ -102,6 +115,8 @@ class TrainConfig:
         expected = {
             "warmup": "an int number of steps >= 0 or a float fraction in [0, 1]",
             "min_lr_ratio": "a value in [0, 1]",
+            "lr": f"a finite number in [0, {FLOAT32_MAX:.4g}] (float32)",
+            "weight_decay": f"a finite number in [0, {FLOAT32_MAX:.4g}] (float32)",
             "steps": "> 0",
             "epochs": "> 0",
             "batch_size": "> 0",
@@ -112,7 +127,7 @@ class TrainConfig:
         for key, ok in checks.items():
             if not ok:
                 want = expected.get(key, ">= 0")
-                raise ConfigError(f"'{key}' must be {want}, found {getattr(self, key)!r}")
+                raise ConfigError(f"'{key}' must be {want}, found {getattr(self, key)!r}", key=key)
 
     def warmup_steps(self, total_steps: int) -> int:
         """Warmup length in optimizer steps for a run of ``total_steps`` steps."""
@@ -294,8 +309,9 @@ def _build(
     try:
         return schema(**kwargs)
     except ConfigError as err:
-        where = f" (section '{prefix[:-1]}')" if prefix else ""
-        raise ConfigError(f"{source}{where}: {err}") from None
+        origin = _source_of(prefix + err.key, source, origins) if err.key else source
+        where = f" (section '{prefix[:-1]}')" if prefix and origin == source else ""
+        raise ConfigError(f"{origin}{where}: {err}") from None
 
 
 def config_to_dict(cfg: Any) -> Any:

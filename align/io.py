@@ -77,3 +77,34 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_tensors(file: str | os.PathLike) -> dict:
+    """The tensors of a weights file: safetensors, or ``torch.load(weights_only=True)`` for other files.
+
+    A truncated/corrupt file or a pickle holding anything but tensors raises ``UserError`` naming it.
+    """
+    import pickle
+
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from align.errors import UserError, refused_pickle_message
+
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: weights file not found")
+    try:
+        if file.suffix == ".safetensors":
+            return load_file(str(file))
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except SafetensorError as err:
+        raise UserError(f"{file}: not a readable safetensors file, truncated or corrupt ({err})") from err
+    except pickle.UnpicklingError as err:
+        raise UserError(refused_pickle_message(str(file), err)) from err
+    except (EOFError, RuntimeError) as err:  # torch's truncated zip / bad magic number
+        raise UserError(f"{file}: not a readable torch checkpoint, truncated or corrupt ({err})") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{file}: expected a flat state dict of tensors, found {type(state).__name__}")
+    return state

@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from align.config import TrainConfig, config_to_dict, save_config
+from align.errors import UserError
 from align.io import append_jsonl, read_json, write_json
 from align.schedules import build_optimizer, build_scheduler, check_param_groups, default_param_groups
 from align.train_utils import (
@@ -98,7 +99,7 @@ class Method(Protocol):
     def save(self, model: nn.Module, out_dir: Path, state_dict: dict[str, torch.Tensor]) -> None: ...
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
 
 

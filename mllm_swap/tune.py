@@ -24,7 +24,7 @@ from torch import nn
 
 import mllm_swap.towers  # noqa: F401  (registers the aligned tower with the Auto classes)
 from align.config import TrainConfig
-from mllm_swap.cli import UserError
+from align.errors import UserError
 
 STAGES = ("connector", "lora", "full")
 NON_LORA_FILE = "non_lora_trainables.safetensors"
@@ -279,14 +279,14 @@ def param_groups(model: nn.Module, groups: dict[str, list[str]], cfg: TuneConfig
 
 def load_non_lora(model: nn.Module, path: str | Path) -> list[str]:
     """Copy a ``non_lora_trainables.safetensors`` into ``model``; names and shapes must match."""
-    from safetensors.torch import load_file
+    from align.io import read_tensors
 
     path = Path(path)
     if path.is_dir():
         path = path / NON_LORA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: non-LoRA trainables file not found")
-    state = load_file(str(path))
+    state = read_tensors(path)
     params = dict(model.named_parameters())
     for name, value in state.items():
         target = params.get(name)

@@ -11,7 +11,7 @@ import importlib
 import os
 from pathlib import Path
 
-from mllm_swap.cli import UserError
+from align.errors import UserError
 
 METHODS = {
     "sail": (

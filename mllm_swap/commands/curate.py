@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mllm_swap.cli import UserError
+from align.errors import UserError
 
 
 def concepts_from(args: argparse.Namespace) -> dict:

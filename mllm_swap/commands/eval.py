@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from mllm_swap.cli import UserError
+from align.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

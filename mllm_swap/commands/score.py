@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from mllm_swap.cli import UserError
+from align.errors import UserError
 
 METRICS = {
     "cka": "linear CKA",
