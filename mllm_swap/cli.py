@@ -12,11 +12,12 @@ import importlib
 import logging
 import os
 import sys
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 
 from align.errors import UserError, explain
 
-__all__ = ["COMMANDS", "UserError", "build_parser", "main"]
+__all__ = ["COMMANDS", "UserError", "at_least", "build_parser", "device", "main"]
 
 # Each name is a module ``mllm_swap.commands.<name>`` exposing ``register(subparsers)``; the
 # parser it adds sets ``func(args) -> int | None``. Order here is the order of ``--help``.
@@ -44,6 +45,32 @@ def package_version() -> str:
         return "unknown"
 
 
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``low`` (the flag is named in argparse's usage error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, found {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, found {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def device(text: str) -> str:
+    """An argparse ``type``: a device this machine has (see ``align.devices.check_device``)."""
+    from align.devices import check_device
+
+    try:
+        return check_device(text)
+    except UserError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every sub-command registered."""
     parser = argparse.ArgumentParser(
@@ -55,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
     level = parser.add_mutually_exclusive_group()
     level.add_argument("-v", "--verbose", action="store_true", help="log debug messages too")
-    level.add_argument("-q", "--quiet", action="store_true", help="log only warnings and errors, no progress bars")
+    level.add_argument(
+        "-q", "--quiet", action="store_true", help="log only warnings and errors, no progress bars"
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"mllm_swap.commands.{name}").register(subparsers)

@@ -25,6 +25,7 @@ from torch import nn
 import mllm_swap.towers  # noqa: F401  (registers the aligned tower with the Auto classes)
 from align.config import TrainConfig
 from align.errors import UserError
+from align.hub import check_hub_id, looks_like_hub_id
 
 STAGES = ("connector", "lora", "full")
 NON_LORA_FILE = "non_lora_trainables.safetensors"
@@ -117,6 +118,10 @@ def resolve_model(name: str | Path) -> str:
         )
     if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json; expected a model checkpoint directory")
+    if not path.exists():
+        if not looks_like_hub_id(str(name)):
+            raise FileNotFoundError(f"model '{name}': no such checkpoint directory, and not a hub id 'org/name'")
+        check_hub_id(str(name), "model")
     return str(name)
 
 

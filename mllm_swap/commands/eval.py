@@ -6,6 +6,7 @@ import argparse
 import shlex
 
 from align.errors import UserError
+from mllm_swap.cli import device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, help="score only the first N documents of each task")
     parser.add_argument("--shapes", help="shapes-world folder (holding vqa_test.jsonl) for the shapes tasks")
     parser.add_argument("--batch-size", type=int, default=1, help="requests per forward pass (default 1)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--device", type=device, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default)")
     parser.add_argument(
         "--max-new-tokens", type=int, default=32, help="generation cap when a task sets none (default 32)"

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from align.errors import UserError
+from mllm_swap.cli import at_least, device
 
 METRICS = {
     "cka": "linear CKA",
@@ -259,9 +260,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--n", type=int, help="pairs: samples to use (default 5000); toy: points per instance (32)"
     )
     parser.add_argument("--metrics", default="cka,rbf_cka,mknn,probe", help=f"subset of {','.join(METRICS)}")
-    parser.add_argument("--knn", type=int, default=10, help="k of mutual k-NN (default 10)")
+    parser.add_argument("--knn", type=at_least(1), default=10, help="k of mutual k-NN (default 10)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    parser.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda, cuda:N")
     parser.add_argument(
         "--on-error", choices=["raise", "skip"], default="raise", help="missing/corrupt images"
     )
