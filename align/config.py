@@ -26,7 +26,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from align.errors import UserError
-from align.io import atomic_path
+from align.io import atomic_path, read_text
 
 T = TypeVar("T")
 
@@ -401,7 +401,7 @@ def load_config(
             raise FileNotFoundError(f"{path}: config file not found")
         source = str(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(read_text(path))
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({err})") from None
         if data is None:

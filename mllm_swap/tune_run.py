@@ -8,6 +8,7 @@ the processor and ``tune_info.json``, next to the loop's checkpoints, metrics an
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from mllm_swap.tune import (
     resolve_model,
     select_trainable,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_data(cfg: TuneConfig) -> tuple[Path, Path | None]:
@@ -74,7 +77,7 @@ class TuneMethod:
             image_aspect_ratio=self.cfg.image_aspect_ratio,
             on_error=self.cfg.on_error,
         )
-        print(f"tune data: {self.dataset.summary.describe()}")
+        logger.info("tune data: %s", self.dataset.summary.describe())
         if self.cfg.init_trainables is not None:
             load_non_lora(model, self.cfg.init_trainables)
         if train_cfg.gradient_checkpointing:

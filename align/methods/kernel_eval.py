@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from align.encoders.base import VisionEncoder
 from align.methods.kernel_data import encode_student, load_target
 
 PROBE_ATTRIBUTES = ("color", "shape", "count", "position")
+
+logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -143,5 +146,5 @@ def save_outputs(method: Any, model: Any, out_dir: Path) -> dict[str, str]:
                                          training=record, metrics=method.report))  # fmt: skip
     if method.report:
         paths["report"] = str(write_report(method.report, out_dir / "compat_report.json"))
-        print(format_report(method.report))
+        logger.info("%s", format_report(method.report))
     return paths
