@@ -66,6 +66,7 @@ class TrainConfig:
     fraction of all steps (float in [0, 1]). ``grad_clip`` of ``None`` or 0 disables clipping;
     ``save_every`` 0 disables periodic checkpoints; ``keep_checkpoints`` is how many of the newest
     checkpoints are kept. ``gradient_checkpointing`` is read by the method when it builds its model.
+    ``report_to``: ``jsonl`` (``metrics.jsonl``), ``tensorboard``, ``wandb`` (accelerate's trackers).
     """
 
     steps: int | None = None
@@ -88,7 +89,7 @@ class TrainConfig:
     log_every: int = 10
     num_workers: int = 0
     gradient_checkpointing: bool = False
-    report_to: list[Literal["jsonl", "tensorboard"]] = dataclasses.field(
+    report_to: list[Literal["jsonl", "tensorboard", "wandb"]] = dataclasses.field(
         default_factory=lambda: ["jsonl", "tensorboard"]
     )
 
