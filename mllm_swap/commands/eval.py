@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval",
         help="score checkpoints with lmms-eval and write a comparison",
         description="Run lmms-eval in-process on each checkpoint (HF Llava, IDEFICS or original LLaVA), "
-        "keep its results and samples under OUT/<tag>/, and write OUT/comparison.md, comparison.csv and, "
+        "keep its results, samples and lmms-eval's full results file (lmms_eval_results.json) under OUT/<tag>/, and write OUT/comparison.md, comparison.csv and, "
         "for several models, comparison.png. A model whose files, tasks and limit did not change since "
         "its last run is not scored again. The local tasks shapes_vqa and shapes_mc read the shapes "
         "world given by --shapes.",
