@@ -46,6 +46,8 @@ def _os_message(err: OSError) -> str | None:
         errno.ENAMETOOLONG: "file name too long",
     }
     reason = reasons.get(err.errno)
+    if err.errno == errno.EEXIST and err.filename is not None and os.path.isfile(err.filename):
+        reason = "is a file, expected a directory (choose another --out)"  # mkdir of a parent that is a file
     if reason is None:
         return None
     return f"{where}: {reason}"
