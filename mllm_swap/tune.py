@@ -120,7 +120,9 @@ def resolve_model(name: str | Path) -> str:
         raise FileNotFoundError(f"{path}: no config.json; expected a model checkpoint directory")
     if not path.exists():
         if not looks_like_hub_id(str(name)):
-            raise FileNotFoundError(f"model '{name}': no such checkpoint directory, and not a hub id 'org/name'")
+            raise FileNotFoundError(
+                f"model '{name}': no such checkpoint directory, and not a hub id 'org/name'"
+            )
         check_hub_id(str(name), "model")
     return str(name)
 

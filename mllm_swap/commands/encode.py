@@ -56,8 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=at_least(1), default=64)
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     parser.add_argument("--shard-size", type=at_least(1), default=4096, help="rows per shard")
-    parser.add_argument("--caption-index", type=at_least(0), default=0, help="text: which caption of each sample")
-    parser.add_argument("--max-tokens", type=at_least(1), default=77, help="text tokens: padded/truncated length")
+    parser.add_argument(
+        "--caption-index", type=at_least(0), default=0, help="text: which caption of each sample"
+    )
+    parser.add_argument(
+        "--max-tokens", type=at_least(1), default=77, help="text tokens: padded/truncated length"
+    )
     parser.add_argument(
         "--on-error",
         choices=["raise", "skip"],
