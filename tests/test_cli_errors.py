@@ -47,6 +47,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "latin.csv").write_bytes(b"image,caption\n\xe9t\xe9.png,x\n")
     (root / "latin.yaml").write_bytes(b"vision: tiny-dinov2\n# caf\xe9\n")
     (root / "afile").write_text("not a directory\n")
+    (root / "adapter").mkdir()  # an adapter whose base model was moved away
+    (root / "adapter" / "adapter_config.json").write_text(f'{{"base_model_name_or_path": "{root}/gone-base"}}')
     os.environ["EVIL_MARKER"] = str(root / "pwned")
     torch.save({"w": torch.zeros(2), "evil": Evil()}, root / "evil.bin")
     return root
@@ -129,6 +131,8 @@ CASES = [
                              "init_trainables={files}/evil.bin", "--out", "{tmp}/t"],
      ["{files}/evil.bin", "refused to load", "never unpickles"]),
     ("merge gone adapter", ["merge", "--adapter", "{tmp}/no-adapter", "--out", "{tmp}/m"], ["no-adapter"]),
+    ("merge gone base model", ["merge", "--adapter", "{files}/adapter", "--out", "{tmp}/m"],
+     ["{files}/gone-base", "no such checkpoint directory"]),
     ("eval limit 0", ["eval", "--model", "{tmp}", "--tasks", "shapes_vqa", "--out", "{tmp}/e", "--limit", "0"],
      ["--limit"]),
     ("score knn 0", ["score", "--vision", "tiny-clip", "--text", "tiny-text", "--data", "{shapes}", "--out",
@@ -302,3 +306,19 @@ def test_device_cuda_without_a_gpu_is_refused_up_front(capsys, shapes_dir, tmp_p
     code, err = run_cli(["encode", "--encoder", "tiny-clip", "--data", str(shapes_dir), "--out",
                          str(tmp_path / "c"), "--device", "cuda"], capsys)  # fmt: skip
     assert code == 2 and "argument --device: 'cuda': no CUDA GPU is visible" in err
+
+
+def test_cache_manifest_with_a_wrong_embed_dim_is_named(shapes_dir, tmp_path, capsys):
+    """A prebuilt image cache whose manifest claims another width than its shards hold."""
+    from align.data.cache import write_cache
+    from align.io import read_json, write_json
+
+    image = write_cache("tiny-dinov2", shapes_dir, tmp_path / "img", pool="concat", dtype="fp32")
+    text = write_cache("tiny-text", shapes_dir, tmp_path / "txt", modality="text", pool="sentence", dtype="fp32")
+    manifest = read_json(image / "manifest.json")
+    manifest["encoder"]["embed_dim"] = 64  # the shards hold [CLS ; mean] of width 2 x 96
+    write_json(image / "manifest.json", manifest)
+    code, err = run_cli([*SAIL[:4], "--set", f"data.image_cache={image}", "--set", f"data.text_caches=[{text}]",
+                         "--set", "train.steps=1", "--out", str(tmp_path / "run")], capsys)  # fmt: skip
+    assert code == 2 and "Traceback" not in err
+    assert f"{image / 'manifest.json'}: encoder.embed_dim 64" in err and "width 192" in err
