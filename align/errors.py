@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import re
 
 OFFLINE_HINT = (
     "To use a local copy, pass its directory instead of the id (e.g. one saved with save_pretrained, or "
@@ -98,10 +99,10 @@ def explain(err: BaseException) -> str | None:
 
 def refused_pickle_message(what: str, err: BaseException) -> str:
     """Why a ``torch.load(weights_only=True)`` refusal happened, without torch's unsafe advice."""
-    first = str(err).strip().splitlines()
-    detail = next((line for line in first if "Unsupported global" in line or "GLOBAL" in line), "")
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))  # the object it asks for, not torch's advice
+    detail = f" (it asks for {found.group(1)})" if found else ""
     return (
         f"{what}: refused to load: the file holds pickled Python objects, not only tensors, and this "
-        f"project never unpickles arbitrary code{f' ({detail.strip()})' if detail else ''}. Re-save it "
-        "as safetensors or as a plain state dict of tensors from a source you trust."
+        f"project never unpickles arbitrary code{detail}. Re-save it as safetensors or as a plain state "
+        "dict of tensors from a source you trust."
     )
