@@ -82,14 +82,20 @@ def explain(err: BaseException) -> str | None:
         message = str(err)
         if isinstance(err, SafetensorError):
             message = f"a .safetensors file is truncated or corrupt ({message})"
-    elif isinstance(err, KeyError):  # our lookups raise KeyError with a sentence naming the key
-        message = str(err.args[0]) if err.args else "missing key"
+    elif isinstance(err, KeyError):  # our lookups raise KeyError with a sentence; a bare key is a bug
+        sentence = err.args and isinstance(err.args[0], str) and " " in err.args[0]
+        message = err.args[0] if sentence else None
     elif isinstance(err, pickle.UnpicklingError):
         message = refused_pickle_message("a checkpoint file", err)
     elif isinstance(err, OSError):
         message = _hub_message(err) or _os_message(err)
     elif isinstance(err, ValueError):
         message = _hub_message(err) or str(err)
+    elif type(err).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
+        message = (
+            f"out of GPU memory ({str(err).splitlines()[0]}); lower the batch size (--batch-size, "
+            "train.batch_size) or use a larger GPU"
+        )
     else:
         message = _hub_message(err)
     if message is None:

@@ -48,7 +48,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "latin.yaml").write_bytes(b"vision: tiny-dinov2\n# caf\xe9\n")
     (root / "afile").write_text("not a directory\n")
     (root / "adapter").mkdir()  # an adapter whose base model was moved away
-    (root / "adapter" / "adapter_config.json").write_text(f'{{"base_model_name_or_path": "{root}/gone-base"}}')
+    (root / "adapter" / "adapter_config.json").write_text(
+        f'{{"base_model_name_or_path": "{root}/gone-base"}}'
+    )
     os.environ["EVIL_MARKER"] = str(root / "pwned")
     torch.save({"w": torch.zeros(2), "evil": Evil()}, root / "evil.bin")
     return root
@@ -315,7 +317,9 @@ def test_cache_manifest_with_a_wrong_embed_dim_is_named(shapes_dir, tmp_path, ca
     from align.io import read_json, write_json
 
     image = write_cache("tiny-dinov2", shapes_dir, tmp_path / "img", pool="concat", dtype="fp32")
-    text = write_cache("tiny-text", shapes_dir, tmp_path / "txt", modality="text", pool="sentence", dtype="fp32")
+    text = write_cache(
+        "tiny-text", shapes_dir, tmp_path / "txt", modality="text", pool="sentence", dtype="fp32"
+    )
     manifest = read_json(image / "manifest.json")
     manifest["encoder"]["embed_dim"] = 64  # the shards hold [CLS ; mean] of width 2 x 96
     write_json(image / "manifest.json", manifest)
@@ -323,3 +327,23 @@ def test_cache_manifest_with_a_wrong_embed_dim_is_named(shapes_dir, tmp_path, ca
                          "--set", "train.steps=1", "--out", str(tmp_path / "run")], capsys)  # fmt: skip
     assert code == 2 and "Traceback" not in err
     assert f"{image / 'manifest.json'}: encoder.embed_dim 64" in err and "width 192" in err
+
+
+def test_explain_tells_user_errors_from_bugs():
+    """Known failures become one paragraph; a bare KeyError or an IndexError stays a bug (None)."""
+    from huggingface_hub.errors import HFValidationError
+    from safetensors import SafetensorError
+
+    from align.errors import explain
+
+    assert explain(KeyError("embed_dim")) is None and explain(IndexError("x")) is None
+    assert (
+        explain(KeyError("unknown vision encoder 'x': not a tiny id"))
+        == "unknown vision encoder 'x': not a tiny id"
+    )
+    assert "lower the batch size" in explain(torch.cuda.OutOfMemoryError("CUDA out of memory.\nTried ..."))
+    assert "local copy" in explain(HFValidationError("Repo id must be in the form 'repo_name'"))
+    assert "truncated or corrupt" in explain(SafetensorError("Error while deserializing header"))
+    message = explain(FileNotFoundError(errno.ENOENT, "No such file or directory", "/no/such/dir"))
+    assert message == "/no/such/dir: not found"
+    assert explain(ValueError("line one\n  line two")) == "line one line two"  # one paragraph
