@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from align.errors import UserError, explain
 
-__all__ = ["COMMANDS", "UserError", "at_least", "build_parser", "device", "main"]
+__all__ = ["COMMANDS", "at_least", "build_parser", "device", "main"]
 
 # Each name is a module ``mllm_swap.commands.<name>`` exposing ``register(subparsers)``; the
 # parser it adds sets ``func(args) -> int | None``. Order here is the order of ``--help``.
