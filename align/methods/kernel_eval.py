@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,6 @@ from align.encoders.base import VisionEncoder
 from align.methods.kernel_data import encode_student, load_target
 
 PROBE_ATTRIBUTES = ("color", "shape", "count", "position")
-
-logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -146,5 +143,5 @@ def save_outputs(method: Any, model: Any, out_dir: Path) -> dict[str, str]:
                                          training=record, metrics=method.report))  # fmt: skip
     if method.report:
         paths["report"] = str(write_report(method.report, out_dir / "compat_report.json"))
-        logger.info("%s", format_report(method.report))
+        print(format_report(method.report))
     return paths
