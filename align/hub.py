@@ -48,6 +48,6 @@ def check_hub_id(spec: str, what: str) -> None:
     if isinstance(try_to_load_from_cache(spec, "config.json"), str):
         return
     raise UserError(
-        f"{what} '{spec}': a Hugging Face hub id that is not in the local cache ({constants.HF_HUB_CACHE}), "
-        f"and {why}. {OFFLINE_HINT}"
+        f"{what} '{spec}': no such local path, and as a Hugging Face hub id it is not in the local cache "
+        f"({constants.HF_HUB_CACHE}) while {why}. {OFFLINE_HINT}"
     )
