@@ -38,11 +38,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from align.encoders.base import TextEncoder, VisionEncoder
-from align.io import atomic_path, read_json, write_json
+from align.io import atomic_path, read_json, read_tensors, write_json
 from align.paths import locate, portable, portable_tree
 from align.towers_aligned import TOKEN_RULES, build_text_head, build_token_head
 
@@ -362,7 +362,7 @@ def load_aligned(path: str | os.PathLike, device: str | torch.device | None = No
     weights_file = root / WEIGHTS_FILE
     if not weights_file.is_file():
         raise FileNotFoundError(f"{weights_file}: artifact weights not found")
-    state = load_file(str(weights_file))
+    state = read_tensors(weights_file)
     backbone = load_vision_encoder(_source(root, "backbone", config["backbone"]))
     want = config["backbone"]["spec"]
     for key in ("embed_dim", "num_prefix_tokens", "num_patches"):

@@ -25,7 +25,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-from align.io import atomic_path
+from align.errors import UserError
+from align.io import atomic_path, read_text
 
 T = TypeVar("T")
 
@@ -39,8 +40,20 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A recipe value or key that does not fit its schema; the message names source and key."""
+# The largest float32: a learning rate above it overflows in the optimizer's float32 arithmetic.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+class ConfigError(UserError):
+    """A recipe value or key that does not fit its schema; the message names source and key.
+
+    ``key`` is the schema-local key a ``__post_init__`` check rejected, so that the error can name the
+    ``--set`` override (or the file) it came from.
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dataclasses.dataclass
@@ -53,6 +66,7 @@ class TrainConfig:
     fraction of all steps (float in [0, 1]). ``grad_clip`` of ``None`` or 0 disables clipping;
     ``save_every`` 0 disables periodic checkpoints; ``keep_checkpoints`` is how many of the newest
     checkpoints are kept. ``gradient_checkpointing`` is read by the method when it builds its model.
+    ``report_to``: ``jsonl`` (``metrics.jsonl``), ``tensorboard``, ``wandb`` (accelerate's trackers).
     """
 
     steps: int | None = None
@@ -75,7 +89,7 @@ class TrainConfig:
     log_every: int = 10
     num_workers: int = 0
     gradient_checkpointing: bool = False
-    report_to: list[Literal["jsonl", "tensorboard"]] = dataclasses.field(
+    report_to: list[Literal["jsonl", "tensorboard", "wandb"]] = dataclasses.field(
         default_factory=lambda: ["jsonl", "tensorboard"]
     )
 
@@ -89,8 +103,8 @@ class TrainConfig:
             "epochs": self.epochs is None or self.epochs > 0,
             "batch_size": self.batch_size > 0,
             "grad_accum": self.grad_accum > 0,
-            "lr": self.lr >= 0,
-            "weight_decay": self.weight_decay >= 0,
+            "lr": 0 <= self.lr <= FLOAT32_MAX,
+            "weight_decay": 0 <= self.weight_decay <= FLOAT32_MAX,
             "min_lr_ratio": 0.0 <= self.min_lr_ratio <= 1.0,
             "warmup": self.warmup >= 0 and (isinstance(self.warmup, int) or self.warmup <= 1.0),
             "grad_clip": self.grad_clip is None or self.grad_clip >= 0,
@@ -102,6 +116,8 @@ class TrainConfig:
         expected = {
             "warmup": "an int number of steps >= 0 or a float fraction in [0, 1]",
             "min_lr_ratio": "a value in [0, 1]",
+            "lr": f"a finite number in [0, {FLOAT32_MAX:.4g}] (float32)",
+            "weight_decay": f"a finite number in [0, {FLOAT32_MAX:.4g}] (float32)",
             "steps": "> 0",
             "epochs": "> 0",
             "batch_size": "> 0",
@@ -112,7 +128,7 @@ class TrainConfig:
         for key, ok in checks.items():
             if not ok:
                 want = expected.get(key, ">= 0")
-                raise ConfigError(f"'{key}' must be {want}, found {getattr(self, key)!r}")
+                raise ConfigError(f"'{key}' must be {want}, found {getattr(self, key)!r}", key=key)
 
     def warmup_steps(self, total_steps: int) -> int:
         """Warmup length in optimizer steps for a run of ``total_steps`` steps."""
@@ -294,8 +310,9 @@ def _build(
     try:
         return schema(**kwargs)
     except ConfigError as err:
-        where = f" (section '{prefix[:-1]}')" if prefix else ""
-        raise ConfigError(f"{source}{where}: {err}") from None
+        origin = _source_of(prefix + err.key, source, origins) if err.key else source
+        where = f" (section '{prefix[:-1]}')" if prefix and origin == source else ""
+        raise ConfigError(f"{origin}{where}: {err}") from None
 
 
 def config_to_dict(cfg: Any) -> Any:
@@ -385,7 +402,7 @@ def load_config(
             raise FileNotFoundError(f"{path}: config file not found")
         source = str(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(read_text(path))
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({err})") from None
         if data is None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,12 +34,14 @@ from accelerate.utils import (
     GradientAccumulationPlugin,
     ProjectConfiguration,
     is_tensorboard_available,
+    is_wandb_available,
     set_seed,
 )
 from torch import nn
 from tqdm.auto import tqdm
 
 from align.config import TrainConfig, config_to_dict, save_config
+from align.errors import UserError
 from align.io import append_jsonl, read_json, write_json
 from align.paths import portable_tree
 from align.schedules import build_optimizer, build_scheduler, check_param_groups, default_param_groups
@@ -99,7 +102,7 @@ class Method(Protocol):
     def save(self, model: nn.Module, out_dir: Path, state_dict: dict[str, torch.Tensor]) -> None: ...
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
 
 
@@ -124,18 +127,34 @@ def unwrap(model: nn.Module) -> nn.Module:
     return extract_model_from_parallel(model)
 
 
+def _wandb_tracker(out_dir: Path) -> Any:
+    """accelerate's wandb tracker: project ``$WANDB_PROJECT`` (default ``mllm-swap``), run named after
+    ``out_dir``, files under ``out_dir/wandb`` (``WANDB_MODE=offline`` keeps them local for `wandb sync`)."""
+    if not is_wandb_available():
+        raise UserError(
+            "train.report_to lists 'wandb' but the wandb package is not installed (pip install wandb)"
+        )
+    from accelerate.tracking import WandBTracker
+
+    project = os.environ.get("WANDB_PROJECT", "mllm-swap")
+    return WandBTracker(project, dir=str(out_dir), name=out_dir.resolve().name)
+
+
 def _make_accelerator(cfg: TrainConfig, out_dir: Path, extra: Mapping[str, Any] | None) -> Accelerator:
     # Each run gets a fresh accelerate state, so several runs can follow one another in a process.
     AcceleratorState._reset_state()
     GradientState._reset_state()
     use_tb = "tensorboard" in cfg.report_to and is_tensorboard_available()
+    trackers: list[Any] = ["tensorboard"] if use_tb else []
+    if "wandb" in cfg.report_to:
+        trackers.append(_wandb_tracker(out_dir))
     kwargs: dict[str, Any] = {
         "mixed_precision": cfg.mixed_precision,
         "gradient_accumulation_plugin": GradientAccumulationPlugin(
             num_steps=cfg.grad_accum, sync_with_dataloader=False
         ),
         "step_scheduler_with_optimizer": False,
-        "log_with": ["tensorboard"] if use_tb else None,
+        "log_with": trackers or None,
         "project_config": ProjectConfiguration(
             project_dir=str(out_dir), logging_dir=str(out_dir / "tensorboard")
         ),

@@ -43,7 +43,8 @@ QUICK = DemoSize(
 
 def mllm_swap(*argv: str) -> str:
     """Run one ``mllm-swap`` command in-process; return its command line. Fails on a non-zero exit."""
-    from mllm_swap.cli import UserError, main
+    from align.errors import UserError
+    from mllm_swap.cli import main
 
     line = "mllm-swap " + shlex.join(argv)
     code = main(list(argv))

@@ -1,6 +1,7 @@
 """Score checkpoints with lmms-eval in-process and compare them (table, CSV, bar chart).
 
-Each model's run lands in ``OUT/<tag>/`` (``results.json`` and ``samples_<task>.jsonl``) and is
+Each model's run lands in ``OUT/<tag>/`` (``results.json``, ``samples_<task>.jsonl`` and lmms-eval's
+own full results file ``lmms_eval_results.json``: versions, git hash, task configs and hashes) and is
 reused when the same model files, tasks and limit ask for it again; ``OUT/comparison.{md,csv}`` (and
 ``comparison.png`` for several models) put the models side by side.
 """
@@ -28,6 +29,7 @@ TASKS_DIR = EVAL_CONFIGS / "tasks"
 SUITES_DIR = EVAL_CONFIGS / "suites"
 SHAPES_ENV = "MLLM_SWAP_SHAPES_DIR"
 SHAPES_TASKS = ("shapes_vqa", "shapes_mc")
+LMMS_RESULTS = "lmms_eval_results.json"  # lmms-eval's own results file, next to our results.json
 CSV_FIELDS = ("task", "metric", "filter", "model", "value", "stderr", "n", "higher_is_better")
 
 
@@ -132,15 +134,21 @@ def run_model(
         if previous.get("request") == request:
             return previous | {"reused": True}
     from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.loggers import EvaluationTracker
 
     from mllm_swap.lmms import MllmSwap
 
     manager = manager or task_manager(tasks, include_paths)
     lm = MllmSwap(pretrained=str(model_dir), **(model_args or {}))
-    raw = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=True)
+    tracker = EvaluationTracker()  # lmms-eval's own record of the run; written below, never pushed
+    args = ",".join(f"{k}={v}" for k, v in {"pretrained": model_dir, **(model_args or {})}.items())
+    raw = simple_evaluate(model=lm, model_args=args, tasks=list(tasks), task_manager=manager, limit=limit,
+                          log_samples=True, evaluation_tracker=tracker)  # fmt: skip
     del lm
     gc.collect()
     out_dir.mkdir(parents=True, exist_ok=True)
+    tracker.general_config_tracker.model_source = "mllm_swap"  # the lmms-eval model name of MllmSwap
+    save_lmms_results(tracker, raw, out_dir / LMMS_RESULTS)
     for task, samples in (raw.get("samples") or {}).items():
         with atomic_path(out_dir / f"samples_{task}.jsonl") as tmp, tmp.open("w") as fh:
             for sample in samples:
@@ -156,6 +164,21 @@ def run_model(
     }
     write_json(results_path, record)
     return record | {"reused": False}
+
+
+def save_lmms_results(tracker: Any, raw: dict, path: Path) -> None:
+    """lmms-eval's full results file (versions, git hash, task configs and hashes, timing), written by
+    lmms-eval's own ``EvaluationTracker`` exactly as its CLI writes ``<date>_results.json``."""
+    import tempfile
+
+    results = {k: v for k, v in raw.items() if k != "samples"}
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lmms-eval-") as tmp:
+        tracker.output_path = tmp
+        tracker.save_results_aggregated(results=results, samples=raw.get("samples"), datetime_str=raw["date"])
+        written = sorted(Path(tmp).rglob("*_results.json"))
+        if len(written) != 1:  # lmms-eval logs and swallows its own write errors
+            raise RuntimeError(f"lmms-eval did not write its results file under {tmp} (found {written})")
+        os.replace(written[0], path)
 
 
 def metric_rows(runs: dict[str, dict], suite: dict | None = None) -> list[dict]:

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from align.errors import UserError
+from align.hub import check_hub_id, looks_like_hub_id
 from align.io import atomic_path, write_json
 from align.paths import portable, portable_tree
 from mllm_swap.families import Family, Loaded, SwapPlan, detect_family
@@ -91,15 +93,11 @@ def resolve_mllm(spec: str | os.PathLike) -> Path:
     if text in TINY_MLLM_BUILDERS:
         return ensure_tiny_mllm(text)
     path = Path(text).expanduser()
-    if not path.exists() and text.count("/") == 1 and not text.startswith((".", "/", "~")):
+    if looks_like_hub_id(text):
         from huggingface_hub import snapshot_download
 
-        try:  # a hub id: the local cache, or a download where a network exists
-            return Path(snapshot_download(text))
-        except Exception as err:  # noqa: BLE001 - any hub failure means "not available here"
-            raise FileNotFoundError(
-                f"MLLM '{text}': not a local path, and the hub id is not available offline ({type(err).__name__})"
-            ) from err
+        check_hub_id(text, "MLLM")  # a hub id: the local cache, or a download where a network exists
+        return Path(snapshot_download(text))
     if not path.exists():
         raise FileNotFoundError(
             f"MLLM '{text}': no such file or directory, and not a tiny id ({', '.join(sorted(TINY_MLLM_BUILDERS))})"
@@ -177,6 +175,16 @@ def apply_and_measure(
     return drift, new_images
 
 
+def check_select_layer(select_layer: int | None, num_layers: int | None, encoder: Any) -> None:
+    """``select_layer`` must index the tower's hidden states: ``[-(L + 1), L]`` for ``L`` layers."""
+    if select_layer is None or num_layers is None or -(num_layers + 1) <= select_layer <= num_layers:
+        return
+    raise UserError(
+        f"--select-layer {select_layer}: encoder {encoder} has {num_layers} layers; expected a hidden-state "
+        f"index in [{-(num_layers + 1)}, {num_layers}] (0 = embeddings, -1 = last layer, -2 = LLaVA's default)"
+    )
+
+
 def swap(
     mllm: str | os.PathLike,
     encoder: Any,
@@ -199,6 +207,8 @@ def swap(
         raise ValueError(f"mode '{mode}': expected one of {list(MODES)}")
     if prefix not in PREFIX_RULES:
         raise ValueError(f"prefix '{prefix}': expected one of {list(PREFIX_RULES)}")
+    if num_images < 1:
+        raise UserError(f"--images {num_images}: expected at least 1 sample image for the drift check")
     out = Path(out).expanduser().resolve()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(
@@ -214,6 +224,7 @@ def swap(
         from align.encoders import load_vision_encoder
 
         enc = load_vision_encoder(encoder)
+    check_select_layer(select_layer, getattr(enc, "num_layers", None), encoder)
     tower = new_tower(enc, prefix=prefix)
     tower.source = portable(tower.source, out)  # recorded in the checkpoint: an id or a path relative to it
     if tower.kind == "aligned":

@@ -26,7 +26,8 @@ from torch import nn
 
 import mllm_swap.towers  # noqa: F401  (registers the aligned tower with the Auto classes)
 from align.config import TrainConfig
-from mllm_swap.cli import UserError
+from align.errors import UserError
+from align.hub import check_hub_id, looks_like_hub_id
 
 STAGES = ("connector", "lora", "full")
 NON_LORA_FILE = "non_lora_trainables.safetensors"
@@ -119,6 +120,12 @@ def resolve_model(name: str | Path) -> str:
         )
     if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json; expected a model checkpoint directory")
+    if not path.exists():
+        if not looks_like_hub_id(str(name)):
+            raise FileNotFoundError(
+                f"model '{name}': no such checkpoint directory, and not a hub id 'org/name'"
+            )
+        check_hub_id(str(name), "model")
     return str(name)
 
 
@@ -315,14 +322,14 @@ def param_groups(model: nn.Module, groups: dict[str, list[str]], cfg: TuneConfig
 
 def load_non_lora(model: nn.Module, path: str | Path) -> list[str]:
     """Copy a ``non_lora_trainables.safetensors`` into ``model``; names and shapes must match."""
-    from safetensors.torch import load_file
+    from align.io import read_tensors
 
     path = Path(path)
     if path.is_dir():
         path = path / NON_LORA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: non-LoRA trainables file not found")
-    state = load_file(str(path))
+    state = read_tensors(path)
     params = dict(model.named_parameters())
     for name, value in state.items():
         target = params.get(name)

@@ -10,6 +10,7 @@ and a model card (``README.md``, :mod:`mllm_swap.adapter`), next to the loop's c
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from mllm_swap.tune import (
     resolve_model,
     select_trainable,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_data(cfg: TuneConfig) -> tuple[Path, Path | None]:
@@ -76,7 +79,7 @@ class TuneMethod:
             image_aspect_ratio=self.cfg.image_aspect_ratio,
             on_error=self.cfg.on_error,
         )
-        print(f"tune data: {self.dataset.summary.describe()}")
+        logger.info("tune data: %s", self.dataset.summary.describe())
         if self.cfg.init_trainables is not None:
             load_non_lora(model, self.cfg.init_trainables)
         if train_cfg.gradient_checkpointing:

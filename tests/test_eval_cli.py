@@ -177,3 +177,20 @@ def test_load_suite_rejects_entries_without_a_metric(tmp_path: Path):
     bad.write_text("name: bad\ntasks:\n  - {task: gqa}\n")
     with pytest.raises(ValueError, match=r"tasks\[0\] needs 'task' and 'metric'"):
         load_suite(str(bad))
+
+
+def test_lmms_eval_full_results_file_kept(compared: Path):
+    """lmms-eval's own results file sits next to ours: version, git hash, task configs, task hashes."""
+    from lmms_eval.utils import hash_string
+
+    for tag in ("base", "redrawn"):
+        ours = read_json(compared / tag / "results.json")
+        full = read_json(compared / tag / "lmms_eval_results.json")
+        assert full["lmms_eval_version"] and "git_hash" in full and full["date"]
+        assert set(full["configs"]) == {"shapes_vqa", "shapes_mc"}
+        assert full["configs"]["shapes_mc"]["task"] == "shapes_mc" and full["versions"] == ours["versions"]
+        assert full["results"] == ours["results"] and full["model_source"] == "mllm_swap"
+        for task in ("shapes_vqa", "shapes_mc"):  # lmms-eval's hash over the samples we kept
+            samples = read_jsonl(compared / tag / f"samples_{task}.jsonl")
+            joined = "".join(f"sample_{i}" + s["doc_hash"] for i, s in enumerate(samples))
+            assert full["task_hashes"][task] == hash_string(joined)

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from align.config import TrainConfig, load_config
-from mllm_swap.cli import UserError, main
+from align.errors import UserError
+from mllm_swap.cli import main
 from mllm_swap.tune import (
     NON_LORA_FILE,
     QLORA_MESSAGE,

@@ -198,7 +198,8 @@ def write_cache(
         records = [_shard_done(out, k) for k in range(_num_shards(config))]
         if any(r is None for r in records):
             raise RuntimeError(f"{out}: some shards are still incomplete after encoding")
-        skipped = rows - sum(r["rows"] for r in records)
+        # images missing or corrupt when the source was listed, plus those skipped while encoding
+        skipped = data.errors.count + rows - sum(r["rows"] for r in records)
         write_json(out / "manifest.json", {**config, "skipped": skipped, "shards": records})
     return out
 

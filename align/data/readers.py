@@ -12,6 +12,7 @@ are found while listing, corrupt ones with ``verify=True`` or when :class:`Image
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +29,8 @@ from align.data.records import (
     resolve_columns,
     rows_to_samples,
 )
-from align.io import read_json, read_jsonl
+from align.errors import UserError
+from align.io import read_json, read_jsonl, read_text
 
 
 def read_table(path: Path, delimiter: str | None = None) -> tuple[list[dict], list[str]]:
@@ -47,10 +49,11 @@ def read_table(path: Path, delimiter: str | None = None) -> tuple[list[dict], li
                 raise ValueError(f"{path}: expected one JSON object per line, found {type(row).__name__}")
             fields.update(dict.fromkeys(row))
         return rows, list(fields)
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter or ("\t" if suffix == ".tsv" else ","))
-        rows = list(reader)
-        return rows, list(reader.fieldnames or [])
+    reader = csv.DictReader(
+        io.StringIO(read_text(path), newline=""), delimiter=delimiter or ("\t" if suffix == ".tsv" else ",")
+    )
+    rows = list(reader)
+    return rows, list(reader.fieldnames or [])
 
 
 def read_pairs(
@@ -70,6 +73,9 @@ def read_pairs(
         raise FileNotFoundError(f"{path}: file not found")
     errors = errors or DataErrors()
     rows, fields = read_table(path, delimiter)
+    if not rows:
+        found = f"only a header ({', '.join(fields)})" if fields else "an empty file"
+        raise UserError(f"{path}: no data rows; expected one row per sample, found {found}")
     cols = resolve_columns(
         str(path), fields, lambda c: has_column(rows, c), image_col, text_col, id_col, label_col
     )
@@ -88,7 +94,7 @@ def read_image_list(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: file not found")
     errors = errors or DataErrors()
-    lines = [line.strip() for line in path.read_text().splitlines()]
+    lines = [line.strip() for line in read_text(path).splitlines()]
     samples = []
     for line in (entry for entry in lines if entry and not entry.startswith("#")):
         image = resolve(line, path.parent)

@@ -143,7 +143,9 @@ def resolve_columns(
     if cols.image is None and not cols.texts:
         raise ValueError(
             f"{where}: found neither an image column ({DEFAULT_COLS['image']!r}) nor a text column "
-            f"({DEFAULT_COLS['text']!r}); pass image_col/text_col; columns found: {', '.join(fields) or '(none)'}"
+            f"({DEFAULT_COLS['text']!r}); columns found: {', '.join(fields) or '(none)'}. Rename the columns to "
+            f"{DEFAULT_COLS['image']!r}/{DEFAULT_COLS['text']!r}, or name them where the command offers it "
+            "(align recipes: data.captions; data inspect: --image-col/--text-col; curate: --caption-col)"
         )
     return cols
 

@@ -17,6 +17,7 @@ from align.encoders.hf_vision import VISION_MODEL_TYPES, load_hf_vision
 from align.encoders.openclip import load_openclip_text, load_openclip_vision
 from align.encoders.text import load_hf_text
 from align.encoders.tiny import TINY_BUILDERS, ensure_tiny
+from align.hub import check_hub_id
 from align.io import sha256_file
 
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -122,6 +123,8 @@ def _read_config(source: str | Path, what: str, **kwargs: Any):
             f"unknown {what} encoder '{source}': not a tiny id ({', '.join(sorted([*TINY_BUILDERS, *TINY_PRETRAINED]))}), "
             "'minilm', an existing directory, 'openclip:NAME/TAG' or a hub id 'org/name'"
         )
+    if isinstance(source, str):
+        check_hub_id(source, f"{what} encoder")
     try:
         return AutoConfig.from_pretrained(str(source), **kwargs)
     except OSError as err:

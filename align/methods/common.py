@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from align.data.cache import EmbeddingCache, write_cache
+from align.errors import UserError
 
 __all__ = [
     "DataConfig",
@@ -123,6 +124,7 @@ def prepare_caches(
             raise ValueError(
                 f"{cache.path}: {name} cache has pool {cache.manifest['pool']!r}; this method needs {pool!r}"
             )
+        _check_width(cache, name, pool)
         made_by = cache.manifest["encoder"].get("source")
         if given and made_by != encoder:
             warnings.warn(
@@ -132,6 +134,23 @@ def prepare_caches(
                 stacklevel=2,
             )
     return image, texts
+
+
+# Cache width per image pooling, in multiples of the encoder's embed_dim ([CLS ; mean] for concat).
+POOL_WIDTH = {"concat": 2, "cls": 1, "mean": 1, "tokens": 1}
+
+
+def _check_width(cache: EmbeddingCache, name: str, pool: str) -> None:
+    """An image cache's shards must be as wide as its manifest's encoder says (heads are sized from it)."""
+    embed_dim = cache.manifest["encoder"].get("embed_dim")
+    if not name.startswith("image") or pool not in POOL_WIDTH or not isinstance(embed_dim, int):
+        return
+    if cache.dim != POOL_WIDTH[pool] * embed_dim:
+        raise UserError(
+            f"{cache.path / 'manifest.json'}: encoder.embed_dim {embed_dim} means {pool!r} rows of width "
+            f"{POOL_WIDTH[pool] * embed_dim}, but the shards hold width {cache.dim}; the manifest disagrees "
+            "with its shards (rerun the encode command)"
+        )
 
 
 def _load_vision(spec: str):

@@ -11,20 +11,29 @@ import importlib
 import os
 from pathlib import Path
 
-from mllm_swap.cli import UserError
+from align.errors import UserError
 
+# method -> (module, help, the embedded-default recipe in recipes/)
 METHODS = {
     "sail": (
         "align.methods.sail",
         "SAIL: GLU heads on frozen DINOv2 + sentence-encoder embeddings, sigmoid loss",
+        "tiny_sail.yaml",
     ),
-    "projector": ("align.methods.projector", "freeze-align: token projectors on frozen encoders, InfoNCE"),
-    "kernel": ("align.methods.kernel", "KUEA: fine-tune CLIP's image tower toward DINOv2's kernel"),
+    "projector": (
+        "align.methods.projector",
+        "freeze-align: token projectors on frozen encoders, InfoNCE",
+        "tiny_projector.yaml",
+    ),
+    "kernel": (
+        "align.methods.kernel",
+        "KUEA: fine-tune CLIP's image tower toward DINOv2's kernel",
+        "tiny_kuea.yaml",
+    ),
 }
 
 
 def run(args: argparse.Namespace) -> int:
-    from align.config import ConfigError
     from align.io import read_json
 
     module = importlib.import_module(METHODS[args.method][0])
@@ -33,8 +42,6 @@ def run(args: argparse.Namespace) -> int:
     resume: bool | str = False if args.no_resume else (args.resume or "auto")
     try:
         artifact = module.run(args.config, list(args.set or []), args.out, resume)
-    except ConfigError as err:
-        raise UserError(str(err)) from None
     except FileExistsError as err:
         raise UserError(f"{err} (choose a new --out)") from None
     if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, report once
@@ -61,9 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "its model card). Rerunning the same command resumes from the newest checkpoint.",
     )
     methods = parser.add_subparsers(dest="method", metavar="METHOD", required=True)
-    for name, (_, help_text) in METHODS.items():
+    for name, (_, help_text, recipe) in METHODS.items():
         sub = methods.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--config", help="recipe YAML (e.g. recipes/tiny_sail.yaml)")
+        sub.add_argument("--config", help=f"recipe YAML (e.g. recipes/{recipe})")
         sub.add_argument(
             "--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)"
         )

@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from mllm_swap.cli import UserError
+from align.errors import UserError
+from mllm_swap.cli import at_least
 
 
 def concepts_from(args: argparse.Namespace) -> dict:
@@ -68,10 +69,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["color", "shape", "object"],
         help="shapes world: concepts from attributes of the train split",
     )
-    parser.add_argument("--shots", type=int, default=8, help="example images per concept")
-    parser.add_argument("--k", type=int, default=2000, help="most samples per concept")
+    parser.add_argument("--shots", type=at_least(1), default=8, help="example images per concept")
+    parser.add_argument("--k", type=at_least(1), default=2000, help="most samples per concept")
     parser.add_argument(
-        "--top-k", type=int, default=1, help="a sample is a candidate of its top-k concepts (0 = all)"
+        "--top-k", type=at_least(0), default=1, help="a sample is a candidate of its top-k concepts (0 = all)"
     )
     parser.add_argument("--min-score", type=float, help="least caption-prototype cosine for a candidate")
     parser.add_argument("--split", help="only this split of --data")

@@ -7,7 +7,7 @@ import json
 import warnings
 from typing import TYPE_CHECKING
 
-from mllm_swap.cli import UserError
+from align.errors import UserError
 
 if TYPE_CHECKING:
     from align.data.readers import Sample

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mllm_swap.cli import at_least, device
+
 
 def run(args: argparse.Namespace) -> int:
     from align.data.cache import EmbeddingCache, write_cache
@@ -51,16 +53,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="image: concat (default), cls, mean, projected, tokens; text: sentence (default), tokens",
     )
     parser.add_argument("--out", required=True, help="cache directory")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=at_least(1), default=64)
     parser.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
-    parser.add_argument("--shard-size", type=int, default=4096, help="rows per shard")
-    parser.add_argument("--caption-index", type=int, default=0, help="text: which caption of each sample")
-    parser.add_argument("--max-tokens", type=int, default=77, help="text tokens: padded/truncated length")
+    parser.add_argument("--shard-size", type=at_least(1), default=4096, help="rows per shard")
+    parser.add_argument(
+        "--caption-index", type=at_least(0), default=0, help="text: which caption of each sample"
+    )
+    parser.add_argument(
+        "--max-tokens", type=at_least(1), default=77, help="text tokens: padded/truncated length"
+    )
     parser.add_argument(
         "--on-error",
         choices=["raise", "skip"],
         default="raise",
         help="missing or corrupt images: fail (default) or skip and count",
     )
-    parser.add_argument("--device", help="e.g. cuda; default: CPU")
+    parser.add_argument("--device", type=device, help="e.g. cuda; default: CPU")
     parser.set_defaults(func=run)

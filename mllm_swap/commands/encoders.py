@@ -26,15 +26,18 @@ def _vision_rows(ids: list[str]) -> list[list[str]]:
     return rows
 
 
-def _text_rows(ids: list[str]) -> list[list[str]]:
+def _text_rows(ids: list[str], optional: tuple[str, ...] = ()) -> list[list[str]]:
+    """Rows of the text encoders ``ids``; one in ``optional`` whose package is not installed is left out."""
     from align.encoders import load_text_encoder
 
     rows = []
     for spec in ids:
         try:
             enc = load_text_encoder(spec)
-        except KeyError:  # optional package not installed
-            continue
+        except KeyError:
+            if spec in optional:  # the default listing's minilm without its optional package
+                continue
+            raise
         rows.append([spec, "text", enc.kind, str(enc.embed_dim), "-", "-", enc.pooling])
     return rows
 
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     header = ["id", "modality", "kind", "dim", "tokens (prefix+patches)", "preprocessing", "poolings"]
     rows = _vision_rows(args.vision or list(TINY_VISION)) if not args.text else []
     if not args.vision:
-        rows += _text_rows(args.text or [*TINY_TEXT, "minilm"])
+        rows += _text_rows(args.text or [*TINY_TEXT, "minilm"], optional=() if args.text else ("minilm",))
     if not (args.vision or args.text):
         for spec, facts in KNOWN_HUB_VISION.items():
             rows.append(

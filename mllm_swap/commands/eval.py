@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from mllm_swap.cli import UserError
+from align.errors import UserError
+from mllm_swap.cli import device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -14,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval",
         help="score checkpoints with lmms-eval and write a comparison",
         description="Run lmms-eval in-process on each checkpoint (HF Llava, IDEFICS or original LLaVA), "
-        "keep its results and samples under OUT/<tag>/, and write OUT/comparison.md, comparison.csv and, "
+        "keep its results, samples and lmms-eval's full results file (lmms_eval_results.json) under OUT/<tag>/, and write OUT/comparison.md, comparison.csv and, "
         "for several models, comparison.png. A model whose files, tasks and limit did not change since "
         "its last run is not scored again. The local tasks shapes_vqa and shapes_mc read the shapes "
         "world given by --shapes.",
@@ -29,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, help="score only the first N documents of each task")
     parser.add_argument("--shapes", help="shapes-world folder (holding vqa_test.jsonl) for the shapes tasks")
     parser.add_argument("--batch-size", type=int, default=1, help="requests per forward pass (default 1)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--device", type=device, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default)")
     parser.add_argument(
         "--max-new-tokens", type=int, default=32, help="generation cap when a task sets none (default 32)"

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from mllm_swap.cli import UserError
+from align.errors import UserError
+from mllm_swap.cli import at_least, device
 
 METRICS = {
     "cka": "linear CKA",
@@ -299,7 +300,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--n", type=int, help="pairs: samples to use (default 5000); toy: points per instance (32)"
     )
     parser.add_argument("--metrics", default="cka,rbf_cka,mknn,probe", help=f"subset of {','.join(METRICS)}")
-    parser.add_argument("--knn", type=int, default=10, help="k of mutual k-NN (default 10)")
+    parser.add_argument("--knn", type=at_least(1), default=10, help="k of mutual k-NN (default 10)")
     parser.add_argument(
         "--biased-cka",
         action="store_true",
@@ -307,7 +308,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "independent features well above 0 at small n",
     )
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
+    parser.add_argument("--device", type=device, default="cpu", help="cpu (default), cuda, cuda:N")
     parser.add_argument(
         "--on-error", choices=["raise", "skip"], default="raise", help="missing/corrupt images"
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mllm_swap.cli import at_least
+
 
 def run(args: argparse.Namespace) -> int:
     from align.io import write_json
@@ -59,8 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--split", default="test", help="train, test or all (default: test)")
     parser.add_argument("--captions", nargs="+", default=["caption"], help="retrieve: caption columns")
-    parser.add_argument("--pairs", type=int, default=200, help="pairs: number of shapes minimal pairs")
+    parser.add_argument(
+        "--pairs", type=at_least(1), default=200, help="pairs: number of shapes minimal pairs"
+    )
     parser.add_argument("--seed", type=int, default=0, help="pairs: seed of the shapes pair sampler")
-    parser.add_argument("--limit", type=int, help="score only the first N samples")
+    parser.add_argument("--limit", type=at_least(1), help="score only the first N samples")
     parser.add_argument("--out", required=True, help="output directory for the JSON result")
     parser.set_defaults(func=run)

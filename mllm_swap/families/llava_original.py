@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from align.io import read_tensors
 from mllm_swap.families.base import (
     Loaded,
     SwapPlan,
@@ -108,12 +109,7 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
     files = files or [n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()][:1]
     state: dict[str, torch.Tensor] = {}
     for name in files:
-        file = path / name
-        state.update(
-            load_file(file)
-            if file.suffix == ".safetensors"
-            else torch.load(file, map_location="cpu", weights_only=True)
-        )
+        state.update(read_tensors(path / name))
     return state
 
 

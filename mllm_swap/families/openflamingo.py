@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from align.io import read_tensors
 from mllm_swap.families.base import Family, Loaded, SwapPlan, TowerView
 from mllm_swap.families.new_tower import NewTower
 
@@ -46,12 +47,7 @@ def state_file(path: Path) -> Path:
 
 def read_state(file: Path) -> dict[str, torch.Tensor]:
     """Load a state dict safely (safetensors, or ``torch.load(weights_only=True)``)."""
-    if file.suffix == ".safetensors":
-        return load_file(str(file))
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{file}: expected a flat state dict of tensors")
-    return state
+    return read_tensors(file)
 
 
 def _visual_of(tower: NewTower) -> torch.nn.Module:
