@@ -20,7 +20,8 @@ tokens dropped) or ``all`` (kept), and the global embedding is the backbone's ``
 Directory: ``aligned_encoder.json`` (method, backbone and text specs, head configs, token rule, logit
 scale, training record, metrics), ``model.safetensors`` (``image_head.*``, ``text_head.*`` and, when the
 backbone was fine-tuned, ``backbone.*``), ``preprocess.json`` (+ the backbone's own
-``preprocessor_config.json`` when it has one) and a generated model card ``README.md``.
+``preprocessor_config.json`` when it has one), a generated model card ``README.md`` and
+``checksums.json`` (verified by :func:`load_aligned`, see :mod:`align.integrity`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from align.encoders.base import TextEncoder, VisionEncoder
+from align.integrity import record_checksums, verify_dir
 from align.io import atomic_path, read_json, write_json
 from align.towers_aligned import TOKEN_RULES, build_text_head, build_token_head
 
@@ -281,6 +283,7 @@ def save_aligned(
         if isinstance(src, Path) and (src / "preprocessor_config.json").is_file():
             shutil.copyfile(src / "preprocessor_config.json", tmp / "preprocessor_config.json")
         (tmp / "README.md").write_text(model_card(config))
+        record_checksums(tmp)
     return out
 
 
@@ -336,6 +339,7 @@ def load_aligned(path: str | os.PathLike, device: str | torch.device | None = No
 
     root = Path(path)
     config = read_json(root / CONFIG_FILE)
+    verify_dir(root, "artifact")
     if config.get("format") != FORMAT or config.get("version") != VERSION:
         raise ValueError(
             f"{root / CONFIG_FILE}: expected format {FORMAT!r} version {VERSION}, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -17,9 +18,11 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, IterableDataset
 
 from align.config import TrainConfig
+from align.integrity import CorruptFileError, record_checksums, verify_dir
 from align.io import atomic_path, read_jsonl, write_json
 
 __all__ = [
+    "RUN_FILES",
     "STATE_FILE",
     "BatchStream",
     "LogWindow",
@@ -36,8 +39,12 @@ __all__ = [
     "truncate_metrics",
 ]
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
+# What the loop itself writes in an output directory (the method's outputs sit beside them).
+RUN_FILES = ("checkpoints", "tensorboard", "metrics.jsonl", "loss.png", "result.json", "config.yaml", "run.json")
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -153,21 +160,42 @@ def plot_loss(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: st
 
 
 def resolve_start(out_dir: Path, resume: bool | str, overwrite: bool) -> Path | None:
-    """The checkpoint to continue from (or None), applying the module's resume rule."""
+    """The checkpoint to continue from (or None), applying the module's resume rule.
+
+    Every checkpoint is verified against its ``checksums.json`` before use. With ``"auto"`` a corrupt
+    newest checkpoint falls back to the newest intact one with a warning; when every checkpoint is
+    corrupt (or an explicitly given one is) it raises :class:`~align.integrity.CorruptFileError`.
+    """
     finished = out_dir / "result.json"
     if finished.is_file() and not overwrite:
         raise FileExistsError(
             f"{out_dir}: holds a finished run ({finished.name}); refusing to train over it. "
-            "Use a new output directory, or overwrite=True (--overwrite) to train again from scratch."
+            "Use a new output directory, or --overwrite to train again from scratch."
         )
     if overwrite or resume is False:
         return None
     if resume is True or resume == "auto":
-        ckpts = list_checkpoints(out_dir / "checkpoints")
-        return ckpts[-1][1] if ckpts else None
+        bad = []
+        for _, path in reversed(list_checkpoints(out_dir / "checkpoints")):
+            try:
+                verify_dir(path, "checkpoint")
+            except CorruptFileError as err:
+                bad.append(str(err))
+                logger.warning("skipping corrupt checkpoint: %s", err)
+                continue
+            if bad:
+                logger.warning("resuming from %s, the newest intact checkpoint", path)
+            return path
+        if bad:
+            raise CorruptFileError(
+                f"{out_dir / 'checkpoints'}: no intact checkpoint to resume from: " + "; ".join(bad)
+                + ". Use --no-resume to start over."
+            )
+        return None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint (expected {STATE_FILE} inside)")
+    verify_dir(path, "checkpoint")
     return path
 
 
@@ -275,6 +303,7 @@ def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, state: d
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(tmp / STATE_FILE, state)
+        record_checksums(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         prune_checkpoints(root, keep)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from align.integrity import record_checksums, verify_dir
 from align.io import atomic_path, read_json, write_json
 from mllm_swap.tune import DTYPES, INFO_FILE, NON_LORA_FILE, load_non_lora, resolve_model
 
@@ -67,6 +68,7 @@ def merge_adapter(
         )
     if out_dir.resolve() == adapter_dir.resolve():
         raise ValueError(f"--out {out_dir} must differ from --adapter")
+    verify_dir(adapter_dir, "adapter", required=(adapter_dir / INFO_FILE).is_file())  # ours: recorded
     base = resolve_model(_base_of(adapter_dir, base_model))
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=DTYPES[dtype])
     copied = load_non_lora(model, non_lora) if non_lora.is_file() else []
@@ -82,4 +84,5 @@ def merge_adapter(
             tmp / MERGE_INFO,
             {"adapter": str(adapter_dir), "base_model": base, "lora_merged": has_adapter, "non_lora": copied},
         )
+        record_checksums(tmp)
     return out_dir

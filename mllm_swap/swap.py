@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from align.integrity import record_checksums
 from align.io import atomic_path, write_json
 from mllm_swap.families import Family, Loaded, SwapPlan, detect_family
 from mllm_swap.families.new_tower import PREFIX_RULES, NewTower, new_tower, openclip_as_hf
@@ -242,6 +243,7 @@ def swap(
             family.to_hf(loaded, tmp / "hf")
             report.notes.append(f"HF-layout copy written to {out / 'hf'}")
         write_json(tmp / REPORT, report.to_dict())
+        record_checksums(tmp)
     if verbose:
         print(report.summary())
     return report

@@ -117,6 +117,10 @@ def resolve_model(name: str | Path) -> str:
         )
     if path.exists() and not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: no config.json; expected a model checkpoint directory")
+    if path.is_dir():  # a swapped or merged checkpoint of ours carries checksums.json
+        from align.integrity import verify_dir
+
+        verify_dir(path, "model checkpoint", required=False)
     return str(name)
 
 

@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from align.config import TrainConfig
+from align.integrity import record_checksums
 from align.io import read_json, write_json
+from align.train_utils import RUN_FILES
 from mllm_swap.tune import (
     INFO_FILE,
     NON_LORA_FILE,
@@ -213,4 +215,8 @@ def run_tune(
         info = read_json(info_path)
         info["tokens_per_s"] = method.tokens_seen / max(result.elapsed_s, 1e-9)
         write_json(info_path, info)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # the adapter's record, verified by merge
+        record_checksums(out_dir, exclude=RUN_FILES)
     return result

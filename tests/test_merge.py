@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from align.config import TrainConfig
+from align.integrity import CorruptFileError, record_checksums
 from mllm_swap.cli import main
 from mllm_swap.merge import merge_adapter
 from mllm_swap.tune import INFO_FILE, NON_LORA_FILE, TuneConfig, load_non_lora
@@ -99,7 +100,22 @@ def test_non_lora_only_output_is_applied_to_its_base(lora_run: Path, tmp_path: P
     shutil.copy(lora_run / NON_LORA_FILE, stage / NON_LORA_FILE)
     base = json.loads((lora_run / "adapter_config.json").read_text())["base_model_name_or_path"]
     (stage / INFO_FILE).write_text(json.dumps({"stage": "connector", "base_model": base}))
+    with pytest.raises(CorruptFileError, match="connector_only: adapter has no checksums.json"):
+        merge_adapter(stage, tmp_path / "merged")  # a stage output of ours without its record
+    record_checksums(stage)
     out = merge_adapter(stage, tmp_path / "merged")
     model = AutoModelForImageTextToText.from_pretrained(out)
     for key, value in load_file(stage / NON_LORA_FILE).items():
         assert torch.equal(model.get_parameter(key), value)
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", NON_LORA_FILE])
+def test_corrupt_adapter_is_named_not_merged(lora_run: Path, tmp_path: Path, capsys, name: str) -> None:
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_run, adapter)
+    data = bytearray((adapter / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size
+    (adapter / name).write_bytes(bytes(data))
+    assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 2
+    assert f"{adapter / name}: adapter file is corrupt: expected sha256" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

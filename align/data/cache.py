@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from align.data.images import ImageTextDataset
 from align.encoders.base import TextEncoder, VisionEncoder
+from align.integrity import verify_file
 from align.io import atomic_path, read_json, sha256_file, write_json
 
 CACHE_VERSION = 1
@@ -256,6 +257,32 @@ def _write_shard(encoder, data, out: Path, k: int, config: dict, batch_size: int
     write_json(out / f"{shard_name(k)}.json", record)
 
 
+def _check_shard(manifest: Path, record: dict, arrays: dict[str, np.ndarray], config: dict) -> None:
+    """Cross-check one manifest record against its shard's tensors: rows, ids and source rows agree."""
+    rows, index = record.get("rows"), arrays.get("row_index")
+    n_emb = arrays["embeddings"].shape[0] if arrays["embeddings"].ndim > 1 else 0
+    problems = []
+    if index is None or len(index) != rows:
+        problems.append(f"rows {rows} but row_index holds {None if index is None else len(index)}")
+    elif n_emb != rows:
+        problems.append(f"rows {rows} but embeddings hold {n_emb}")
+    elif len(record.get("ids", ())) != rows:
+        problems.append(f"rows {rows} but {len(record.get('ids', ()))} ids")
+    elif rows and (
+        index.min() < record.get("first_row", 0)
+        or index.max() >= min(record.get("first_row", 0) + config["shard_size"], config["rows"])
+    ):
+        problems.append(f"row_index {int(index.min())}..{int(index.max())} outside the shard's source rows")
+    sidecar = manifest.parent / f"{Path(record.get('shard', '')).stem}.json"
+    if not problems and sidecar.is_file() and read_json(sidecar) != record:
+        problems.append(f"its record differs from the shard's own record {sidecar.name}")
+    if problems:
+        raise ValueError(
+            f"{manifest}: shard {record.get('shard')}: {'; '.join(problems)}; the manifest disagrees with "
+            "its shard: rerun the encode command"
+        )
+
+
 def _memmap(path: Path) -> dict[str, np.ndarray]:
     """Memory-map every tensor of a safetensors file (format: u64 header length, JSON header, raw data)."""
     with path.open("rb") as fh:
@@ -281,10 +308,12 @@ class EmbeddingCache:
     """Read a cache written by :func:`write_cache` without loading it into RAM.
 
     ``get(rows)`` returns float32 embeddings for cache rows (``(tokens, mask)`` for token caches). Opening
-    checks every shard's size against the manifest; ``verify=True`` also checks sha256 checksums.
+    verifies every shard's size and sha256 against the manifest (hashed once per file, see
+    :mod:`align.integrity`; ``verify=False`` checks sizes only) and cross-checks each manifest record
+    with its shard's tensors (row counts, ids, source rows).
     """
 
-    def __init__(self, path: str | os.PathLike, verify: bool = False):
+    def __init__(self, path: str | os.PathLike, verify: bool = True):
         self.path = Path(path)
         manifest_file = self.path / "manifest.json"
         if not manifest_file.is_file():
@@ -295,21 +324,25 @@ class EmbeddingCache:
         self._shards: list[dict[str, np.ndarray]] = []
         for record in self.manifest["shards"]:
             shard = self.path / record["shard"]
-            if not shard.is_file() or shard.stat().st_size != record["bytes"]:
+            if verify:  # sha256 + size, hashed once per file (align.integrity's memo)
+                verify_file(shard, record["bytes"], record["sha256"], "cache shard")
+            elif not shard.is_file() or shard.stat().st_size != record["bytes"]:
                 raise ValueError(
                     f"{shard}: missing or truncated (manifest expects {record['bytes']} bytes); "
                     "rerun the encode command to redo it"
                 )
-            if verify and sha256_file(shard) != record["sha256"]:
-                raise ValueError(
-                    f"{shard}: sha256 does not match the manifest; rerun the encode command to redo it"
-                )
             self._shards.append(_memmap(shard))
+            _check_shard(manifest_file, record, self._shards[-1], self.manifest)
         counts = [r["rows"] for r in self.manifest["shards"]]
         self._offsets = np.cumsum([0, *counts])
         self.ids: list[str] = [i for r in self.manifest["shards"] for i in r["ids"]]
         self.is_tokens = self.manifest["pool"] == "tokens"
         self._bf16 = self.manifest["dtype"] == "bf16"
+        if len(self) + self.manifest.get("skipped", 0) != self.manifest["rows"]:
+            raise ValueError(
+                f"{manifest_file}: rows {self.manifest['rows']} != {len(self)} rows in shards + "
+                f"{self.manifest.get('skipped', 0)} skipped; the manifest was altered: rerun the encode command"
+            )
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
