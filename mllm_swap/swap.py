@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 
 from align.integrity import record_checksums
-from align.io import atomic_path, write_json
+from align.io import write_json
+from align.rundir import OutDir, claims_out_dir
 from mllm_swap.families import Family, Loaded, SwapPlan, detect_family
 from mllm_swap.families.new_tower import PREFIX_RULES, NewTower, new_tower, openclip_as_hf
 
@@ -177,6 +178,7 @@ def apply_and_measure(
     return drift, new_images
 
 
+@claims_out_dir("swap", out_arg="out")
 def swap(
     mllm: str | os.PathLike,
     encoder: Any,
@@ -200,10 +202,7 @@ def swap(
     if prefix not in PREFIX_RULES:
         raise ValueError(f"prefix '{prefix}': expected one of {list(PREFIX_RULES)}")
     out = Path(out).expanduser().resolve()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(
-            f"{out}: output directory exists and is not empty (pass overwrite=True / --overwrite)"
-        )
+    claim = OutDir.current(out)
     src = resolve_mllm(mllm)
     family = detect_family(src)
     if to_hf and not hasattr(family, "to_hf"):
@@ -236,14 +235,15 @@ def swap(
         notes=plan.notes + tower.notes,
         sample={"prompt": prompt, "generated": generated} if generated is not None else {},
     )
-    with atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
-        family.save(loaded, tmp, out, plan, tower)
-        if to_hf:
-            family.to_hf(loaded, tmp / "hf")
-            report.notes.append(f"HF-layout copy written to {out / 'hf'}")
-        write_json(tmp / REPORT, report.to_dict())
-        record_checksums(tmp)
+    tmp = claim.temp_dir()  # inside --out: a killed run's is removed by the next one
+    family.save(loaded, tmp, out, plan, tower)
+    if to_hf:
+        family.to_hf(loaded, tmp / "hf")
+        report.notes.append(f"HF-layout copy written to {out / 'hf'}")
+    write_json(tmp / REPORT, report.to_dict())
+    record_checksums(tmp)
+    claim.clear()
+    claim.publish(tmp)
     if verbose:
         print(report.summary())
     return report

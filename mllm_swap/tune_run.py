@@ -18,6 +18,7 @@ from torch import nn
 from align.config import TrainConfig
 from align.integrity import record_checksums
 from align.io import read_json, write_json
+from align.rundir import OutDir
 from align.train_utils import RUN_FILES
 from mllm_swap.tune import (
     INFO_FILE,
@@ -123,6 +124,13 @@ class TuneMethod:
         self.tokens_seen += int(tokens)
         return out.loss, {"tokens": tokens.float(), "label_tokens": (batch["labels"] >= 0).sum().float()}
 
+    def state_dict(self) -> dict[str, Any]:
+        """Counters that continue across a resume (saved in the loop's checkpoints)."""
+        return {"tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tokens_seen = int(state["tokens_seen"])
+
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
         """Exact-match VQA accuracy on ``cfg.eval_vqa`` (skipped when unset)."""
         if self.cfg.eval_vqa is None:
@@ -200,23 +208,24 @@ def run_tune(
     """Train one stage into ``out_dir`` with the shared loop; returns its ``TrainResult``."""
     from align.train import train
 
-    method = TuneMethod(cfg)
-    result = train(
-        method,
-        cfg.train,
-        out_dir,
-        resume,
-        overwrite=overwrite,
-        accelerator_kwargs=deepspeed_kwargs(cfg),
-        config_to_save=cfg,
-    )
-    info_path = Path(out_dir) / INFO_FILE
-    if info_path.is_file():
-        info = read_json(info_path)
-        info["tokens_per_s"] = method.tokens_seen / max(result.elapsed_s, 1e-9)
-        write_json(info_path, info)
-    from accelerate import PartialState
+    with OutDir(out_dir, "tune", overwrite, collective=True):
+        method = TuneMethod(cfg)
+        result = train(
+            method,
+            cfg.train,
+            out_dir,
+            resume,
+            overwrite=overwrite,
+            accelerator_kwargs=deepspeed_kwargs(cfg),
+            config_to_save=cfg,
+        )
+        info_path = Path(out_dir) / INFO_FILE
+        if info_path.is_file():
+            info = read_json(info_path)
+            info["tokens_per_s"] = method.tokens_seen / max(result.elapsed_s, 1e-9)
+            write_json(info_path, info)
+        from accelerate import PartialState
 
-    if PartialState().is_main_process:  # the adapter's record, verified by merge
-        record_checksums(out_dir, exclude=RUN_FILES)
+        if PartialState().is_main_process:  # the adapter's record, verified by merge
+            record_checksums(out_dir, exclude=RUN_FILES)
     return result

@@ -205,7 +205,7 @@ def test_swap_errors(tmp_path, swapped) -> None:
         swap("tiny-llava", "tiny-dinov2", tmp_path / "a", mode="dropin", verbose=False)
     with pytest.raises(ValueError, match=r"image tokens 64 vs 69"):
         swap("tiny-llava", "tiny-dinov2-reg", tmp_path / "a", mode="dropin", prefix="keep", verbose=False)
-    with pytest.raises(ValueError, match="not empty"):
+    with pytest.raises(ValueError, match="holds a finished run of `mllm-swap swap`.*--overwrite"):
         swap("tiny-llava", "tiny-clip", swapped["clip"][0], verbose=False)
     with pytest.raises(ValueError, match="mode 'swap'"):
         swap("tiny-llava", "tiny-clip", tmp_path / "b", mode="swap", verbose=False)

@@ -12,6 +12,7 @@ from torch import nn
 from align.config import TrainConfig, load_config
 from mllm_swap.cli import UserError, main
 from mllm_swap.tune import (
+    INFO_FILE,
     NON_LORA_FILE,
     QLORA_MESSAGE,
     TuneConfig,
@@ -167,6 +168,8 @@ class _Interrupt(Exception):
 
 
 def test_lora_resume_matches_uninterrupted_run(shapes_dir: Path, tmp_path: Path) -> None:
+    from align.io import read_json
+    from align.rundir import OutDir
     from align.train import train
     from mllm_swap.tune_run import TuneMethod, run_tune
 
@@ -183,7 +186,7 @@ def test_lora_resume_matches_uninterrupted_run(shapes_dir: Path, tmp_path: Path)
                 raise _Interrupt
             return super().loss(model, batch)
 
-    with pytest.raises(_Interrupt):
+    with pytest.raises(_Interrupt), OutDir(tmp_path / "b", "tune"):  # as `run_tune` claims it
         train(Interrupted(cfg), cfg.train, tmp_path / "b", resume=False, config_to_save=cfg)
     assert (tmp_path / "b/checkpoints/step-2").is_dir() and not (tmp_path / "b/result.json").exists()
     result = run_tune(cfg, tmp_path / "b", resume="auto")
@@ -193,6 +196,11 @@ def test_lora_resume_matches_uninterrupted_run(shapes_dir: Path, tmp_path: Path)
         assert a.keys() == b.keys() and a
         for key in a:
             assert torch.allclose(a[key], b[key], atol=1e-6), key
+    # counters continue across the resume: the tokens seen equal the uninterrupted run's
+    assert (
+        read_json(tmp_path / "b" / INFO_FILE)["tokens_seen"]
+        == read_json(tmp_path / "a" / INFO_FILE)["tokens_seen"]
+    )
     base = load_file(tmp_path / "a" / "adapter_model.safetensors")
     assert any("lora_B" in k and base[k].abs().max() > 0 for k in base)  # it really trained
 

@@ -29,6 +29,7 @@ from align.data.images import ImageTextDataset
 from align.encoders.base import TextEncoder, VisionEncoder
 from align.integrity import verify_file
 from align.io import atomic_path, read_json, sha256_file, write_json
+from align.rundir import OutDir, OutDirError, claims_out_dir
 
 CACHE_VERSION = 1
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -113,6 +114,15 @@ def _dist() -> tuple[int, int, Any]:
     return 0, 1, None
 
 
+def _cache_files(out: Path) -> list[str] | None:
+    """The files of a cache at ``out`` (None when it holds none): what an overwrite may remove."""
+    if not (out / "cache_config.json").is_file():
+        return None
+    shards = [p.name for p in out.glob("shard-*") if p.suffix in (".safetensors", ".json")]
+    return sorted(["cache_config.json", "manifest.json", *shards])
+
+
+@claims_out_dir("encode", out_arg="out", adopt=_cache_files, collective=True, reuse=True)
 @torch.no_grad()
 def write_cache(
     encoder: str | VisionEncoder | TextEncoder,
@@ -127,11 +137,12 @@ def write_cache(
     max_tokens: int = 77,
     on_error: str = "raise",
     device: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Encode ``source`` (a path for :func:`align.data.readers.open_data` or a ``DataSource``) into ``out``.
 
     Rerunning with the same arguments resumes: finished, intact shards are kept; the rest are redone.
-    Returns the cache directory once ``manifest.json`` is written.
+    A cache of other settings in ``out`` is refused, or replaced with ``overwrite``. Returns the cache directory once ``manifest.json`` is written.
     """
     from align.data.readers import open_data
 
@@ -168,10 +179,12 @@ def write_cache(
     config_file = out / "cache_config.json"
     if rank == 0:
         if config_file.is_file() and read_json(config_file) != config:
-            raise ValueError(
-                f"{out}: holds a cache of different settings ({config_file}); choose another --out "
-                "or delete it"
-            )
+            if not overwrite:
+                raise OutDirError(
+                    f"{out}: holds a cache of different settings ({config_file}); choose another --out "
+                    "or pass --overwrite to replace it"
+                )
+            OutDir.current(out).clear(_cache_files(out) or [])
         if (out / "manifest.json").is_file() and all(_shard_done(out, k) for k in range(_num_shards(config))):
             return out
         write_json(config_file, config)
