@@ -265,3 +265,21 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, reference, capl
     assert "dropping a torn last line" in caplog.text
     rows, ref_rows = read_jsonl(out / "metrics.jsonl"), read_jsonl(reference / "metrics.jsonl")
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
+
+
+@pytest.mark.parametrize(
+    "command", [["align", "sail"], ["align", "projector"], ["align", "kernel"], ["tune"]]
+)
+def test_one_resume_vocabulary_for_every_training_command(command) -> None:
+    from mllm_swap.cli import build_parser
+    from mllm_swap.commands import resume_of
+
+    parse = build_parser().parse_args
+    base = [*command, "--config", "r.yaml", "--out", "o"]
+    assert (resume_of(parse(base)), parse(base).overwrite) == ("auto", False)
+    assert resume_of(parse([*base, "--resume"])) == "auto"
+    assert resume_of(parse([*base, "--resume", "o/checkpoints/step-4"])) == "o/checkpoints/step-4"
+    assert resume_of(parse([*base, "--no-resume", "--overwrite"])) is False
+    assert parse([*base, "--overwrite"]).overwrite
+    with pytest.raises(SystemExit):
+        parse([*base, "--resume", "--no-resume"])

@@ -22,7 +22,6 @@ def add_resume(parser: argparse.ArgumentParser) -> None:
         "--resume",
         nargs="?",
         const="auto",
-        default="auto",
         metavar="CHECKPOINT",
         help="continue an unfinished run (default: from the newest intact checkpoint in --out; or from "
         "the CHECKPOINT directory given)",
@@ -33,4 +32,4 @@ def add_resume(parser: argparse.ArgumentParser) -> None:
 
 def resume_of(args: argparse.Namespace) -> bool | str:
     """The ``resume`` argument of the training loop from ``--resume`` / ``--no-resume``."""
-    return False if args.no_resume else args.resume
+    return False if args.no_resume else (args.resume or "auto")
