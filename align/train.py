@@ -357,7 +357,9 @@ def train(
                     "method": method.state_dict() if hasattr(method, "state_dict") else None,
                     "train_config": config_to_dict(cfg),
                 }
-                pending = save_checkpoint(accelerator, out_dir, step, ckpt_state, cfg.keep_checkpoints)
+                pending = save_checkpoint(
+                    accelerator, out_dir, step, ckpt_state, cfg.keep_checkpoints, protect=last_ckpt
+                )
         pbar.close()
         problem = _final_problem(method, model, batch, guard, accelerator)
         if problem:

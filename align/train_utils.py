@@ -99,10 +99,11 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the ``keep`` newest complete checkpoints; return the deleted paths."""
+def prune_checkpoints(root: str | os.PathLike, keep: int, protect: Path | None = None) -> list[Path]:
+    """Delete all but the ``keep`` newest complete checkpoints (never ``protect``, the last one known
+    good); return the deleted paths."""
     ckpts = list_checkpoints(root)
-    doomed = [path for _, path in ckpts[: max(0, len(ckpts) - keep)]]
+    doomed = [path for _, path in ckpts[: max(0, len(ckpts) - keep)] if path != protect]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
@@ -391,7 +392,9 @@ class LogWindow:
         return row
 
 
-def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, state: dict, keep: int) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, out_dir: Path, step: int, state: dict, keep: int, protect: Path | None = None
+) -> Path:
     """``save_state`` into ``.tmp-step-N``, add the trainer state, rename to ``step-N`` (atomic)."""
     root = out_dir / "checkpoints"
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
@@ -406,6 +409,6 @@ def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, state: d
         record_checksums(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        prune_checkpoints(root, keep)
+        prune_checkpoints(root, keep, protect)
     accelerator.wait_for_everyone()
     return final

@@ -233,8 +233,8 @@ def test_an_exploding_finite_loss_stops_the_run(tmp_path) -> None:
     with pytest.raises(
         NonFiniteLossError, match=r"exploding loss .* at step 7 .*Last good checkpoint: .*step-3"
     ):
-        train(Exploding(at=7), tcfg(steps=12, save_every=3), out)
-    # step-6's weights gave the exploding loss at step 7: set aside, not named good
+        train(Exploding(at=7), tcfg(steps=12, save_every=3, keep_checkpoints=1), out)
+    # step-6 gave the exploding loss at step 7: set aside; step-3 was kept (keep_checkpoints=1) as known good
     assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [3]
     assert (out / "checkpoints" / "rejected-step-6").is_dir()
 
