@@ -78,12 +78,16 @@ def test_merged_checkpoint_reloads_with_same_outputs(lora_run: Path, batch: dict
     assert processor.tokenizer.eos_token == "</s>" and processor.chat_template
 
 
-def test_merge_cli_and_errors(lora_run: Path, batch: dict, tmp_path: Path) -> None:
+def test_merge_cli_and_errors(lora_run: Path, batch: dict, tmp_path: Path, capsys) -> None:
     from transformers import AutoModelForImageTextToText
 
     assert main(["merge", "--adapter", str(lora_run), "--out", str(tmp_path / "m")]) == 0
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "m")
     assert _logits(model, batch).shape[:2] == batch["input_ids"].shape
+    # a finished output is refused like swap's, replaced with --overwrite
+    assert main(["merge", "--adapter", str(lora_run), "--out", str(tmp_path / "m")]) == 2
+    assert "holds a finished run of `mllm-swap merge`" in capsys.readouterr().err
+    assert main(["merge", "--adapter", str(lora_run), "--out", str(tmp_path / "m"), "--overwrite"]) == 0
     assert main(["merge", "--adapter", str(tmp_path / "absent"), "--out", str(tmp_path / "x")]) == 2
     assert main(["merge", "--adapter", str(lora_run), "--out", str(lora_run)]) == 2
     empty = tmp_path / "empty"
