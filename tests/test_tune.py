@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from torch import nn
 
@@ -189,7 +191,11 @@ def test_lora_resume_matches_uninterrupted_run(shapes_dir: Path, tmp_path: Path)
     with pytest.raises(_Interrupt), OutDir(tmp_path / "b", "tune"):  # as `run_tune` claims it
         train(Interrupted(cfg), cfg.train, tmp_path / "b", resume=False, config_to_save=cfg)
     assert (tmp_path / "b/checkpoints/step-2").is_dir() and not (tmp_path / "b/result.json").exists()
-    result = run_tune(cfg, tmp_path / "b", resume="auto")
+    asked = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e-2))  # ignored on resume
+    result = run_tune(asked, tmp_path / "b", resume="auto")
+    recorded = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
+    assert recorded["train"]["lr"] == 5e-3  # the recipe as really run, and what was asked
+    assert recorded["resumed"][0]["ignored"] == {"lr": {"requested": 1e-2, "used": 5e-3}}
     assert result.resumed_from == tmp_path / "b/checkpoints/step-2" and result.steps == 4
     for name in ("adapter_model.safetensors", NON_LORA_FILE):
         a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
