@@ -26,6 +26,7 @@ backbone saved whole (KUEA), ``backbone/``: a complete checkpoint of the backbon
 The directory travels: the backbone and text sources are recorded as ids (tiny ids, hub ids,
 ``openclip:NAME/TAG``), as ``./backbone``, or as paths relative to the artifact (``align.paths.portable``);
 no absolute path of the machine that wrote it is stored.
+``checksums.json`` (written last) is verified by :func:`load_aligned` (see :mod:`align.integrity`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from align.encoders.base import TextEncoder, VisionEncoder
+from align.integrity import record_checksums, verify_dir
 from align.io import atomic_path, read_json, read_tensors, write_json
 from align.paths import locate, portable, portable_tree
 from align.towers_aligned import TOKEN_RULES, build_text_head, build_token_head
@@ -299,6 +301,7 @@ def save_aligned(
         if isinstance(src, Path) and (src / "preprocessor_config.json").is_file():
             shutil.copyfile(src / "preprocessor_config.json", tmp / "preprocessor_config.json")
         (tmp / "README.md").write_text(model_card(config))
+        record_checksums(tmp)
     return out
 
 
@@ -354,6 +357,7 @@ def load_aligned(path: str | os.PathLike, device: str | torch.device | None = No
 
     root = Path(path)
     config = read_json(root / CONFIG_FILE)
+    verify_dir(root, "artifact")
     if config.get("format") != FORMAT or config.get("version") != VERSION:
         raise ValueError(
             f"{root / CONFIG_FILE}: expected format {FORMAT!r} version {VERSION}, "

@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 
+RESUMED_KEY = "resumed"  # the record of a resumed run in its config.yaml (see save_config)
 # The largest float32: a learning rate above it overflows in the optimizer's float32 arithmetic.
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -411,6 +412,7 @@ def load_config(
             raise ConfigError(
                 f"{path}: expected a mapping of keys at the top level, found {type(data).__name__}"
             )
+        data = {k: v for k, v in data.items() if k != RESUMED_KEY}  # a run's record, not a setting
         # Validate the file's own keys before overrides so errors name the file.
         _build_keys_only(schema, data, source)
         _merge(tree, data)
@@ -432,8 +434,15 @@ def _build_keys_only(schema: type, data: Mapping, source: str, prefix: str = "")
             _build_keys_only(inner, value, source, full + ".")
 
 
-def save_config(cfg: Any, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML, atomically; ``load_config`` reads it back to an equal object."""
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+def save_config(cfg: Any, path: str | os.PathLike, resumed: list[dict[str, Any]] | None = None) -> None:
+    """Write the resolved config as YAML, atomically; ``load_config`` reads it back to an equal object.
+
+    ``resumed``: a training run's record of its resumes (a top-level ``resumed`` list that
+    ``load_config`` skips): for each, the checkpoint and the requested settings it ignored.
+    """
+    tree = config_to_dict(cfg)
+    if resumed:
+        tree[RESUMED_KEY] = resumed
+    text = yaml.safe_dump(tree, sort_keys=False, default_flow_style=None)
     with atomic_path(path) as tmp:
         tmp.write_text(text)

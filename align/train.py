@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,15 +45,19 @@ from align.config import TrainConfig, config_to_dict, save_config
 from align.errors import UserError
 from align.io import append_jsonl, read_json, write_json
 from align.paths import portable_tree
+from align.rundir import claims_out_dir
 from align.schedules import build_optimizer, build_scheduler, check_param_groups, default_param_groups
 from align.train_utils import (
     STATE_FILE,
     BatchStream,
     LogWindow,
+    LossGuard,
+    list_checkpoints,
     plot_loss,
     remove_partial_checkpoints,
     reset_out_dir,
     resolve_start,
+    restore_train_config,
     save_checkpoint,
     tracker_config,
     truncate_metrics,
@@ -88,6 +93,8 @@ class Method(Protocol):
       ``default_param_groups(model, cfg.weight_decay)``.
     * optional ``after_step(model)``: called with the unwrapped model after each optimizer step
       (e.g. clamp a temperature in place).
+    * optional ``state_dict() -> dict`` and ``load_state_dict(state)``: JSON-able counters of the
+      method (e.g. tokens seen) saved in checkpoints and restored on resume, so they continue.
     * optional ``evaluate(model) -> dict``: called once at the end, on every process, in eval mode
       under ``torch.no_grad()``; the result goes to ``result.json`` and the trackers.
     * ``save(model, out_dir, state_dict)``: write the final artifact; called on the main process
@@ -103,7 +110,8 @@ class Method(Protocol):
 
 
 class NonFiniteLossError(UserError):
-    """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
+    """The loss became NaN/inf or exploded, or the weights did; the run stopped and kept its last good
+    checkpoint (the rule: :class:`align.train_utils.LossGuard`)."""
 
 
 @dataclasses.dataclass
@@ -183,6 +191,43 @@ def _all_finite(model: nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
 
 
+def _final_problem(
+    method: Method, model: nn.Module, batch: Any, guard: LossGuard, accelerator: Accelerator
+) -> str | None:
+    """Judge the final weights before they are saved: finite, and a good loss on the last batch."""
+    if not _all_finite(unwrap(model)):
+        return "non-finite weights"
+    if batch is None:  # no step ran in this session
+        return None
+    counters = method.state_dict() if hasattr(method, "state_dict") else None
+    model.eval()
+    with torch.no_grad():
+        loss, _ = method.loss(model, batch)
+    model.train()
+    if counters is not None:  # the check is not training: counters stay as they were
+        method.load_state_dict(counters)
+    return guard.problem(accelerator.gather(loss.detach().float().reshape(1)))
+
+
+def _stop(
+    problem: str, out_dir: Path, bad: Path | None, good: Path | None, is_main: bool
+) -> NonFiniteLossError:
+    """The error ending a run that went bad; a checkpoint whose weights gave the bad loss is set aside."""
+    if bad is not None and is_main and bad.is_dir():
+        aside = bad.with_name(f"rejected-{bad.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        bad.rename(aside)
+        logger.warning("%s: its weights gave a bad loss; set aside as %s", bad, aside.name)
+    if good is None:
+        remaining = list_checkpoints(out_dir / "checkpoints")
+        good = remaining[-1][1] if remaining else None
+    return NonFiniteLossError(
+        f"{problem}; stopped without saving the final weights. Last good checkpoint: {good or 'none'}"
+        " (resume from it with a lower train.lr, or see the loss guard in align.train_utils.LossGuard)"
+    )
+
+
+@claims_out_dir("train", collective=True)
 @torch.enable_grad()
 def train(
     method: Method,
@@ -204,24 +249,21 @@ def train(
     checkpoint, and ``FileExistsError`` for a finished run (see the resume rule).
     """
     out_dir = Path(out_dir)
+    start = resolve_start(out_dir, resume, overwrite)
+    cfg, resumed = restore_train_config(cfg, start, out_dir)
+    if resumed and dataclasses.is_dataclass(config_to_save) and hasattr(config_to_save, "train"):
+        config_to_save = dataclasses.replace(config_to_save, train=cfg)  # the recipe as really run
     accelerator = _make_accelerator(cfg, out_dir, accelerator_kwargs)
     is_main = accelerator.is_main_process
-    start = resolve_start(out_dir, resume, overwrite)
     accelerator.wait_for_everyone()
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         if start is None:
             reset_out_dir(out_dir)
         remove_partial_checkpoints(out_dir / "checkpoints")
-        save_config(config_to_save if config_to_save is not None else cfg, out_dir / "config.yaml")
+        save_config(config_to_save if config_to_save is not None else cfg, out_dir / "config.yaml", resumed)
     accelerator.wait_for_everyone()
     state = read_json(start / STATE_FILE) if start else {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    if start and state.get("train_config") != config_to_dict(cfg):
-        saved = state.get("train_config", {})
-        changed = sorted(k for k, v in config_to_dict(cfg).items() if saved.get(k) != v)
-        logger.warning(
-            "resuming %s with changed train settings %s: not the same run as before", start, changed
-        )
 
     set_seed(cfg.seed)
     model = method.build_model(cfg)
@@ -255,6 +297,10 @@ def train(
     step = int(state["step"])
     data.start(first, int(state["epoch"]), int(state["batch_in_epoch"]))
     window = LogWindow(state.get("window"))
+    guard = LossGuard(state.get("loss_window"))
+    if state.get("method") is not None and hasattr(method, "load_state_dict"):
+        method.load_state_dict(state["method"])  # its counters continue
+    batch = None
 
     history: list[dict] = []
     metrics_path = out_dir / "metrics.jsonl"
@@ -263,7 +309,8 @@ def train(
     if accelerator.log_with:
         accelerator.init_trackers("train", config=tracker_config(config_to_dict(cfg)))
     samples_per_step = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
-    last_ckpt = start if start and start.parent == out_dir / "checkpoints" else None
+    last_ckpt = None  # the newest checkpoint known good; `pending` waits for its first loss
+    pending = start if start and start.parent == out_dir / "checkpoints" else None
     pbar = tqdm(total=total, initial=step, desc="train", disable=not accelerator.is_local_main_process)
     t_start = t_log = time.perf_counter()
     steps_at_log, steps_done = step, 0
@@ -278,11 +325,14 @@ def train(
                         f"{type(method).__name__}.loss must return (scalar tensor, dict), got {loss!r}"
                     )
                 losses = accelerator.gather(loss.detach().float().reshape(1))
-                if not torch.isfinite(losses).all():
-                    raise NonFiniteLossError(
-                        f"non-finite loss {losses.tolist()} at step {step + 1} (of {total}); stopped. "
-                        f"Last good checkpoint: {last_ckpt or 'none'}"
+                problem = guard.problem(losses)
+                if problem:
+                    raise _stop(
+                        f"{problem} at step {step + 1} (of {total})", out_dir, pending, last_ckpt, is_main
                     )
+                if pending is not None:  # its weights gave a good loss
+                    last_ckpt, pending = pending, None
+                guard.add(losses.mean().item())
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and cfg.grad_clip:
@@ -316,19 +366,25 @@ def train(
                 pbar.set_postfix(loss=f"{row['loss']:.4g}", samples_s=f"{row['samples_per_s']:.1f}")
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
                 if not _all_finite(unwrap(model)):
-                    raise NonFiniteLossError(
-                        f"non-finite weights after step {step}; stopped. Last good checkpoint: {last_ckpt or 'none'}"
-                    )
+                    raise _stop(f"non-finite weights after step {step}", out_dir, None, last_ckpt, is_main)
                 ckpt_state = {
                     "step": step,
                     "epoch": data.epoch,
                     "batch_in_epoch": data.pos,
                     "total_steps": total,
                     "window": window.state(),
+                    "loss_window": guard.window,
+                    "method": method.state_dict() if hasattr(method, "state_dict") else None,
                     "train_config": config_to_dict(cfg),
                 }
-                last_ckpt = save_checkpoint(accelerator, out_dir, step, ckpt_state, cfg.keep_checkpoints)
+                pending = save_checkpoint(
+                    accelerator, out_dir, step, ckpt_state, cfg.keep_checkpoints, protect=last_ckpt
+                )
         pbar.close()
+        problem = _final_problem(method, model, batch, guard, accelerator)
+        if problem:
+            raise _stop(f"{problem} after the last step {step}", out_dir, pending, last_ckpt, is_main)
+        last_ckpt = pending or last_ckpt
         elapsed = time.perf_counter() - t_start
         inner = unwrap(model)
         results: dict[str, Any] = {}

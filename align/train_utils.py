@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -17,12 +18,16 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, IterableDataset
 
 from align.config import TrainConfig
-from align.io import atomic_path, read_jsonl, write_json
+from align.integrity import CorruptFileError, record_checksums, verify_dir
+from align.io import atomic_path, read_json, read_jsonl, write_json
+from align.rundir import OutDirError
 
 __all__ = [
+    "RUN_FILES",
     "STATE_FILE",
     "BatchStream",
     "LogWindow",
+    "LossGuard",
     "PermutationSampler",
     "epoch_seed",
     "list_checkpoints",
@@ -31,13 +36,26 @@ __all__ = [
     "remove_partial_checkpoints",
     "reset_out_dir",
     "resolve_start",
+    "restore_train_config",
     "save_checkpoint",
     "tracker_config",
     "truncate_metrics",
 ]
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
+# What the loop itself writes in an output directory (the method's outputs sit beside them).
+RUN_FILES = (
+    "checkpoints",
+    "tensorboard",
+    "metrics.jsonl",
+    "loss.png",
+    "result.json",
+    "config.yaml",
+    "run.json",
+)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -81,10 +99,11 @@ def list_checkpoints(root: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the ``keep`` newest complete checkpoints; return the deleted paths."""
+def prune_checkpoints(root: str | os.PathLike, keep: int, protect: Path | None = None) -> list[Path]:
+    """Delete all but the ``keep`` newest complete checkpoints (never ``protect``, the last one known
+    good); return the deleted paths."""
     ckpts = list_checkpoints(root)
-    doomed = [path for _, path in ckpts[: max(0, len(ckpts) - keep)]]
+    doomed = [path for _, path in ckpts[: max(0, len(ckpts) - keep)] if path != protect]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
@@ -103,10 +122,24 @@ def remove_partial_checkpoints(root: str | os.PathLike) -> list[Path]:
 
 
 def truncate_metrics(path: str | os.PathLike, step: int) -> list[dict[str, Any]]:
-    """Keep the rows of a metrics file up to ``step`` (a resumed run drops the lost tail); return them."""
+    """Keep the rows of a metrics file up to ``step`` (a resumed run drops the lost tail); return them.
+
+    A torn last line (a kill while appending) is dropped with a warning; a malformed line elsewhere
+    is an error naming it."""
     path = Path(path)
     if not path.is_file():
         return []
+    lines = path.read_text().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:  # the run was killed while appending it
+            logger.warning("%s:%d: dropping a torn last line %.60r", path, len(lines), lines[-1])
+            lines.pop()
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in lines))
     rows = [row for row in read_jsonl(path) if row.get("step", 0) <= step]
     with atomic_path(path) as tmp:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -153,22 +186,82 @@ def plot_loss(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: st
 
 
 def resolve_start(out_dir: Path, resume: bool | str, overwrite: bool) -> Path | None:
-    """The checkpoint to continue from (or None), applying the module's resume rule."""
+    """The checkpoint to continue from (or None), applying the module's resume rule.
+
+    Every checkpoint is verified against its ``checksums.json`` before use. With ``"auto"`` a corrupt
+    newest checkpoint falls back to the newest intact one with a warning; when every checkpoint is
+    corrupt (or an explicitly given one is) it raises :class:`~align.integrity.CorruptFileError`.
+    """
     finished = out_dir / "result.json"
     if finished.is_file() and not overwrite:
-        raise FileExistsError(
+        raise OutDirError(
             f"{out_dir}: holds a finished run ({finished.name}); refusing to train over it. "
-            "Use a new output directory, or overwrite=True (--overwrite) to train again from scratch."
+            "Use a new output directory, or --overwrite to train again from scratch."
         )
     if overwrite or resume is False:
         return None
     if resume is True or resume == "auto":
-        ckpts = list_checkpoints(out_dir / "checkpoints")
-        return ckpts[-1][1] if ckpts else None
+        bad = []
+        for _, path in reversed(list_checkpoints(out_dir / "checkpoints")):
+            try:
+                verify_dir(path, "checkpoint")
+            except CorruptFileError as err:
+                bad.append(str(err))
+                logger.warning("skipping corrupt checkpoint: %s", err)
+                continue
+            if bad:
+                logger.warning("resuming from %s, the newest intact checkpoint", path)
+            return path
+        if bad:
+            raise CorruptFileError(
+                f"{out_dir / 'checkpoints'}: no intact checkpoint to resume from: "
+                + "; ".join(bad)
+                + ". Use --no-resume to start over."
+            )
+        return None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint (expected {STATE_FILE} inside)")
+    verify_dir(path, "checkpoint")
     return path
+
+
+# Train settings a resume may change; every other one is restored from the checkpoint.
+RESUME_MAY_CHANGE = ("save_every", "keep_checkpoints", "log_every", "num_workers", "report_to")
+
+
+def restore_train_config(
+    cfg: TrainConfig, start: Path | None, out_dir: Path
+) -> tuple[TrainConfig, list[dict]]:
+    """The train config a run really uses, and the record of its resumes for ``config.yaml``.
+
+    Resuming restores the run's settings from the checkpoint (exact resume: same schedule, batch,
+    precision and seed), except the bookkeeping ones in ``RESUME_MAY_CHANGE``. A requested change of a
+    restored setting is ignored with a warning and recorded (``requested`` and ``used``) in a new entry
+    of the ``resumed`` list, after the entries of earlier resumes.
+    """
+    import yaml
+
+    from align.config import RESUMED_KEY, config_to_dict, load_config
+
+    if start is None:
+        return cfg, []
+    config_file = out_dir / "config.yaml"
+    earlier = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
+    history = list((earlier or {}).get(RESUMED_KEY) or []) if isinstance(earlier, dict) else []
+    requested, saved = config_to_dict(cfg), read_json(start / STATE_FILE).get("train_config") or {}
+    used = {k: v if k in RESUME_MAY_CHANGE or k not in saved else saved[k] for k, v in requested.items()}
+    ignored = {k: {"requested": requested[k], "used": used[k]} for k in requested if used[k] != requested[k]}
+    if ignored:
+        logger.warning(
+            "resuming from %s: its settings are kept; ignoring the requested changes %s (start a new run, "
+            "or --overwrite, to train with them)",
+            start,
+            {k: f"{v['used']} -> {v['requested']} ignored" for k, v in ignored.items()},
+        )
+    where = start.relative_to(out_dir).as_posix() if start.is_relative_to(out_dir) else start.name
+    entry = {"from": where, "step": int(read_json(start / STATE_FILE)["step"]), "ignored": ignored}
+    return load_config(TrainConfig, base=used), [*history, entry]
 
 
 def reset_out_dir(out_dir: Path) -> None:
@@ -235,6 +328,42 @@ class BatchStream:
             return batch
 
 
+EXPLODE_FACTOR = 100.0  # see LossGuard
+EXPLODE_WINDOW = 20
+
+
+class LossGuard:
+    """Judges each step's loss, and through it the weights that produced it.
+
+    A loss is bad when it is NaN/inf, or when it explodes: ``|loss| > EXPLODE_FACTOR * max(|m|, 1)``
+    where ``m`` is the median of the last ``EXPLODE_WINDOW`` good micro-batch losses (the window travels in
+    checkpoints, so a resumed run judges as an uninterrupted one would). A checkpoint is good only when
+    its weights are finite and the first loss computed with them (the next step's, or the final check's)
+    is good.
+    """
+
+    def __init__(self, window: Sequence[float] | None = None) -> None:
+        self.window = [float(v) for v in (window or [])][-EXPLODE_WINDOW:]
+
+    def problem(self, losses: torch.Tensor) -> str | None:
+        """What is wrong with the (gathered) losses of one micro-batch, or None."""
+        values = losses.detach().float().flatten()
+        if not torch.isfinite(values).all():
+            return f"non-finite loss {values.tolist()}"
+        if self.window:
+            limit = EXPLODE_FACTOR * max(abs(float(np.median(self.window))), 1.0)
+            worst = float(values.abs().max())
+            if worst > limit:
+                return (
+                    f"exploding loss {worst:.4g} (more than {EXPLODE_FACTOR:g} x the recent median "
+                    f"{float(np.median(self.window)):.4g})"
+                )
+        return None
+
+    def add(self, loss: float) -> None:
+        self.window = [*self.window, float(loss)][-EXPLODE_WINDOW:]
+
+
 class LogWindow:
     """Sums of loss and method metrics since the last log row (saved in checkpoints)."""
 
@@ -263,7 +392,9 @@ class LogWindow:
         return row
 
 
-def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, state: dict, keep: int) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, out_dir: Path, step: int, state: dict, keep: int, protect: Path | None = None
+) -> Path:
     """``save_state`` into ``.tmp-step-N``, add the trainer state, rename to ``step-N`` (atomic)."""
     root = out_dir / "checkpoints"
     final, tmp = root / f"step-{step}", root / f".tmp-step-{step}"
@@ -275,8 +406,9 @@ def save_checkpoint(accelerator: Accelerator, out_dir: Path, step: int, state: d
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(tmp / STATE_FILE, state)
+        record_checksums(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        prune_checkpoints(root, keep)
+        prune_checkpoints(root, keep, protect)
     accelerator.wait_for_everyone()
     return final

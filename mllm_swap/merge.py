@@ -14,7 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from align.io import atomic_path, read_json, write_json
+from align.integrity import record_checksums, verify_dir
+from align.io import read_json, write_json
+from align.rundir import OutDir, claims_out_dir
 from mllm_swap.adapter import locate, reference
 from mllm_swap.families.base import save_checkpoint
 from mllm_swap.tune import DTYPES, INFO_FILE, NON_LORA_FILE, load_non_lora, resolve_model
@@ -44,11 +46,13 @@ def _load_processor(adapter_dir: Path, base: str) -> Any:
     return AutoProcessor.from_pretrained(str(adapter_dir) if has_own else base)
 
 
+@claims_out_dir("merge")
 def merge_adapter(
     adapter_dir: str | Path,
     out_dir: str | Path,
     base_model: str | None = None,
     dtype: str = "float32",
+    overwrite: bool = False,
 ) -> Path:
     """Write the merged checkpoint of ``adapter_dir`` to ``out_dir`` (atomically) and return it."""
     from transformers import AutoModelForImageTextToText
@@ -71,6 +75,8 @@ def merge_adapter(
         )
     if out_dir.resolve() == adapter_dir.resolve():
         raise ValueError(f"--out {out_dir} must differ from --adapter")
+    claim = OutDir.current(out_dir)
+    verify_dir(adapter_dir, "adapter", required=(adapter_dir / INFO_FILE).is_file())  # ours: recorded
     named = _base_of(adapter_dir, base_model)
     base = resolve_model(named)
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=DTYPES[dtype])
@@ -80,15 +86,18 @@ def merge_adapter(
 
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     processor = _load_processor(adapter_dir, base)
-    with atomic_path(out_dir) as tmp:
-        save_checkpoint(model, processor, tmp)
-        write_json(
-            tmp / MERGE_INFO,
-            {
-                "adapter": reference(adapter_dir, out_dir),
-                "base_model": reference(named, out_dir),
-                "lora_merged": has_adapter,
-                "non_lora": copied,
-            },
-        )
+    tmp = claim.temp_dir()
+    save_checkpoint(model, processor, tmp)
+    write_json(
+        tmp / MERGE_INFO,
+        {
+            "adapter": reference(adapter_dir, out_dir),
+            "base_model": reference(named, out_dir),
+            "lora_merged": has_adapter,
+            "non_lora": copied,
+        },
+    )
+    record_checksums(tmp)
+    claim.clear()
+    claim.publish(tmp)
     return out_dir

@@ -27,8 +27,10 @@ from PIL import Image
 
 from align.errors import UserError
 from align.hub import check_hub_id, looks_like_hub_id
-from align.io import atomic_path, write_json
+from align.integrity import record_checksums
+from align.io import write_json
 from align.paths import portable, portable_tree
+from align.rundir import OutDir, claims_out_dir
 from mllm_swap.families import Family, Loaded, SwapPlan, detect_family
 from mllm_swap.families.new_tower import PREFIX_RULES, NewTower, new_tower, openclip_as_hf
 
@@ -185,6 +187,7 @@ def check_select_layer(select_layer: int | None, num_layers: int | None, encoder
     )
 
 
+@claims_out_dir("swap", out_arg="out")
 def swap(
     mllm: str | os.PathLike,
     encoder: Any,
@@ -210,10 +213,7 @@ def swap(
     if num_images < 1:
         raise UserError(f"--images {num_images}: expected at least 1 sample image for the drift check")
     out = Path(out).expanduser().resolve()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ValueError(
-            f"{out}: output directory exists and is not empty (pass overwrite=True / --overwrite)"
-        )
+    claim = OutDir.current(out)
     src = resolve_mllm(mllm)
     family = detect_family(src)
     if to_hf and not hasattr(family, "to_hf"):
@@ -250,13 +250,15 @@ def swap(
         notes=plan.notes + tower.notes,
         sample={"prompt": prompt, "generated": generated} if generated is not None else {},
     )
-    with atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
-        family.save(loaded, tmp, out, plan, tower)
-        if to_hf:
-            family.to_hf(loaded, tmp / "hf")
-            report.notes.append(f"HF-layout copy written to {out / 'hf'}")
-        write_json(tmp / REPORT, portable_tree(report.to_dict(), out))
+    tmp = claim.temp_dir()  # inside --out: a killed run's is removed by the next one
+    family.save(loaded, tmp, out, plan, tower)
+    if to_hf:
+        family.to_hf(loaded, tmp / "hf")
+        report.notes.append(f"HF-layout copy written to {out / 'hf'}")
+    write_json(tmp / REPORT, portable_tree(report.to_dict(), out))
+    record_checksums(tmp)
+    claim.clear()
+    claim.publish(tmp)
     if verbose:
         print(report.summary())
     return report

@@ -126,6 +126,10 @@ def resolve_model(name: str | Path) -> str:
                 f"model '{name}': no such checkpoint directory, and not a hub id 'org/name'"
             )
         check_hub_id(str(name), "model")
+    elif path.is_dir():  # a swapped or merged checkpoint of ours carries checksums.json
+        from align.integrity import verify_dir
+
+        verify_dir(path, "model checkpoint", required=False)
     return str(name)
 
 

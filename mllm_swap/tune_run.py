@@ -19,7 +19,10 @@ import torch
 from torch import nn
 
 from align.config import TrainConfig
+from align.integrity import record_checksums
 from align.io import read_json, write_json
+from align.rundir import OutDir
+from align.train_utils import RUN_FILES
 from mllm_swap.adapter import reference, write_card
 from mllm_swap.towers import add_remote_code
 from mllm_swap.tune import (
@@ -126,6 +129,13 @@ class TuneMethod:
         self.tokens_seen += int(tokens)
         return out.loss, {"tokens": tokens.float(), "label_tokens": (batch["labels"] >= 0).sum().float()}
 
+    def state_dict(self) -> dict[str, Any]:
+        """Counters that continue across a resume (saved in the loop's checkpoints)."""
+        return {"tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.tokens_seen = int(state["tokens_seen"])
+
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
         """Exact-match VQA accuracy on ``cfg.eval_vqa`` (skipped when unset)."""
         if self.cfg.eval_vqa is None:
@@ -221,20 +231,23 @@ def run_tune(
 
     from align.train import train
 
-    method = TuneMethod(cfg)
-    result = train(
-        method,
-        cfg.train,
-        out_dir,
-        resume,
-        overwrite=overwrite,
-        accelerator_kwargs=deepspeed_kwargs(cfg),
-        config_to_save=cfg,
-    )
-    info_path = Path(out_dir) / INFO_FILE
-    if PartialState().is_main_process and info_path.is_file():
-        info = read_json(info_path)
-        info["tokens_per_s"] = method.tokens_seen / max(result.elapsed_s, 1e-9)
-        write_json(info_path, info)
-        write_card(out_dir, cfg, info, result)  # over peft's empty template
+    with OutDir(out_dir, "tune", overwrite, collective=True):
+        method = TuneMethod(cfg)
+        result = train(
+            method,
+            cfg.train,
+            out_dir,
+            resume,
+            overwrite=overwrite,
+            accelerator_kwargs=deepspeed_kwargs(cfg),
+            config_to_save=cfg,
+        )
+        if PartialState().is_main_process:
+            info_path = Path(out_dir) / INFO_FILE
+            if info_path.is_file():
+                info = read_json(info_path)
+                info["tokens_per_s"] = method.tokens_seen / max(result.elapsed_s, 1e-9)
+                write_json(info_path, info)
+                write_card(out_dir, cfg, info, result)  # over peft's empty template
+            record_checksums(out_dir, exclude=RUN_FILES)  # the adapter's record, verified by merge
     return result

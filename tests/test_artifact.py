@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from align.artifact import AlignedEncoder, load_aligned, patch_drift, save_aligned
 from align.encoders.registry import load_text_encoder, load_vision_encoder
+from align.integrity import CorruptFileError, record_checksums
 from align.towers_aligned import build_text_head, build_token_head
 
 
@@ -134,13 +135,25 @@ def test_errors_name_the_problem(dino_reg, text, tmp_path):
     with pytest.raises(ValueError, match="not an aligned-encoder artifact"):
         save_aligned(busy, enc)
     out = save_aligned(tmp_path / "a", enc)
+    weights = out / "model.safetensors"
+    clean = weights.read_bytes()
+    flipped = bytearray(clean)
+    flipped[len(clean) // 2] ^= 0xFF  # same size, one byte of the head weights changed
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(CorruptFileError, match="a/model.safetensors: artifact file is corrupt: expected sha256"):
+        load_aligned(out)
+    weights.write_bytes(clean)
     config = json.loads((out / "aligned_encoder.json").read_text())
     config["backbone"]["source"] = "tiny-dinov2"  # 1 prefix token instead of 5
     (out / "aligned_encoder.json").write_text(json.dumps(config))
+    with pytest.raises(CorruptFileError, match="aligned_encoder.json: artifact file is (corrupt|truncated)"):
+        load_aligned(out)
+    record_checksums(out)  # an edit recorded as if made by the writer: the config checks speak
     with pytest.raises(ValueError, match="num_prefix_tokens"):
         load_aligned(out)
     config["format"] = "something else"
     (out / "aligned_encoder.json").write_text(json.dumps(config))
+    record_checksums(out)
     with pytest.raises(ValueError, match="expected format"):
         load_aligned(out)
     with pytest.raises(ValueError, match="needs a CLS token"):

@@ -85,10 +85,10 @@ def test_corrupt_shard_is_detected_and_redone(shapes_dir, tmp_path, monkeypatch)
     data = bytearray(shard.read_bytes())
     data[-7] ^= 0xFF  # same size, different bytes
     shard.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="sha256 does not match"):
-        EmbeddingCache(out, verify=True)
+    with pytest.raises(ValueError, match="shard-00001.safetensors: cache shard is corrupt: expected sha256"):
+        EmbeddingCache(out)  # verified by default (once per file, remembered while unchanged)
     shard.write_bytes(bytes(data[:-100]))  # truncated
-    with pytest.raises(ValueError, match="missing or truncated"):
+    with pytest.raises(ValueError, match="truncated"):
         EmbeddingCache(out)
 
     redone = []
@@ -196,3 +196,41 @@ def test_cli_encode_and_errors(shapes_dir, tmp_path, capsys) -> None:
         == 2
     )
     assert "no-such-model" in capsys.readouterr().err
+
+
+def test_manifest_edits_disagreeing_with_shards_are_refused(shapes_dir, tmp_path) -> None:
+    """The manifest is cross-checked with its shards: rows, ids and the shard's own record."""
+    out = write_cache(load_vision_encoder("tiny-clip"), shapes_dir, tmp_path / "c", pool="mean", shard_size=40)
+    manifest_file = out / "manifest.json"
+    clean = json.loads(manifest_file.read_text())
+    edits = {
+        "rows": lambda m: m["shards"][0].update(rows=m["shards"][0]["rows"] - 5),
+        "total rows": lambda m: m.update(rows=m["rows"] - 5),
+        "ids": lambda m: m["shards"][1]["ids"].reverse(),
+    }
+    for name, edit in edits.items():
+        manifest = json.loads(json.dumps(clean))
+        edit(manifest)
+        manifest_file.write_text(json.dumps(manifest))
+        with pytest.raises(ValueError, match="manifest") as err:
+            EmbeddingCache(out)
+        assert str(manifest_file) in str(err.value), name
+    manifest_file.write_text(json.dumps(clean))
+    assert len(EmbeddingCache(out)) == 96
+
+
+def test_verification_is_remembered_until_the_file_changes(shapes_dir, tmp_path, monkeypatch) -> None:
+    from align import integrity
+
+    out = write_cache(load_vision_encoder("tiny-clip"), shapes_dir, tmp_path / "c", pool="mean", shard_size=40)
+    hashed = []
+    real = integrity.sha256_file
+    monkeypatch.setattr(integrity, "sha256_file", lambda p: (hashed.append(p), real(p))[1])
+    EmbeddingCache(out)
+    first = len(hashed)
+    EmbeddingCache(out)
+    assert first == 3 and len(hashed) == first  # three shards hashed once, then remembered
+    shard = out / "shard-00002.safetensors"
+    shard.write_bytes(shard.read_bytes())  # same bytes, rewritten: checked again
+    EmbeddingCache(out)
+    assert hashed[first:] == [shard]

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from align.config import TrainConfig
+from align.integrity import CorruptFileError, record_checksums
 from mllm_swap.cli import main
 from mllm_swap.merge import merge_adapter
 from mllm_swap.tune import INFO_FILE, NON_LORA_FILE, TuneConfig
@@ -148,7 +149,7 @@ def test_adapter_loads_with_plain_peft_anywhere(lora_run: Path, trained: dict, t
     assert max(diffs.values()) <= 1e-4, diffs
 
 
-def test_merge_cli_and_errors(lora_run: Path, trained: dict, tmp_path: Path) -> None:
+def test_merge_cli_and_errors(lora_run: Path, trained: dict, tmp_path: Path, capsys) -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     out = merge_adapter(lora_run, tmp_path / "m")
@@ -158,6 +159,11 @@ def test_merge_cli_and_errors(lora_run: Path, trained: dict, tmp_path: Path) -> 
     assert _max_diff(_logits(merged, trained), trained["trained"]) <= 1e-4
     processor = AutoProcessor.from_pretrained(out)
     assert processor.tokenizer.eos_token == "</s>" and processor.chat_template
+    assert main(["merge", "--adapter", str(lora_run), "--out", str(tmp_path / "m2")]) == 0
+    # a finished output is refused like swap's, replaced with --overwrite
+    assert main(["merge", "--adapter", str(lora_run), "--out", str(tmp_path / "m2")]) == 2
+    assert "holds a finished run of `mllm-swap merge`" in capsys.readouterr().err
+    assert main(["merge", "--adapter", str(lora_run), "--out", str(tmp_path / "m2"), "--overwrite"]) == 0
     assert main(["merge", "--adapter", str(tmp_path / "absent"), "--out", str(tmp_path / "x")]) == 2
     assert main(["merge", "--adapter", str(lora_run), "--out", str(lora_run)]) == 2
     empty = tmp_path / "empty"
@@ -204,7 +210,22 @@ def test_non_lora_only_output_is_applied_to_its_base(lora_run: Path, tmp_path: P
     (stage / INFO_FILE).write_text(
         json.dumps({"stage": "connector", "base_model": str(lora_run.parent / "base")})
     )
+    with pytest.raises(CorruptFileError, match="connector_only: adapter has no checksums.json"):
+        merge_adapter(stage, tmp_path / "merged")  # a stage output of ours without its record
+    record_checksums(stage)
     out = merge_adapter(stage, tmp_path / "merged")
     model = AutoModelForImageTextToText.from_pretrained(out)
     for key, value in load_file(stage / NON_LORA_FILE).items():
         assert torch.equal(model.get_parameter(key), value)
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json"])
+def test_corrupt_adapter_is_named_not_merged(lora_run: Path, tmp_path: Path, capsys, name: str) -> None:
+    adapter = tmp_path / "adapter"
+    shutil.copytree(lora_run, adapter)
+    data = bytearray((adapter / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size
+    (adapter / name).write_bytes(bytes(data))
+    assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "m")]) == 2
+    assert f"{adapter / name}: adapter file is corrupt: expected sha256" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

@@ -41,7 +41,7 @@ def test_same_seed_gives_identical_bytes_and_other_seed_differs(world: Path, tmp
     generate_shapes(tmp_path / "b", N, seed=0, progress=False)
     generate_shapes(tmp_path / "c", N, seed=1, progress=False)
     a, b, c = _files(world), _files(tmp_path / "b"), _files(tmp_path / "c")
-    assert len(a) == 2 * N + 6  # images, masks, 6 index files
+    assert len(a) == 2 * N + 7  # images, masks, 6 index files, the run marker
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
     assert a.keys() == c.keys()
@@ -156,20 +156,24 @@ def test_classes_meta_and_loaders(world: Path) -> None:
         load_shapes(world, split="val")
 
 
-def test_reuse_force_and_refusal(tmp_path: Path) -> None:
+def test_reuse_overwrite_and_refusal(tmp_path: Path) -> None:
     out = tmp_path / "w"
     first = generate_shapes(out, 5, seed=3, size=32, progress=False)
     assert not first["reused"] and Image.open(out / "images" / "shapes-00000.png").size == (32, 32)
     stamp = (out / "pairs.jsonl").stat().st_mtime_ns
     assert generate_shapes(out, 5, seed=3, size=32, progress=False)["reused"]
     assert (out / "pairs.jsonl").stat().st_mtime_ns == stamp
-    assert not generate_shapes(out, 5, seed=3, size=32, force=True, progress=False)["reused"]
-    assert not generate_shapes(out, 6, seed=3, size=32, progress=False)["reused"]  # other args: rebuilt
-    assert len(load_shapes(out)) == 6
+    assert not generate_shapes(out, 5, seed=3, size=32, overwrite=True, progress=False)["reused"]
+    (out / "my-notes.txt").write_text("mine")  # a user's file inside the dataset survives a rebuild
+    with pytest.raises(FileExistsError, match=r"other arguments \(\{'n': 5\}\).*--overwrite"):
+        generate_shapes(out, 6, seed=3, size=32, progress=False)
+    assert len(load_shapes(out)) == 5
+    assert not generate_shapes(out, 6, seed=3, size=32, overwrite=True, progress=False)["reused"]
+    assert len(load_shapes(out)) == 6 and (out / "my-notes.txt").read_text() == "mine"
     other = tmp_path / "precious"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="not a shapes dataset"):
+    with pytest.raises(ValueError, match="not an output directory of mllm-swap"):
         generate_shapes(other, 3, progress=False)
     assert (other / "notes.txt").read_text() == "keep me"
 
@@ -209,7 +213,7 @@ def test_cli_shapes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x.txt").write_text("x")
     assert main(["data", "shapes", "--out", str(tmp_path / "busy"), "--n", "3"]) == 2
-    assert "not a shapes dataset" in capsys.readouterr().err
+    assert "not an output directory of mllm-swap" in capsys.readouterr().err
 
 
 def test_cli_via_python_m(tmp_path: Path) -> None:

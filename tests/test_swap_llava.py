@@ -320,7 +320,7 @@ def test_swap_errors(tmp_path, swapped) -> None:
         swap("tiny-llava", "tiny-dinov2", tmp_path / "a", mode="dropin", verbose=False)
     with pytest.raises(ValueError, match=r"image tokens 64 vs 69"):
         swap("tiny-llava", "tiny-dinov2-reg", tmp_path / "a", mode="dropin", prefix="keep", verbose=False)
-    with pytest.raises(ValueError, match="not empty"):
+    with pytest.raises(ValueError, match="holds a finished run of `mllm-swap swap`.*--overwrite"):
         swap("tiny-llava", "tiny-clip", swapped["clip"][0], verbose=False)
     with pytest.raises(ValueError, match="mode 'swap'"):
         swap("tiny-llava", "tiny-clip", tmp_path / "b", mode="swap", verbose=False)
@@ -442,3 +442,22 @@ def test_a_dropin_records_its_tower_for_the_next_swap(swapped, tmp_path) -> None
     first = swapped["near"][0]
     report = swap(str(first), "tiny-clip", tmp_path / "again", mode="dropin", verbose=False)
     assert report.old_tower["source"] == "tiny-clip-perturbed"
+
+
+def test_a_corrupt_swapped_checkpoint_is_named_before_tuning(tmp_path, swapped, capsys) -> None:
+    import shutil
+
+    copy = tmp_path / "swapped"
+    shutil.copytree(swapped["clip"][0], copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size
+    weights.write_bytes(bytes(data))
+    argv = ["merge", "--adapter", str(tmp_path / "none"), "--base", str(copy), "--out", str(tmp_path / "m")]
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "non_lora_trainables.safetensors").write_bytes(b"")
+    from mllm_swap.tune import resolve_model
+
+    with pytest.raises(ValueError, match=f"{weights}: model checkpoint file is corrupt: expected sha256"):
+        resolve_model(copy)
+    assert main(argv) == 2 and "model checkpoint file is corrupt" in capsys.readouterr().err

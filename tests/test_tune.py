@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from torch import nn
 
@@ -14,6 +16,7 @@ from align.config import TrainConfig, load_config
 from align.errors import UserError
 from mllm_swap.cli import main
 from mllm_swap.tune import (
+    INFO_FILE,
     NON_LORA_FILE,
     QLORA_MESSAGE,
     TuneConfig,
@@ -186,6 +189,8 @@ class _Interrupt(Exception):
 
 
 def test_lora_resume_matches_uninterrupted_run(shapes_dir: Path, tmp_path: Path) -> None:
+    from align.io import read_json
+    from align.rundir import OutDir
     from align.train import train
     from mllm_swap.tune_run import TuneMethod, run_tune
 
@@ -202,10 +207,14 @@ def test_lora_resume_matches_uninterrupted_run(shapes_dir: Path, tmp_path: Path)
                 raise _Interrupt
             return super().loss(model, batch)
 
-    with pytest.raises(_Interrupt):
+    with pytest.raises(_Interrupt), OutDir(tmp_path / "b", "tune"):  # as `run_tune` claims it
         train(Interrupted(cfg), cfg.train, tmp_path / "b", resume=False, config_to_save=cfg)
     assert (tmp_path / "b/checkpoints/step-2").is_dir() and not (tmp_path / "b/result.json").exists()
-    result = run_tune(cfg, tmp_path / "b", resume="auto")
+    asked = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e-2))  # ignored on resume
+    result = run_tune(asked, tmp_path / "b", resume="auto")
+    recorded = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
+    assert recorded["train"]["lr"] == 5e-3  # the recipe as really run, and what was asked
+    assert recorded["resumed"][0]["ignored"] == {"lr": {"requested": 1e-2, "used": 5e-3}}
     assert result.resumed_from == tmp_path / "b/checkpoints/step-2" and result.steps == 4
     a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("a", "b"))
     assert a.keys() == b.keys() and a
@@ -219,6 +228,11 @@ def test_lora_resume_matches_uninterrupted_run(shapes_dir: Path, tmp_path: Path)
         == "tiny-llava"
     )
     assert main(["merge", "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "merged")]) == 0
+    # counters continue across the resume: the tokens seen equal the uninterrupted run's
+    assert (
+        read_json(tmp_path / "b" / INFO_FILE)["tokens_seen"]
+        == read_json(tmp_path / "a" / INFO_FILE)["tokens_seen"]
+    )
 
 
 def test_cli_connector_stage_chains_into_lora(shapes_dir: Path, tmp_path: Path) -> None:

@@ -27,8 +27,10 @@ from tqdm import tqdm
 
 from align.data.images import ImageTextDataset
 from align.encoders.base import TextEncoder, VisionEncoder
+from align.integrity import verify_file
 from align.io import atomic_path, read_json, sha256_file, write_json
 from align.paths import portable_tree
+from align.rundir import OutDir, OutDirError, claims_out_dir
 
 CACHE_VERSION = 1
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -113,6 +115,15 @@ def _dist() -> tuple[int, int, Any]:
     return 0, 1, None
 
 
+def _cache_files(out: Path) -> list[str] | None:
+    """The files of a cache at ``out`` (None when it holds none): what an overwrite may remove."""
+    if not (out / "cache_config.json").is_file():
+        return None
+    shards = [p.name for p in out.glob("shard-*") if p.suffix in (".safetensors", ".json")]
+    return sorted(["cache_config.json", "manifest.json", *shards])
+
+
+@claims_out_dir("encode", out_arg="out", adopt=_cache_files, collective=True, reuse=True)
 @torch.no_grad()
 def write_cache(
     encoder: str | VisionEncoder | TextEncoder,
@@ -127,11 +138,12 @@ def write_cache(
     max_tokens: int = 77,
     on_error: str = "raise",
     device: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Encode ``source`` (a path for :func:`align.data.readers.open_data` or a ``DataSource``) into ``out``.
 
     Rerunning with the same arguments resumes: finished, intact shards are kept; the rest are redone.
-    Returns the cache directory once ``manifest.json`` is written.
+    A cache of other settings in ``out`` is refused, or replaced with ``overwrite``. Returns the cache directory once ``manifest.json`` is written.
     """
     from align.data.readers import open_data
 
@@ -169,10 +181,12 @@ def write_cache(
     config_file = out / "cache_config.json"
     if rank == 0:
         if config_file.is_file() and read_json(config_file) != config:
-            raise ValueError(
-                f"{out}: holds a cache of different settings ({config_file}); choose another --out "
-                "or delete it"
-            )
+            if not overwrite:
+                raise OutDirError(
+                    f"{out}: holds a cache of different settings ({config_file}); choose another --out "
+                    "or pass --overwrite to replace it"
+                )
+            OutDir.current(out).clear(_cache_files(out) or [])
         if (out / "manifest.json").is_file() and all(_shard_done(out, k) for k in range(_num_shards(config))):
             return out
         write_json(config_file, config)
@@ -259,6 +273,32 @@ def _write_shard(encoder, data, out: Path, k: int, config: dict, batch_size: int
     write_json(out / f"{shard_name(k)}.json", record)
 
 
+def _check_shard(manifest: Path, record: dict, arrays: dict[str, np.ndarray], config: dict) -> None:
+    """Cross-check one manifest record against its shard's tensors: rows, ids and source rows agree."""
+    rows, index = record.get("rows"), arrays.get("row_index")
+    n_emb = arrays["embeddings"].shape[0] if arrays["embeddings"].ndim > 1 else 0
+    problems = []
+    if index is None or len(index) != rows:
+        problems.append(f"rows {rows} but row_index holds {None if index is None else len(index)}")
+    elif n_emb != rows:
+        problems.append(f"rows {rows} but embeddings hold {n_emb}")
+    elif len(record.get("ids", ())) != rows:
+        problems.append(f"rows {rows} but {len(record.get('ids', ()))} ids")
+    elif rows and (
+        index.min() < record.get("first_row", 0)
+        or index.max() >= min(record.get("first_row", 0) + config["shard_size"], config["rows"])
+    ):
+        problems.append(f"row_index {int(index.min())}..{int(index.max())} outside the shard's source rows")
+    sidecar = manifest.parent / f"{Path(record.get('shard', '')).stem}.json"
+    if not problems and sidecar.is_file() and read_json(sidecar) != record:
+        problems.append(f"its record differs from the shard's own record {sidecar.name}")
+    if problems:
+        raise ValueError(
+            f"{manifest}: shard {record.get('shard')}: {'; '.join(problems)}; the manifest disagrees with "
+            "its shard: rerun the encode command"
+        )
+
+
 def _memmap(path: Path) -> dict[str, np.ndarray]:
     """Memory-map every tensor of a safetensors file (format: u64 header length, JSON header, raw data)."""
     with path.open("rb") as fh:
@@ -284,10 +324,12 @@ class EmbeddingCache:
     """Read a cache written by :func:`write_cache` without loading it into RAM.
 
     ``get(rows)`` returns float32 embeddings for cache rows (``(tokens, mask)`` for token caches). Opening
-    checks every shard's size against the manifest; ``verify=True`` also checks sha256 checksums.
+    verifies every shard's size and sha256 against the manifest (hashed once per file, see
+    :mod:`align.integrity`; ``verify=False`` checks sizes only) and cross-checks each manifest record
+    with its shard's tensors (row counts, ids, source rows).
     """
 
-    def __init__(self, path: str | os.PathLike, verify: bool = False):
+    def __init__(self, path: str | os.PathLike, verify: bool = True):
         self.path = Path(path)
         manifest_file = self.path / "manifest.json"
         if not manifest_file.is_file():
@@ -298,21 +340,25 @@ class EmbeddingCache:
         self._shards: list[dict[str, np.ndarray]] = []
         for record in self.manifest["shards"]:
             shard = self.path / record["shard"]
-            if not shard.is_file() or shard.stat().st_size != record["bytes"]:
+            if verify:  # sha256 + size, hashed once per file (align.integrity's memo)
+                verify_file(shard, record["bytes"], record["sha256"], "cache shard")
+            elif not shard.is_file() or shard.stat().st_size != record["bytes"]:
                 raise ValueError(
                     f"{shard}: missing or truncated (manifest expects {record['bytes']} bytes); "
                     "rerun the encode command to redo it"
                 )
-            if verify and sha256_file(shard) != record["sha256"]:
-                raise ValueError(
-                    f"{shard}: sha256 does not match the manifest; rerun the encode command to redo it"
-                )
             self._shards.append(_memmap(shard))
+            _check_shard(manifest_file, record, self._shards[-1], self.manifest)
         counts = [r["rows"] for r in self.manifest["shards"]]
         self._offsets = np.cumsum([0, *counts])
         self.ids: list[str] = [i for r in self.manifest["shards"] for i in r["ids"]]
         self.is_tokens = self.manifest["pool"] == "tokens"
         self._bf16 = self.manifest["dtype"] == "bf16"
+        if len(self) + self.manifest.get("skipped", 0) != self.manifest["rows"]:
+            raise ValueError(
+                f"{manifest_file}: rows {self.manifest['rows']} != {len(self)} rows in shards + "
+                f"{self.manifest.get('skipped', 0)} skipped; the manifest was altered: rerun the encode command"
+            )
 
     def __len__(self) -> int:
         return int(self._offsets[-1])

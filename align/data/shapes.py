@@ -34,10 +34,14 @@ from align.data.shapes_text import (
     short_caption,
     vqa_rows,
 )
-from align.io import atomic_path, read_json, read_jsonl
+from align.io import read_json, read_jsonl
+from align.rundir import OutDir, OutDirError, claims_out_dir
 
 GENERATOR = "mllm-swap shapes"
 VERSION = 1
+DATASET_ENTRIES = (
+    "images", "masks", "pairs.jsonl", "images.txt", "instruct.json", "vqa_test.jsonl", "classes.json", "meta.json"
+)  # fmt: skip
 
 # Base RGB per colour name (each object gets +-15 per channel of jitter).
 COLORS: dict[str, tuple[int, int, int]] = dict(
@@ -143,30 +147,26 @@ def _save_png(img: Image.Image, path: Path) -> None:
 
 
 def _existing_meta(out: Path) -> dict | None:
-    """The meta of a shapes dataset at ``out``; ``None`` if absent/empty; error if something else."""
-    if not out.exists():
-        return None
-    if not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a directory; expected a new or shapes-dataset directory")
-    if not any(out.iterdir()):
-        return None
+    """The meta of a shapes dataset at ``out``; ``None`` if there is none."""
     meta_path = out / "meta.json"
     meta = read_json(meta_path) if meta_path.is_file() else {}
-    if meta.get("generator") != GENERATOR:
-        raise ValueError(
-            f"{out}: directory is not empty and is not a shapes dataset (no {meta_path.name} from "
-            f"{GENERATOR!r}); refusing to replace it, choose a new --out"
-        )
-    return meta
+    return meta if isinstance(meta, dict) and meta.get("generator") == GENERATOR else None
 
 
+def _adopt(out: Path) -> list[str] | None:
+    """The entries of a shapes dataset written before output markers existed (see align.rundir)."""
+    meta = _existing_meta(out)
+    return sorted(DATASET_ENTRIES) if meta is not None else None
+
+
+@claims_out_dir("data shapes", adopt=_adopt, wait=600.0, reuse=True)
 def generate_shapes(
     out_dir: str | os.PathLike,
     n: int,
     seed: int = 0,
     size: int = 64,
     test_fraction: float = 0.2,
-    force: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
     """Write a shapes-world dataset of ``n`` images to ``out_dir`` atomically; return a summary.
@@ -174,7 +174,8 @@ def generate_shapes(
     Files: ``images/<id>.png``, ``masks/<id>.png``, ``pairs.jsonl``, ``images.txt``,
     ``instruct.json`` (train), ``vqa_test.jsonl`` (test), ``classes.json``, ``meta.json``. The same
     arguments give byte-identical files. An existing dataset made with the same arguments is reused
-    unless ``force``; a non-empty directory that is not a shapes dataset is refused.
+    unless ``overwrite``; one made with other arguments is replaced only with ``overwrite``; a
+    non-empty directory that is not a shapes dataset is refused (see :mod:`align.rundir`).
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
@@ -192,58 +193,67 @@ def generate_shapes(
     }
     meta = _existing_meta(out)
     complete = meta is not None and (out / "pairs.jsonl").is_file()
-    if complete and not force and all(meta.get(k) == v for k, v in params.items()):
+    if complete and not overwrite and all(meta.get(k) == v for k, v in params.items()):
         return _summary(out, meta, reused=True)
+    claim = OutDir.current(out)
+    if complete and not overwrite:
+        differs = {k: meta.get(k) for k, v in params.items() if meta.get(k) != v}
+        raise OutDirError(
+            f"{out}: holds a shapes dataset made with other arguments ({differs}); refusing to replace it. "
+            "Use a new --out, or --overwrite to replace it."
+        )
 
     n_test = min(round(n * test_fraction), n - 1)
     test_ids = set(np.random.default_rng(seed).choice(n, size=n_test, replace=False).tolist())
     width = max(5, len(str(n - 1)))
     rows, instruct, vqa, seen = [], [], [], set()
-    with atomic_path(out) as tmp:
-        (tmp / "images").mkdir(parents=True)
-        (tmp / "masks").mkdir()
-        for i in tqdm(range(n), desc="shapes", unit="img", disable=not progress):
-            for attempt in range(1000):  # redraw (deterministically) on the rare duplicate image
-                rng = np.random.default_rng([int(seed), i, attempt])
-                img, mask, objects = render(rng, size)
-                digest = hashlib.sha256(img.tobytes()).digest()
-                if digest not in seen:
-                    break
-            seen.add(digest)
-            sid = f"shapes-{i:0{width}d}"
-            _save_png(img, tmp / "images" / f"{sid}.png")
-            _save_png(mask, tmp / "masks" / f"{sid}.png")
-            attrs = _attributes(objects)
-            split = "test" if i in test_ids else "train"
-            image = f"images/{sid}.png"
-            rows.append(
-                {
-                    "id": sid,
-                    "image": image,
-                    "mask": f"masks/{sid}.png",
-                    "caption": short_caption(attrs),
-                    "long_caption": long_caption(attrs),
-                    "split": split,
-                    "attributes": attrs,
-                }
-            )
-            if split == "train":
-                instruct.append(instruct_entry(sid, image, attrs, rng))
-            else:
-                vqa.extend(vqa_rows(sid, image, attrs, rng))
-        _write_jsonl(tmp / "pairs.jsonl", rows)
-        (tmp / "images.txt").write_text("".join(f"{r['image']}\n" for r in rows))
-        (tmp / "instruct.json").write_text(json.dumps(instruct, indent=1) + "\n")
-        _write_jsonl(tmp / "vqa_test.jsonl", vqa)
-        (tmp / "classes.json").write_text(json.dumps(classes_json(), indent=2) + "\n")
-        meta = {
-            "generator": GENERATOR,
-            **params,
-            "counts": {"train": n - n_test, "test": n_test, "instruct": len(instruct), "vqa": len(vqa)},
-            "mask_classes": MASK_CLASSES,
-            "max_objects": len(COUNT_PROBS),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    tmp = claim.temp_dir()
+    (tmp / "images").mkdir(parents=True)
+    (tmp / "masks").mkdir()
+    for i in tqdm(range(n), desc="shapes", unit="img", disable=not progress):
+        for attempt in range(1000):  # redraw (deterministically) on the rare duplicate image
+            rng = np.random.default_rng([int(seed), i, attempt])
+            img, mask, objects = render(rng, size)
+            digest = hashlib.sha256(img.tobytes()).digest()
+            if digest not in seen:
+                break
+        seen.add(digest)
+        sid = f"shapes-{i:0{width}d}"
+        _save_png(img, tmp / "images" / f"{sid}.png")
+        _save_png(mask, tmp / "masks" / f"{sid}.png")
+        attrs = _attributes(objects)
+        split = "test" if i in test_ids else "train"
+        image = f"images/{sid}.png"
+        rows.append(
+            {
+                "id": sid,
+                "image": image,
+                "mask": f"masks/{sid}.png",
+                "caption": short_caption(attrs),
+                "long_caption": long_caption(attrs),
+                "split": split,
+                "attributes": attrs,
+            }
+        )
+        if split == "train":
+            instruct.append(instruct_entry(sid, image, attrs, rng))
+        else:
+            vqa.extend(vqa_rows(sid, image, attrs, rng))
+    _write_jsonl(tmp / "pairs.jsonl", rows)
+    (tmp / "images.txt").write_text("".join(f"{r['image']}\n" for r in rows))
+    (tmp / "instruct.json").write_text(json.dumps(instruct, indent=1) + "\n")
+    _write_jsonl(tmp / "vqa_test.jsonl", vqa)
+    (tmp / "classes.json").write_text(json.dumps(classes_json(), indent=2) + "\n")
+    meta = {
+        "generator": GENERATOR,
+        **params,
+        "counts": {"train": n - n_test, "test": n_test, "instruct": len(instruct), "vqa": len(vqa)},
+        "mask_classes": MASK_CLASSES,
+        "max_objects": len(COUNT_PROBS),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    claim.clear(sorted(DATASET_ENTRIES))
+    claim.publish(tmp)
     return _summary(out, meta, reused=False)
 
 

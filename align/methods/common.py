@@ -235,14 +235,14 @@ def zero_shot_scores(encoder: Any, eval_cfg: EvalConfig, data: DataConfig) -> di
 
 def training_record(recipe: Any, dataset: PairedCaches, out_dir: Path) -> dict[str, Any]:
     """What the model card says about training: data, steps, samples, batch and the final loss."""
-    from align.config import config_to_dict
     from align.io import read_jsonl
 
     rows = read_jsonl(out_dir / "metrics.jsonl") if (out_dir / "metrics.jsonl").is_file() else []
     last = rows[-1] if rows else {}
     steps = int(last.get("step", 0))
     world = max(1, torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
-    batch = recipe.train.batch_size * recipe.train.grad_accum * world
+    used = recipe_as_run(out_dir)
+    batch = used["train"]["batch_size"] * used["train"]["grad_accum"] * world
     return {
         "data": recipe.data.train or recipe.data.image_cache,
         "pairs": len(dataset),
@@ -250,8 +250,15 @@ def training_record(recipe: Any, dataset: PairedCaches, out_dir: Path) -> dict[s
         "batch_size": batch,
         "samples_seen": steps * batch,
         "final_loss": last.get("loss"),
-        "recipe": config_to_dict(recipe),
+        "recipe": used,
     }
+
+
+def recipe_as_run(out_dir: Path) -> dict[str, Any]:
+    """The recipe a run really used: its ``config.yaml`` (restored settings, ``resumed`` record)."""
+    import yaml
+
+    return yaml.safe_load((Path(out_dir) / "config.yaml").read_text())
 
 
 def run_recipe(

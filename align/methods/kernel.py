@@ -41,6 +41,7 @@ from align.kernels import build_kernel
 from align.losses import anchor_loss, kernel_alignment_loss
 from align.methods.common import EvalConfig, run_recipe
 from align.methods.kernel_data import KueaData, KueaImages, encode_student, load_student, load_target
+from align.rundir import OutDir
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "steps": 40000,
@@ -239,9 +240,10 @@ def run(
     overrides: list[str],
     out_dir: str | os.PathLike,
     resume: bool | str = "auto",
+    overwrite: bool = False,
 ) -> Path:
     """Train KUEA from a recipe file into ``out_dir``; returns the artifact directory."""
     recipe = load_recipe(config, overrides)
-    method = KueaMethod(recipe, out_dir)
-    run_recipe(method, recipe, out_dir, resume)
+    with OutDir(out_dir, "align kernel", overwrite, collective=True):  # before its caches are written into out_dir
+        run_recipe(KueaMethod(recipe, out_dir), recipe, out_dir, resume, overwrite=overwrite)
     return Path(out_dir) / "artifact"

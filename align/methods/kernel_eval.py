@@ -17,6 +17,7 @@ from align.compat_report import (
     zeroshot_tasks,
 )
 from align.encoders.base import VisionEncoder
+from align.methods.common import recipe_as_run
 from align.methods.kernel_data import encode_student, load_target
 
 PROBE_ATTRIBUTES = ("color", "shape", "count", "position")
@@ -98,14 +99,14 @@ def kuea_report(method: Any, model: Any) -> dict[str, Any]:
 
 def training_record(method: Any, out_dir: Path) -> dict[str, Any]:
     """What the artifact's model card says about training."""
-    from align.config import config_to_dict
     from align.io import read_jsonl
 
     recipe = method.recipe
     rows = read_jsonl(out_dir / "metrics.jsonl") if (out_dir / "metrics.jsonl").is_file() else []
     last = rows[-1] if rows else {}
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    batch = recipe.train.batch_size * recipe.train.grad_accum * world
+    used = recipe_as_run(out_dir)
+    batch = used["train"]["batch_size"] * used["train"]["grad_accum"] * world
     steps = int(last.get("step", 0))
     return {
         "data": recipe.data.train,
@@ -117,7 +118,7 @@ def training_record(method: Any, out_dir: Path) -> dict[str, Any]:
         "target": method.target_spec,
         "target_pool": recipe.target_pool,
         "live_target": recipe.live_target,
-        "recipe": config_to_dict(recipe),
+        "recipe": used,
     }
 
 

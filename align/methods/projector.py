@@ -37,6 +37,7 @@ from align.methods.common import (
     training_record,
     zero_shot_scores,
 )
+from align.rundir import OutDir
 from align.towers_aligned import FreezeAlignTextHead, FreezeAlignTokenHead
 
 TRAIN_DEFAULTS = {
@@ -174,9 +175,10 @@ def run(
     overrides: list[str],
     out_dir: str | os.PathLike,
     resume: bool | str = "auto",
+    overwrite: bool = False,
 ) -> Path:
     """Train freeze-align from a recipe file into ``out_dir``; returns the artifact directory."""
     recipe = load_recipe(config, overrides)
-    method = ProjectorMethod(recipe, out_dir)
-    run_recipe(method, recipe, out_dir, resume)
+    with OutDir(out_dir, "align projector", overwrite, collective=True):  # before its caches are written into out_dir
+        run_recipe(ProjectorMethod(recipe, out_dir), recipe, out_dir, resume, overwrite=overwrite)
     return Path(out_dir) / "artifact"

@@ -37,6 +37,7 @@ from align.methods.common import (
     training_record,
     zero_shot_scores,
 )
+from align.rundir import OutDir
 from align.towers_aligned import SailTextHead, SailTokenHead
 
 SAIL_BACKBONES = ("dinov2", "dinov2_with_registers")
@@ -184,9 +185,10 @@ def run(
     overrides: list[str],
     out_dir: str | os.PathLike,
     resume: bool | str = "auto",
+    overwrite: bool = False,
 ) -> Path:
     """Train SAIL from a recipe file into ``out_dir``; returns the artifact directory."""
     recipe = load_recipe(config, overrides)
-    method = SailMethod(recipe, out_dir)
-    run_recipe(method, recipe, out_dir, resume)
+    with OutDir(out_dir, "align sail", overwrite, collective=True):  # before its caches are written into out_dir
+        run_recipe(SailMethod(recipe, out_dir), recipe, out_dir, resume, overwrite=overwrite)
     return Path(out_dir) / "artifact"

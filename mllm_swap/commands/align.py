@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from align.errors import UserError
+from mllm_swap.commands import add_resume, resume_of
 
 # method -> (module, help, the embedded-default recipe in recipes/)
 METHODS = {
@@ -39,11 +40,10 @@ def run(args: argparse.Namespace) -> int:
     module = importlib.import_module(METHODS[args.method][0])
     if args.config is not None and not Path(args.config).is_file():
         raise FileNotFoundError(f"{args.config}: recipe file not found")
-    resume: bool | str = False if args.no_resume else (args.resume or "auto")
     try:
-        artifact = module.run(args.config, list(args.set or []), args.out, resume)
+        artifact = module.run(args.config, list(args.set or []), args.out, resume_of(args), args.overwrite)
     except FileExistsError as err:
-        raise UserError(f"{err} (choose a new --out)") from None
+        raise UserError(str(err)) from None
     if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, report once
         return 0
     print(f"artifact: {artifact}")
@@ -75,12 +75,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)"
         )
         sub.add_argument("--out", required=True, help="output directory of the run")
-        group = sub.add_mutually_exclusive_group()
-        group.add_argument(
-            "--resume",
-            nargs="?",
-            const="auto",
-            help="resume (default: newest checkpoint in --out; or a checkpoint path)",
-        )
-        group.add_argument("--no-resume", action="store_true", help="start over, clearing an unfinished run")
+        add_resume(sub)
         sub.set_defaults(func=run)

@@ -8,6 +8,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 from align.errors import UserError
+from mllm_swap.commands import add_overwrite
 
 if TYPE_CHECKING:
     from align.data.readers import Sample
@@ -30,16 +31,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Write PNG images and masks of coloured shapes, pairs.jsonl, images.txt, "
         "instruct.json (LLaVA format, train split), vqa_test.jsonl (test split), classes.json and "
         "meta.json. The same arguments give byte-identical files; an existing dataset made with the "
-        "same arguments is reused.",
+        "same arguments is reused; one made with other arguments is replaced only with --overwrite.",
     )
-    shapes.add_argument("--out", required=True, help="output directory (written atomically)")
+    shapes.add_argument("--out", required=True, help="output directory (new, empty or an earlier dataset)")
     shapes.add_argument("--n", type=int, required=True, help="number of images")
     shapes.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     shapes.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     shapes.add_argument(
         "--test-fraction", type=float, default=0.2, help="fraction of images in the test split (default 0.2)"
     )
-    shapes.add_argument("--force", action="store_true", help="regenerate even if an identical dataset exists")
+    add_overwrite(shapes)
     shapes.set_defaults(func=run_shapes)
 
     inspect = sub.add_parser(
@@ -79,7 +80,7 @@ def run_shapes(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise UserError(f"--n must be at least 1, got {args.n}")
     summary = generate_shapes(
-        args.out, args.n, seed=args.seed, size=args.size, test_fraction=args.test_fraction, force=args.force
+        args.out, args.n, seed=args.seed, size=args.size, test_fraction=args.test_fraction, overwrite=args.overwrite
     )
     state = "reused existing dataset" if summary["reused"] else "wrote"
     print(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from mllm_swap.cli import at_least, device
+from mllm_swap.commands import add_overwrite
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         on_error=args.on_error,
         device=args.device,
+        overwrite=args.overwrite,
     )
     cache = EmbeddingCache(out)
     m = cache.manifest
@@ -69,4 +71,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="missing or corrupt images: fail (default) or skip and count",
     )
     parser.add_argument("--device", type=device, help="e.g. cuda; default: CPU")
+    add_overwrite(parser)
     parser.set_defaults(func=run)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from mllm_swap.commands import add_overwrite
+
 
 def run(args: argparse.Namespace) -> int:
     from mllm_swap.merge import merge_adapter
 
-    out = merge_adapter(args.adapter, args.out, base_model=args.base, dtype=args.dtype)
+    out = merge_adapter(args.adapter, args.out, base_model=args.base, dtype=args.dtype, overwrite=args.overwrite)
     print(f"{out}: merged checkpoint; load it with AutoModelForImageTextToText.from_pretrained('{out}')")
     return 0
 
@@ -27,4 +29,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="directory for the merged checkpoint")
     parser.add_argument("--base", help="base model (default: the one recorded with the adapter)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    add_overwrite(parser)
     parser.set_defaults(func=run)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mllm_swap.commands import add_overwrite
+
 
 def run(args: argparse.Namespace) -> int:
     from mllm_swap.swap import swap
@@ -50,5 +52,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--prompt", default="What colour is the shape?", help="prompt for the next-token drift check"
     )
     p.add_argument("--images", type=int, default=4, help="sample images for the feature drift")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_overwrite(p)
     p.set_defaults(func=run)

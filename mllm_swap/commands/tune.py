@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mllm_swap.commands import add_resume, resume_of
+
 
 def run(args: argparse.Namespace) -> int:
     from align.config import load_config
@@ -11,8 +13,7 @@ def run(args: argparse.Namespace) -> int:
     from mllm_swap.tune_run import run_tune
 
     cfg = load_config(TuneConfig, args.config, args.set or [])
-    resume: bool | str = {"auto": "auto", "no": False}.get(args.resume, args.resume)
-    result = run_tune(cfg, args.out, resume=resume, overwrite=args.overwrite)
+    result = run_tune(cfg, args.out, resume=resume_of(args), overwrite=args.overwrite)
     loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
     print(f"{args.out}: stage {cfg.stage}, {result.steps} steps, final loss {loss}, {result.elapsed_s:.0f} s")
     for key, value in sorted(result.eval.items()):
@@ -37,10 +38,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. train.steps=50"
     )
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument(
-        "--resume",
-        default="auto",
-        help="auto (default: continue from the newest checkpoint in --out), no, or a checkpoint path",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="train again over a finished run in --out")
+    add_resume(parser)
     parser.set_defaults(func=run)
