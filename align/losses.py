@@ -281,13 +281,28 @@ def anchor_loss(emb: Tensor, emb_frozen: Tensor) -> Tensor:
     return diff.pow(2).sum(dim=-1).mean()
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient multiplied by ``factor``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:  # noqa: ANN001 - autograd's signature
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
+        return grad * ctx.factor, None
+
+
 def gather_features(x: Tensor) -> Tensor:
     """Concatenate ``x`` from every process along dim 0, in rank order, for contrastive negatives.
 
-    Only the local slice carries gradient (the other slices are detached copies), as in open_clip's
-    default gather; under DDP the gradient averaging then spreads the full-batch signal. Ranks may
-    hold different numbers of rows. Identity when ``torch.distributed`` is not initialized or has
-    one process.
+    Every process then computes the same loss of the whole gathered batch. Only the local slice
+    carries gradient (the other slices are detached copies, as in open_clip's default gather), scaled
+    by the world size: DDP's (or DeepSpeed's) average over processes of these partial gradients is
+    then exactly the one-process gradient of the same global batch, for the features as for
+    parameters every process shares (a logit scale). Ranks may hold different numbers of rows.
+    Identity when ``torch.distributed`` is not initialized or has one process.
     """
     import torch.distributed as dist
 
@@ -306,5 +321,5 @@ def gather_features(x: Tensor) -> Tensor:
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local.contiguous())
     pieces = [part[:count] for part, count in zip(parts, counts, strict=True)]
-    pieces[rank] = x
+    pieces[rank] = _ScaleGrad.apply(x, float(world))
     return torch.cat(pieces)

@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from align.config import TrainConfig, config_to_dict, save_config
+from align.distributed import check_world_size, fill_deepspeed_autos, launch_record, start_line
 from align.io import append_jsonl, read_json, write_json
 from align.schedules import build_optimizer, build_scheduler, check_param_groups, default_param_groups
 from align.train_utils import (
@@ -78,7 +79,7 @@ class Method(Protocol):
       tensors (logged, averaged over the log window and processes). ``model`` is the prepared
       model (DDP/DeepSpeed wrapped): call it (its ``forward``) so gradients synchronize; reach
       attributes through ``unwrap(model)``. Contrastive losses gather features across processes
-      with ``align.losses.gather_for_loss``.
+      with ``align.losses.gather_features``.
     * optional ``param_groups(model, cfg) -> list[dict]``: optimizer groups, each with ``params``
       and optional ``lr``/``weight_decay``; every trainable parameter exactly once. Default:
       ``default_param_groups(model, cfg.weight_decay)``.
@@ -114,6 +115,7 @@ class TrainResult:
     resumed_from: Path | None
     elapsed_s: float
     samples_per_s: float
+    launch: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -143,12 +145,14 @@ def _make_accelerator(cfg: TrainConfig, out_dir: Path, extra: Mapping[str, Any] 
     return Accelerator(**kwargs)
 
 
-def _configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig) -> None:
-    """Fill the DeepSpeed config's ``auto`` clipping from the train config; refuse its own optimizer."""
+def _configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig, model: nn.Module) -> None:
+    """Fill the DeepSpeed config's ``auto`` clipping and sizes (train config, model width); refuse its
+    own optimizer."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
         return
     conf = plugin.deepspeed_config
+    fill_deepspeed_autos(conf, model)
     for section in ("optimizer", "scheduler"):
         if section in conf:
             raise ValueError(
@@ -185,6 +189,7 @@ def train(
     """
     out_dir = Path(out_dir)
     accelerator = _make_accelerator(cfg, out_dir, accelerator_kwargs)
+    check_world_size(accelerator)
     is_main = accelerator.is_main_process
     start = resolve_start(out_dir, resume, overwrite)
     accelerator.wait_for_everyone()
@@ -211,7 +216,7 @@ def train(
         groups = default_param_groups(model, cfg.weight_decay)
     raw_optimizer = build_optimizer(groups, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
     data = BatchStream(method, cfg, accelerator)
-    _configure_deepspeed(accelerator, cfg)
+    _configure_deepspeed(accelerator, cfg, model)
     model, optimizer, first = accelerator.prepare(model, raw_optimizer, data.loader(state["epoch"]))
     if accelerator.gradient_accumulation_steps != cfg.grad_accum:
         raise ValueError(
@@ -233,6 +238,8 @@ def train(
     if start:
         accelerator.load_state(str(start))
     step = int(state["step"])
+    launch = launch_record(accelerator, model, cfg.batch_size, cfg.grad_accum)
+    accelerator.print(start_line(launch, step, start))
     data.start(first, int(state["epoch"]), int(state["batch_in_epoch"]))
     window = LogWindow(state.get("window"))
 
@@ -329,6 +336,7 @@ def train(
             resumed_from=start,
             elapsed_s=elapsed,
             samples_per_s=samples_per_step * steps_done / max(elapsed, 1e-9),
+            launch=launch,
         )
         if is_main:
             method.save(inner, out_dir, state_dict)

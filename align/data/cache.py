@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from align.data.images import ImageTextDataset
+from align.distributed import check_world_size, launch_state, launched_world_size
 from align.encoders.base import TextEncoder, VisionEncoder
 from align.io import atomic_path, read_json, sha256_file, write_json
 
@@ -104,10 +105,8 @@ def _shard_done(out: Path, k: int) -> dict | None:
 
 def _dist() -> tuple[int, int, Any]:
     """(rank, world_size, state) under accelerate; (0, 1, None) otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        state = PartialState()
+    if launched_world_size() > 1:
+        state = check_world_size(launch_state())
         return state.process_index, state.num_processes, state
     return 0, 1, None
 
@@ -181,6 +180,8 @@ def write_cache(
         encoder.to(device)
     encoder.eval()
     todo = [k for k in range(_num_shards(config)) if k % world == rank and _shard_done(out, k) is None]
+    if world > 1:
+        print(f"encode {modality} {out.name}: process {rank} of {world} encodes shards {todo}", flush=True)
     bar = tqdm(
         total=sum(min(shard_size, rows - k * shard_size) for k in todo),
         desc=f"encode {modality}",

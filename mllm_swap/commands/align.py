@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 from pathlib import Path
 
 from mllm_swap.cli import UserError
@@ -25,6 +24,7 @@ METHODS = {
 
 def run(args: argparse.Namespace) -> int:
     from align.config import ConfigError
+    from align.distributed import global_rank
     from align.io import read_json
 
     module = importlib.import_module(METHODS[args.method][0])
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from None
     except FileExistsError as err:
         raise UserError(f"{err} (choose a new --out)") from None
-    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, report once
+    if global_rank() != 0:  # under `accelerate launch`, report once
         return 0
     print(f"artifact: {artifact}")
     config = read_json(Path(artifact) / "aligned_encoder.json")

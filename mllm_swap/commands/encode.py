@@ -7,6 +7,7 @@ import argparse
 
 def run(args: argparse.Namespace) -> int:
     from align.data.cache import EmbeddingCache, write_cache
+    from align.distributed import global_rank
 
     pool = args.pool or ("concat" if args.modality == "image" else "sentence")
     out = write_cache(
@@ -23,6 +24,8 @@ def run(args: argparse.Namespace) -> int:
         on_error=args.on_error,
         device=args.device,
     )
+    if global_rank() != 0:  # under `accelerate launch`, report once
+        return 0
     cache = EmbeddingCache(out)
     m = cache.manifest
     print(
