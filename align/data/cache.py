@@ -164,14 +164,14 @@ def write_cache(
     rank, world, state = _dist()
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "cache_config.json"
+    if config_file.is_file() and read_json(config_file) != config:
+        raise ValueError(
+            f"{out}: holds a cache of different settings ({config_file}); choose another --out or delete it"
+        )
+    # Every process decides alike (nothing is written before this point), so all return or none.
+    if (out / "manifest.json").is_file() and all(_shard_done(out, k) for k in range(_num_shards(config))):
+        return out
     if rank == 0:
-        if config_file.is_file() and read_json(config_file) != config:
-            raise ValueError(
-                f"{out}: holds a cache of different settings ({config_file}); choose another --out "
-                "or delete it"
-            )
-        if (out / "manifest.json").is_file() and all(_shard_done(out, k) for k in range(_num_shards(config))):
-            return out
         write_json(config_file, config)
     if state is not None:
         state.wait_for_everyone()
@@ -199,6 +199,8 @@ def write_cache(
             raise RuntimeError(f"{out}: some shards are still incomplete after encoding")
         skipped = rows - sum(r["rows"] for r in records)
         write_json(out / "manifest.json", {**config, "skipped": skipped, "shards": records})
+    if state is not None:  # nobody opens the cache before its manifest exists
+        state.wait_for_everyone()
     return out
 
 
