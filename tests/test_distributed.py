@@ -70,7 +70,9 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
 
 
-def two_against_one(method: str, shapes_dir: Path, tmp_path: Path, *extra: str) -> tuple[Path, Path, str]:
+def two_against_one(
+    method: str, recipe: str, shapes_dir: Path, tmp_path: Path, *extra: str
+) -> tuple[Path, Path, str]:
     """``align METHOD`` with in-run caches: 2 processes at batch 16 and 1 process at batch 32."""
     common = sets(
         f"data.train={shapes_dir}",
@@ -81,14 +83,21 @@ def two_against_one(method: str, shapes_dir: Path, tmp_path: Path, *extra: str) 
         "eval.limit=8",
         *extra,
     )
-    recipe = str(RECIPES / f"tiny_{method}.yaml")
+    recipe = str(RECIPES / recipe)
     two, one = tmp_path / "two", tmp_path / "one"
-    stdout = launch(["align", method, "--config", recipe, *common, *sets("train.batch_size=16"), "--out", str(two)])
-    assert main(["align", method, "--config", recipe, *common, *sets("train.batch_size=32"), "--out", str(one)]) == 0
+    stdout = launch(
+        ["align", method, "--config", recipe, *common, *sets("train.batch_size=16"), "--out", str(two)]
+    )
+    assert (
+        main(["align", method, "--config", recipe, *common, *sets("train.batch_size=32"), "--out", str(one)])
+        == 0
+    )
     return two, one, stdout
 
 
-def check_two_process_run(two: Path, one: Path, stdout: str) -> None:
+def check_two_process_run(
+    two: Path, one: Path, stdout: str, caches: tuple[str, ...] = ("image", "text")
+) -> None:
     line = start_line(stdout)
     assert "world size 2 (MULTI_CPU), batch 16 per process x 1 accumulation = 32 global" in line, line
     assert "mixed precision no, DeepSpeed none, from step 0" in line, line
@@ -101,7 +110,7 @@ def check_two_process_run(two: Path, one: Path, stdout: str) -> None:
     for row, ref in zip(rows, single, strict=True):
         assert row["loss"] == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6)
     # each process encoded its own shards of the in-run caches (one shard each here: process 1 none)
-    for cache in ("image", "text"):
+    for cache in caches:
         found = re.findall(rf"encode {cache} \S+: process (\d) of 2 encodes shards \[(\d*)\]", stdout)
         assert sorted(found) == [("0", "0"), ("1", "")], stdout[-2000:]
 
@@ -114,7 +123,7 @@ def test_sail_two_processes_equal_one_process(shapes_dir: Path, tmp_path: Path) 
     DDP's all-reduce, so it can differ from the one-process gradient in the last float bits; Lion
     steps by the gradient's sign, so that rounding reaches the weights only as a rare flipped sign.
     """
-    two, one, stdout = two_against_one("sail", shapes_dir, tmp_path)
+    two, one, stdout = two_against_one("sail", "tiny_sail.yaml", shapes_dir, tmp_path)
     check_two_process_run(two, one, stdout)
     weights = [load_file(run / "artifact" / "model.safetensors") for run in (two, one)]
     assert_same_tensors(*weights, atol=1e-6)
@@ -129,10 +138,23 @@ def test_projector_two_processes_equal_one_process(shapes_dir: Path, tmp_path: P
     by the root of a second moment, which magnifies the float rounding of the all-reduce (see the
     SAIL test) more than Lion's sign.
     """
-    two, one, stdout = two_against_one("projector", shapes_dir, tmp_path, "head.dropout=0.0")
+    two, one, stdout = two_against_one(
+        "projector", "tiny_projector.yaml", shapes_dir, tmp_path, "head.dropout=0.0"
+    )
     check_two_process_run(two, one, stdout)
     rows, single = read_jsonl(two / "metrics.jsonl"), read_jsonl(one / "metrics.jsonl")
     assert [r["grad_norm"] for r in rows] == pytest.approx([r["grad_norm"] for r in single], rel=1e-4)
+    weights = [load_file(run / "artifact" / "model.safetensors") for run in (two, one)]
+    assert_same_tensors(*weights, atol=1e-5)
+
+
+def test_kernel_two_processes_equal_one_process(shapes_dir: Path, tmp_path: Path) -> None:
+    """KUEA: the kernel term pairs every sample of the global batch (gathered), AdamW.
+
+    Tolerance 1e-5 absolute, as for freeze-align (AdamW, all-reduce rounding).
+    """
+    two, one, stdout = two_against_one("kernel", "tiny_kuea.yaml", shapes_dir, tmp_path, "student=tiny-clip")
+    check_two_process_run(two, one, stdout, caches=("image",))
     weights = [load_file(run / "artifact" / "model.safetensors") for run in (two, one)]
     assert_same_tensors(*weights, atol=1e-5)
 
