@@ -31,6 +31,7 @@ __all__ = [
     "local_rank",
     "outside_launch",
     "start_line",
+    "whole_models",
 ]
 
 # Variables torchrun / accelerate set for the processes they start (``ACCELERATE_*`` as well).
@@ -108,27 +109,38 @@ def outside_launch() -> Iterator[None]:
     """Run the block as a single plain process: no launcher variables, a fresh accelerate state.
 
     Everything is put back afterwards (environment, accelerate's shared states, transformers'
-    ZeRO-3 flag), so the surrounding run continues as launched.
+    ZeRO-3 flag: :func:`whole_models`), so the surrounding run continues as launched.
     """
     from accelerate.state import AcceleratorState, GradientState, PartialState
-    from transformers.integrations import deepspeed as hf_deepspeed
 
     names = [k for k in os.environ if k in LAUNCH_VARIABLES or k.startswith("ACCELERATE_")]
     saved_env = {k: os.environ.pop(k) for k in names}
     states = (PartialState, AcceleratorState, GradientState)
     saved_states = [dict(cls._shared_state) for cls in states]
-    saved_zero3 = hf_deepspeed._hf_deepspeed_config_weak_ref
     for cls in states:
         cls._shared_state.clear()
-    hf_deepspeed.unset_hf_deepspeed_config()
     try:
-        yield
+        with whole_models():
+            yield
     finally:
         for cls, saved in zip(states, saved_states, strict=True):
             cls._shared_state.clear()
             cls._shared_state.update(saved)
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved_zero3
         os.environ.update(saved_env)
+
+
+@contextlib.contextmanager
+def whole_models() -> Iterator[None]:
+    """Models loaded inside (an evaluation's encoders) come whole: transformers' ZeRO-3 flag, which a
+    ZeRO-3 DeepSpeed config sets so that ``from_pretrained`` partitions, is off meanwhile."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def hidden_width(model: nn.Module) -> int | None:

@@ -39,7 +39,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from align.config import TrainConfig, config_to_dict, save_config
-from align.distributed import check_world_size, fill_deepspeed_autos, launch_record, start_line
+from align.distributed import (
+    check_world_size,
+    fill_deepspeed_autos,
+    launch_record,
+    start_line,
+    whole_models,
+)
 from align.io import append_jsonl, read_json, write_json
 from align.schedules import build_optimizer, build_scheduler, check_param_groups, default_param_groups
 from align.train_utils import (
@@ -321,7 +327,7 @@ def train(
         results: dict[str, Any] = {}
         if hasattr(method, "evaluate"):
             inner.eval()
-            with torch.no_grad():
+            with torch.no_grad(), whole_models():
                 results = dict(method.evaluate(inner))
             accelerator.log(
                 {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}, step=step

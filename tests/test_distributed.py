@@ -227,3 +227,47 @@ def test_tune_under_shipped_zero2(shapes_dir: Path, tmp_path: Path) -> None:
     stdout = launch(args, processes=1, config_file=RECIPES / "accelerate" / "deepspeed_zero2.yaml")
     deepspeed_run_checks(out, stdout, stage=2)
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_first_use_build_runs_outside_the_launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``build_once`` inside a (DeepSpeed) launch: local rank 0 builds as a plain process, others wait."""
+    import json
+    import threading
+
+    from accelerate.state import PartialState
+
+    from align.encoders.tiny import build_once
+
+    monkeypatch.setenv("MLLM_SWAP_HOME", str(tmp_path))
+    launch_env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "ACCELERATE_USE_DEEPSPEED": "true"}
+    for key, value in launch_env.items():
+        monkeypatch.setenv(key, value)
+    seen: dict = {}
+
+    def builder(out: Path) -> None:  # what a training builder (tiny-clip-shapes) would run under
+        from accelerate import Accelerator
+
+        seen["env"] = {k: os.environ.get(k) for k in launch_env}
+        accelerator = Accelerator(cpu=True)
+        seen["state"] = (accelerator.num_processes, accelerator.state.deepspeed_plugin is None)
+        out.mkdir(exist_ok=True)
+        (out / "weights.json").write_text(json.dumps([1, 2]))
+
+    PartialState._shared_state.setdefault("sentinel", "the run's state")
+    try:
+        # local rank 1 waits for local rank 0's build (it never builds itself)
+        waiter: dict = {}
+        monkeypatch.setattr(
+            "align.distributed.local_rank",
+            lambda: 0 if threading.current_thread() is threading.main_thread() else 1,
+        )
+        thread = threading.Thread(target=lambda: waiter.update(path=build_once("x", lambda out: None)))
+        thread.start()
+        target = build_once("x", builder)
+        thread.join(timeout=30)
+    finally:
+        run_state = PartialState._shared_state.pop("sentinel", None)
+    assert seen["env"] == dict.fromkeys(launch_env)  # no launcher variables inside the build
+    assert seen["state"] == (1, True)  # one process, no DeepSpeed
+    assert run_state == "the run's state" and os.environ["ACCELERATE_USE_DEEPSPEED"] == "true"  # put back
+    assert waiter["path"] == target and json.loads((target / "weights.json").read_text()) == [1, 2]
