@@ -184,8 +184,24 @@ def infonce_loss(
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
-class LogitScale(nn.Module):
-    """SAIL/SigLIP learnable logit scale and bias: ``forward() -> (exp(t), b)``.
+def _scalar_parameter(value: float) -> nn.Parameter:
+    """A learnable scalar stored with shape ``[1]``: DeepSpeed's engine cannot broadcast 0-d parameters."""
+    return nn.Parameter(torch.tensor([float(value)]))
+
+
+class _ScalarParameters(nn.Module):
+    """Loads state dicts that stored its scalars 0-d (written before they were ``[1]``)."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        for name, param in self._parameters.items():
+            key = prefix + name
+            if param is not None and key in state_dict and state_dict[key].dim() == 0:
+                state_dict[key] = state_dict[key].reshape(param.shape)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class LogitScale(_ScalarParameters):
+    """SAIL/SigLIP learnable logit scale and bias: ``forward() -> (exp(t), b)`` (0-d tensors).
 
     ``t`` starts at ``ln(init_scale)`` (ln 20) and ``clamp_()`` keeps it in
     ``[ln(min_scale), ln(max_scale)]`` = [0, ln 100]; ``b`` starts at ``init_bias`` (-10). Call
@@ -204,13 +220,13 @@ class LogitScale(nn.Module):
             raise ValueError(
                 f"LogitScale: need 0 < min_scale <= init_scale <= max_scale, found {min_scale}, {init_scale}, {max_scale}"
             )
-        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
-        self.bias = nn.Parameter(torch.tensor(float(init_bias)))
+        self.log_scale = _scalar_parameter(math.log(init_scale))
+        self.bias = _scalar_parameter(init_bias)
         self.log_min, self.log_max = math.log(min_scale), math.log(max_scale)
 
     def forward(self) -> tuple[Tensor, Tensor]:
         """The multiplier ``exp(t)`` and the bias ``b``."""
-        return self.log_scale.exp(), self.bias
+        return self.log_scale[0].exp(), self.bias[0]
 
     @torch.no_grad()
     def clamp_(self) -> LogitScale:
@@ -219,7 +235,7 @@ class LogitScale(nn.Module):
         return self
 
 
-class Temperature(nn.Module):
+class Temperature(_ScalarParameters):
     """freeze-align learnable temperature ``tau``: ``forward() -> 1 / tau`` (the logit multiplier).
 
     Starts at ``init`` (0.07); ``clamp_()`` keeps it in ``[min_value, max_value]`` = [0.001, 0.5].
@@ -232,12 +248,12 @@ class Temperature(nn.Module):
             raise ValueError(
                 f"Temperature: need 0 < min <= init <= max, found {min_value}, {init}, {max_value}"
             )
-        self.temperature = nn.Parameter(torch.tensor(float(init)))
+        self.temperature = _scalar_parameter(init)
         self.min_value, self.max_value = float(min_value), float(max_value)
 
     def forward(self) -> Tensor:
-        """The logit multiplier ``1 / tau``."""
-        return 1.0 / self.temperature
+        """The logit multiplier ``1 / tau`` (a 0-d tensor)."""
+        return 1.0 / self.temperature[0]
 
     @torch.no_grad()
     def clamp_(self) -> Temperature:
@@ -281,13 +297,28 @@ def anchor_loss(emb: Tensor, emb_frozen: Tensor) -> Tensor:
     return diff.pow(2).sum(dim=-1).mean()
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient multiplied by ``factor``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:  # noqa: ANN001 - autograd's signature
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
+        return grad * ctx.factor, None
+
+
 def gather_features(x: Tensor) -> Tensor:
     """Concatenate ``x`` from every process along dim 0, in rank order, for contrastive negatives.
 
-    Only the local slice carries gradient (the other slices are detached copies), as in open_clip's
-    default gather; under DDP the gradient averaging then spreads the full-batch signal. Ranks may
-    hold different numbers of rows. Identity when ``torch.distributed`` is not initialized or has
-    one process.
+    Every process then computes the same loss of the whole gathered batch. Only the local slice
+    carries gradient (the other slices are detached copies, as in open_clip's default gather), scaled
+    by the world size: DDP's (or DeepSpeed's) average over processes of these partial gradients is
+    then exactly the one-process gradient of the same global batch, for the features as for
+    parameters every process shares (a logit scale). Ranks may hold different numbers of rows.
+    Identity when ``torch.distributed`` is not initialized or has one process.
     """
     import torch.distributed as dist
 
@@ -306,5 +337,5 @@ def gather_features(x: Tensor) -> Tensor:
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local.contiguous())
     pieces = [part[:count] for part, count in zip(parts, counts, strict=True)]
-    pieces[rank] = x
+    pieces[rank] = _ScaleGrad.apply(x, float(world))
     return torch.cat(pieces)

@@ -42,6 +42,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from align.config import TrainConfig, config_to_dict, save_config
+from align.distributed import (
+    check_world_size,
+    fill_deepspeed_autos,
+    launch_record,
+    start_line,
+    whole_models,
+)
 from align.errors import UserError
 from align.io import append_jsonl, read_json, write_json
 from align.paths import portable_tree
@@ -87,7 +94,7 @@ class Method(Protocol):
       tensors (logged, averaged over the log window and processes). ``model`` is the prepared
       model (DDP/DeepSpeed wrapped): call it (its ``forward``) so gradients synchronize; reach
       attributes through ``unwrap(model)``. Contrastive losses gather features across processes
-      with ``align.losses.gather_for_loss``.
+      with ``align.losses.gather_features``.
     * optional ``param_groups(model, cfg) -> list[dict]``: optimizer groups, each with ``params``
       and optional ``lr``/``weight_decay``; every trainable parameter exactly once. Default:
       ``default_param_groups(model, cfg.weight_decay)``.
@@ -126,6 +133,7 @@ class TrainResult:
     resumed_from: Path | None
     elapsed_s: float
     samples_per_s: float
+    launch: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -171,12 +179,14 @@ def _make_accelerator(cfg: TrainConfig, out_dir: Path, extra: Mapping[str, Any] 
     return Accelerator(**kwargs)
 
 
-def _configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig) -> None:
-    """Fill the DeepSpeed config's ``auto`` clipping from the train config; refuse its own optimizer."""
+def _configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig, model: nn.Module) -> None:
+    """Fill the DeepSpeed config's ``auto`` clipping and sizes (train config, model width); refuse its
+    own optimizer."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
         return
     conf = plugin.deepspeed_config
+    fill_deepspeed_autos(conf, model)
     for section in ("optimizer", "scheduler"):
         if section in conf:
             raise ValueError(
@@ -254,6 +264,7 @@ def train(
     if resumed and dataclasses.is_dataclass(config_to_save) and hasattr(config_to_save, "train"):
         config_to_save = dataclasses.replace(config_to_save, train=cfg)  # the recipe as really run
     accelerator = _make_accelerator(cfg, out_dir, accelerator_kwargs)
+    check_world_size(accelerator)
     is_main = accelerator.is_main_process
     accelerator.wait_for_everyone()
     if is_main:
@@ -273,7 +284,7 @@ def train(
         groups = default_param_groups(model, cfg.weight_decay)
     raw_optimizer = build_optimizer(groups, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
     data = BatchStream(method, cfg, accelerator)
-    _configure_deepspeed(accelerator, cfg)
+    _configure_deepspeed(accelerator, cfg, model)
     model, optimizer, first = accelerator.prepare(model, raw_optimizer, data.loader(state["epoch"]))
     if accelerator.gradient_accumulation_steps != cfg.grad_accum:
         raise ValueError(
@@ -295,6 +306,8 @@ def train(
     if start:
         accelerator.load_state(str(start))
     step = int(state["step"])
+    launch = launch_record(accelerator, model, cfg.batch_size, cfg.grad_accum)
+    accelerator.print(start_line(launch, step, start))
     data.start(first, int(state["epoch"]), int(state["batch_in_epoch"]))
     window = LogWindow(state.get("window"))
     guard = LossGuard(state.get("loss_window"))
@@ -390,7 +403,7 @@ def train(
         results: dict[str, Any] = {}
         if hasattr(method, "evaluate"):
             inner.eval()
-            with torch.no_grad():
+            with torch.no_grad(), whole_models():
                 results = dict(method.evaluate(inner))
             accelerator.log(
                 {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}, step=step
@@ -405,6 +418,7 @@ def train(
             resumed_from=start,
             elapsed_s=elapsed,
             samples_per_s=samples_per_step * steps_done / max(elapsed, 1e-9),
+            launch=launch,
         )
         if is_main:
             method.save(inner, out_dir, state_dict)

@@ -91,7 +91,6 @@ class TuneMethod:
         if self.cfg.stage == "lora":
             model = add_lora(model, self.cfg)
         self.groups = select_trainable(model, self.cfg)
-        fill_deepspeed_autos(model)
         return model
 
     def param_groups(self, model: nn.Module, train_cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -185,31 +184,6 @@ class TuneMethod:
             "tokens_seen": self.tokens_seen,
         }
         write_json(out_dir / INFO_FILE, info)
-
-
-def fill_deepspeed_autos(model: nn.Module) -> None:
-    """Resolve the DeepSpeed "auto" sizes from the LLM's width, as HF's Trainer does for multimodal configs.
-
-    accelerate looks for ``model.config.hidden_size``, which a Llava config only has in ``text_config``.
-    """
-    from accelerate.state import AcceleratorState
-
-    plugin = AcceleratorState().deepspeed_plugin if AcceleratorState._shared_state else None
-    if plugin is None:
-        return
-    config = model.config
-    width = getattr(config, "hidden_size", None) or getattr(
-        getattr(config, "text_config", None), "hidden_size", None
-    )
-    zero = plugin.deepspeed_config.get("zero_optimization", {})
-    sizes = {
-        "reduce_bucket_size": width * width,
-        "stage3_prefetch_bucket_size": int(0.9 * width * width),
-        "stage3_param_persistence_threshold": 10 * width,
-    }
-    for key, value in sizes.items():
-        if zero.get(key) == "auto":
-            zero[key] = value
 
 
 def deepspeed_kwargs(cfg: TuneConfig) -> dict[str, Any]:

@@ -117,3 +117,31 @@ def test_fp16_resolution_turns_bf16_off(tmp_path: Path) -> None:
     ds = DeepSpeedConfig(resolved)
     assert not ds.bfloat16_config.enabled and not ds.float16_config.enabled
     assert ds.train_batch_size == 4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loop_fills_sizes_as_hf_trainer_and_deepspeed(name: str, tmp_path: Path) -> None:
+    """The loop's size autos: HF Trainer's values for a Llava-like width, DeepSpeed's defaults without one."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from torch import nn
+
+    from align.distributed import fill_deepspeed_autos
+
+    keys = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
+    raw = raw_config(name)
+    llava = nn.Linear(2, 2)
+    llava.config = SimpleNamespace(text_config=SimpleNamespace(hidden_size=HIDDEN))
+    ours = json.loads(json.dumps(raw))
+    fill_deepspeed_autos(ours, llava)
+    hf = _resolve(raw, tmp_path, micro=4, accum=1, bf16=False, steps=10)
+    assert {k: ours["zero_optimization"].get(k) for k in keys} == {k: hf["zero_optimization"].get(k) for k in keys}
+    heads = json.loads(json.dumps(raw))  # an alignment head: no HF config, no hidden width
+    filled = fill_deepspeed_autos(heads, nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8)))
+    defaults = DeepSpeedZeroConfig()
+    expected = {
+        "reduce_bucket_size": defaults.reduce_bucket_size,
+        "stage3_prefetch_bucket_size": defaults.prefetch_bucket_size,
+        "stage3_param_persistence_threshold": defaults.param_persistence_threshold,
+    }
+    assert filled == {k: v for k, v in expected.items() if raw["zero_optimization"].get(k) == "auto"}
+    assert _autos(heads.get("zero_optimization")) == []

@@ -250,6 +250,7 @@ def test_gather_features_two_processes(tmp_path):
     expected = torch.tensor([[1.0] * 3, [2.0] * 3, [2.0] * 3])
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(r0["gathered"], expected) and torch.equal(r1["gathered"], expected)
-    # Only the local slice gets gradient: rank 0 owns row 1, rank 1 rows 2 and 3 of the weights.
-    assert torch.equal(r0["grad"], torch.ones(1, 3))
-    assert torch.equal(r1["grad"], torch.tensor([[2.0] * 3, [3.0] * 3]))
+    # Only the local slice gets gradient (rank 0 owns row 1, rank 1 rows 2 and 3 of the weights),
+    # times the world size 2, so that averaging over the 2 processes gives the one-process gradient.
+    assert torch.equal(r0["grad"], 2 * torch.ones(1, 3))
+    assert torch.equal(r1["grad"], 2 * torch.tensor([[2.0] * 3, [3.0] * 3]))

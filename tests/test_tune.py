@@ -14,6 +14,7 @@ from torch import nn
 
 from align.config import TrainConfig, load_config
 from align.errors import UserError
+from align.io import read_json
 from mllm_swap.cli import main
 from mllm_swap.tune import (
     INFO_FILE,
@@ -317,6 +318,10 @@ def test_lora_under_deepspeed_zero3_on_cpu(shapes_dir: Path, tmp_path: Path) -> 
         cmd += ["--set", item]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # a DeepSpeed engine at ZeRO-3 really trained (the recipe's `deepspeed` file, no launcher involved)
+    launched = read_json(out / "result.json")["launch"]
+    assert (launched["engine"], launched["zero_stage"]) == ("DeepSpeedEngine", 3), launched
+    assert "DeepSpeed ZeRO-3 (DeepSpeedEngine)" in proc.stdout
     adapter = load_file(out / "adapter_model.safetensors")
     a_weights = [k for k in adapter if "lora_A" in k]
     assert len(a_weights) == 14 and all(

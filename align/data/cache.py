@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from align.data.images import ImageTextDataset
+from align.distributed import check_world_size, launch_state, launched_world_size
 from align.encoders.base import TextEncoder, VisionEncoder
 from align.integrity import verify_file
 from align.io import atomic_path, read_json, sha256_file, write_json
@@ -107,10 +108,8 @@ def _shard_done(out: Path, k: int) -> dict | None:
 
 def _dist() -> tuple[int, int, Any]:
     """(rank, world_size, state) under accelerate; (0, 1, None) otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        state = PartialState()
+    if launched_world_size() > 1:
+        state = check_world_size(launch_state())
         return state.process_index, state.num_processes, state
     return 0, 1, None
 
@@ -179,16 +178,20 @@ def write_cache(
     rank, world, state = _dist()
     out.mkdir(parents=True, exist_ok=True)
     config_file = out / "cache_config.json"
+    stale = config_file.is_file() and read_json(config_file) != config
+    if stale and not overwrite:
+        raise OutDirError(
+            f"{out}: holds a cache of different settings ({config_file}); choose another --out "
+            "or pass --overwrite to replace it"
+        )
+    # Every process decides alike (nothing is written before this point), so all return or none.
+    if not stale and (out / "manifest.json").is_file() and all(
+        _shard_done(out, k) for k in range(_num_shards(config))
+    ):
+        return out
     if rank == 0:
-        if config_file.is_file() and read_json(config_file) != config:
-            if not overwrite:
-                raise OutDirError(
-                    f"{out}: holds a cache of different settings ({config_file}); choose another --out "
-                    "or pass --overwrite to replace it"
-                )
+        if stale:
             OutDir.current(out).clear(_cache_files(out) or [])
-        if (out / "manifest.json").is_file() and all(_shard_done(out, k) for k in range(_num_shards(config))):
-            return out
         write_json(config_file, config)
     if state is not None:
         state.wait_for_everyone()
@@ -197,6 +200,8 @@ def write_cache(
         encoder.to(device)
     encoder.eval()
     todo = [k for k in range(_num_shards(config)) if k % world == rank and _shard_done(out, k) is None]
+    if world > 1:
+        print(f"encode {modality} {out.name}: process {rank} of {world} encodes shards {todo}", flush=True)
     bar = tqdm(
         total=sum(min(shard_size, rows - k * shard_size) for k in todo),
         desc=f"encode {modality}",
@@ -215,6 +220,8 @@ def write_cache(
         # images missing or corrupt when the source was listed, plus those skipped while encoding
         skipped = data.errors.count + rows - sum(r["rows"] for r in records)
         write_json(out / "manifest.json", {**config, "skipped": skipped, "shards": records})
+    if state is not None:  # nobody opens the cache before its manifest exists
+        state.wait_for_everyone()
     return out
 
 

@@ -14,7 +14,8 @@ The recipe, top to bottom:
   very objects that train (the reference rebinds them to a device copy and they never change);
 * loss: ``anchor_weight * mean_i ||f(x_i) - f_0(x_i)||^2 + kernel_weight * mean_{i,j} (k_s - k_t)^2``
   (+ ``patch_anchor_weight`` times the same L2 on layer ``patch_anchor_layer`` patch tokens, the ones
-  LLaVA reads);
+  LLaVA reads); the means run over the global batch, gathered from every process
+  (``align.losses.gather_features``), so N processes train as one;
 * data: images only, any ``open_data`` source; target embeddings are computed once into an embedding
   cache (``OUT/cache/target-<pool>``, keyed by image id and the target's preprocessing) unless
   ``live_target``;
@@ -38,7 +39,7 @@ from torch import Tensor, nn
 from align.config import TrainConfig, load_config
 from align.encoders.base import VisionEncoder
 from align.kernels import build_kernel
-from align.losses import anchor_loss, kernel_alignment_loss
+from align.losses import anchor_loss, gather_features, kernel_alignment_loss
 from align.methods.common import EvalConfig, run_recipe
 from align.methods.kernel_data import KueaData, KueaImages, encode_student, load_student, load_target
 from align.rundir import OutDir
@@ -140,6 +141,10 @@ class KueaModel(nn.Module):
                         "KueaModel: no cached target embeddings and no live target to compute them"
                     )
                 target = self.frozen["target"].pooled(target_pixels, self.target_pool)
+        # The kernel term pairs every sample of the global batch: gather it from every process.
+        emb, emb0, target = gather_features(emb), gather_features(emb0), gather_features(target)
+        if tokens is not None:
+            tokens, tokens0 = gather_features(tokens), gather_features(tokens0)
         w = self.weights
         terms = {
             "anchor": anchor_loss(emb.float(), emb0.float()),

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 from pathlib import Path
 
 from align.errors import UserError
@@ -35,6 +34,7 @@ METHODS = {
 
 
 def run(args: argparse.Namespace) -> int:
+    from align.distributed import global_rank
     from align.io import read_json
 
     module = importlib.import_module(METHODS[args.method][0])
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         artifact = module.run(args.config, list(args.set or []), args.out, resume_of(args), args.overwrite)
     except FileExistsError as err:
         raise UserError(str(err)) from None
-    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, report once
+    if global_rank() != 0:  # under `accelerate launch`, report once
         return 0
     print(f"artifact: {artifact}")
     config = read_json(Path(artifact) / "aligned_encoder.json")

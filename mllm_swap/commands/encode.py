@@ -10,6 +10,7 @@ from mllm_swap.commands import add_overwrite
 
 def run(args: argparse.Namespace) -> int:
     from align.data.cache import EmbeddingCache, write_cache
+    from align.distributed import global_rank
 
     pool = args.pool or ("concat" if args.modality == "image" else "sentence")
     out = write_cache(
@@ -27,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.overwrite,
     )
+    if global_rank() != 0:  # under `accelerate launch`, report once
+        return 0
     cache = EmbeddingCache(out)
     m = cache.manifest
     print(
