@@ -67,11 +67,11 @@ class MllmSwap(lmms):
             raise ValueError(
                 f"mllm_swap: batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}"
             )
-        from accelerate import PartialState
+        from align.distributed import launch_state
 
-        state = PartialState()
+        state = launch_state()
         if state.num_processes > 1:  # data parallel under `accelerate launch`: one replica per rank
-            device = f"cuda:{state.local_process_index}"
+            device = str(state.device)  # cuda:<local rank>, or cpu under ACCELERATE_USE_CPU
             self.accelerator = state
             self._rank, self._world_size = state.process_index, state.num_processes
         self.pretrained = str(pretrained)
