@@ -112,7 +112,10 @@ class OutDir:
             return self
         self.check()
         if self.collective and int(os.environ.get("RANK", "0")) != 0:
-            return self  # a job of all processes of a launch: its main process holds the claim
+            # a job of all processes of a launch: its main process holds the claim; nested claims here join
+            # this one (checked again, they would race the main process's marker of the outer command)
+            OutDir._held[self._key] = self
+            return self
         self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock()

@@ -29,7 +29,7 @@ from test_train import (
 from align.config import TrainConfig, load_config
 from align.integrity import CHECKSUMS_FILE, CorruptFileError, record_checksums, verify_dir
 from align.io import read_json, read_jsonl
-from align.rundir import LOCK_FILE, MARKER, OutDir
+from align.rundir import FORMAT, LOCK_FILE, MARKER, OutDir
 from align.train import NonFiniteLossError, train
 from align.train_utils import list_checkpoints
 from mllm_swap.cli import main
@@ -130,6 +130,20 @@ def test_overwrite_clears_only_what_the_run_owns(tmp_path) -> None:
         FileExistsError, match="holds the output of `mllm-swap train`, not of `mllm-swap swap`"
     ):
         OutDir(out, "swap", overwrite=True).check()
+
+
+
+def test_a_nested_claim_on_another_rank_joins_the_outer_one(tmp_path, monkeypatch) -> None:
+    """Rank 1 of a launch: the loop's "train" claim inside `tune` joins it, whatever rank 0 wrote already."""
+    out = tmp_path / "run"
+    out.mkdir()
+    marker = {"format": FORMAT, "command": "tune", "owns": [], "finished": False}  # rank 0's, written first
+    (out / MARKER).write_text(json.dumps(marker))
+    monkeypatch.setenv("RANK", "1")
+    with OutDir(out, "tune", collective=True), OutDir(out, "train", collective=True) as inner:
+        inner.finish()  # the main process records the output, not this one
+    assert read_json(out / MARKER) == marker
+    assert not (out / LOCK_FILE).exists()
 
 
 BLOCKING_RUN = """
