@@ -6,6 +6,8 @@
 * :func:`outside_launch` runs a block as a plain single process (launcher variables and accelerate
   state set aside): a tiny model built on first use inside a launch trains alone, never joins the
   run's process group or its DeepSpeed config.
+* :func:`summed_over_processes` adds a tensor up across the run's processes (token counts of a
+  global batch).
 * :func:`fill_deepspeed_autos` resolves the size-type ``"auto"`` values of a DeepSpeed config for any
   model, not only those with an HF ``config``.
 """
@@ -17,6 +19,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 __all__ = [
@@ -31,6 +34,7 @@ __all__ = [
     "local_rank",
     "outside_launch",
     "start_line",
+    "summed_over_processes",
     "whole_models",
 ]
 
@@ -102,6 +106,20 @@ def launch_state() -> Any:
     from accelerate.utils import parse_flag_from_env
 
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def summed_over_processes(value: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``value`` summed over every process of the run (an all-reduce, detached), and their number.
+
+    ``(value, 1)`` when ``torch.distributed`` is not initialized. Every process must call it.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value.detach(), 1
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total, dist.get_world_size()
 
 
 @contextlib.contextmanager

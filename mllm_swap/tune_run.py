@@ -19,11 +19,13 @@ import torch
 from torch import nn
 
 from align.config import TrainConfig
+from align.distributed import launched_world_size, summed_over_processes
 from align.integrity import record_checksums
 from align.io import read_json, write_json
 from align.rundir import OutDir
 from align.train_utils import RUN_FILES
 from mllm_swap.adapter import reference, write_card
+from mllm_swap.conversations import IGNORE_INDEX
 from mllm_swap.towers import add_remote_code
 from mllm_swap.tune import (
     INFO_FILE,
@@ -98,14 +100,20 @@ class TuneMethod:
         return param_groups(model, self.groups, self.cfg)
 
     def dataloader(self, batch_size: int, seed: int) -> Any:
-        """Length-grouped (or plainly shuffled) batches in an order fixed by ``seed``."""
+        """Length-grouped (or plainly shuffled) batches in an order fixed by ``seed``.
+
+        Grouped by the batch of all processes (``batch_size`` times the launched world size): the
+        processes' consecutive batches then make up the global batch one process would draw.
+        """
         from torch.utils.data import DataLoader
 
         from align.train_utils import PermutationSampler
         from mllm_swap.conversations import ConversationCollator, LengthGroupedSampler
 
         if self.cfg.group_by_length:
-            sampler: Any = LengthGroupedSampler(self.dataset.lengths(), batch_size, seed)
+            sampler: Any = LengthGroupedSampler(
+                self.dataset.lengths(), batch_size * launched_world_size(), seed
+            )
         else:
             sampler = PermutationSampler(len(self.dataset), seed)
         return DataLoader(
@@ -119,14 +127,22 @@ class TuneMethod:
         )
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        """The model's own next-token loss over the assistant tokens."""
+        """The model's own next-token loss, the mean over the assistant tokens of the global batch.
+
+        Each process sums its token losses and divides by the token count of all processes
+        (``num_items_in_batch``, the HF Trainer's mechanism), times the number of processes: DDP's
+        (or DeepSpeed's) average of the processes' gradients is then the one-process gradient of the
+        same global batch, however the tokens fall between processes. ``tokens`` (input tokens) and
+        ``label_tokens`` (the tokens the loss scores) count the global batch.
+        """
         if "pixel_values" in batch:
             dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
             batch = {**batch, "pixel_values": batch["pixel_values"].to(dtype)}
-        out = model(**batch)
-        tokens = batch["attention_mask"].sum()
-        self.tokens_seen += int(tokens)
-        return out.loss, {"tokens": tokens.float(), "label_tokens": (batch["labels"] >= 0).sum().float()}
+        scored = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # next-token targets: labels shifted by one
+        counts, processes = summed_over_processes(torch.stack([batch["attention_mask"].sum(), scored]))
+        out = model(**batch, num_items_in_batch=counts[1])
+        self.tokens_seen += int(counts[0])
+        return out.loss * processes, {"tokens": counts[0].float(), "label_tokens": counts[1].float()}
 
     def state_dict(self) -> dict[str, Any]:
         """Counters that continue across a resume (saved in the loop's checkpoints)."""
