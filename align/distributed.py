@@ -6,6 +6,8 @@
 * :func:`outside_launch` runs a block as a plain single process (launcher variables and accelerate
   state set aside): a tiny model built on first use inside a launch trains alone, never joins the
   run's process group or its DeepSpeed config.
+* :func:`whole_model` gives a model whose parameters are whole, also under DeepSpeed ZeRO-3
+  (evaluation and saving build artifacts from the modules themselves).
 * :func:`summed_over_processes` adds a tensor up across the run's processes (token counts of a
   global batch).
 * :func:`fill_deepspeed_autos` resolves the size-type ``"auto"`` values of a DeepSpeed config for any
@@ -15,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -35,6 +38,7 @@ __all__ = [
     "outside_launch",
     "start_line",
     "summed_over_processes",
+    "whole_model",
     "whole_models",
 ]
 
@@ -159,6 +163,42 @@ def whole_models() -> Iterator[None]:
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def _from_deepspeed(hook: Any) -> bool:
+    return str(getattr(getattr(hook, "func", hook), "__module__", "")).startswith("deepspeed")
+
+
+def whole_model(module: nn.Module, *, copy_always: bool = False) -> nn.Module:
+    """``module`` with every parameter whole: itself (a copy with ``copy_always``), or under DeepSpeed
+    ZeRO-3 a plain copy.
+
+    ZeRO-3 leaves each process an empty shard of every parameter and gathers them in hooks around
+    each forward. The copy is made while all of them are gathered (``deepspeed.zero.GatheredParameters``)
+    and keeps none of DeepSpeed's hooks, so it can be copied, moved, run and saved like the module
+    ``build_model`` returned (or ``from_pretrained`` loaded: under a ZeRO-3 config it partitions too).
+    Under ZeRO-3 every process must call it (the gathering is collective).
+    """
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return copy.deepcopy(module) if copy_always else module
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        whole = copy.deepcopy(module)  # a Parameter copies as a plain one, of its (gathered) data
+    for sub in whole.modules():
+        for hooks in (
+            sub._forward_pre_hooks,
+            sub._forward_hooks,
+            sub._backward_pre_hooks,
+            sub._backward_hooks,
+        ):
+            for key in [key for key, hook in hooks.items() if _from_deepspeed(hook)]:
+                del hooks[key]
+                sub._forward_pre_hooks_with_kwargs.pop(key, None)
+                sub._forward_hooks_with_kwargs.pop(key, None)
+                sub._forward_hooks_always_called.pop(key, None)
+    return whole
 
 
 def hidden_width(model: nn.Module) -> int | None:

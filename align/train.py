@@ -47,6 +47,7 @@ from align.distributed import (
     fill_deepspeed_autos,
     launch_record,
     start_line,
+    whole_model,
     whole_models,
 )
 from align.errors import UserError
@@ -106,7 +107,8 @@ class Method(Protocol):
       under ``torch.no_grad()``; the result goes to ``result.json`` and the trackers.
     * ``save(model, out_dir, state_dict)``: write the final artifact; called on the main process
       only, with the unwrapped model and its full state dict (gathered across DeepSpeed ZeRO-3
-      shards by ``accelerator.get_state_dict``).
+      shards by ``accelerator.get_state_dict``). ``evaluate`` and ``save`` get the model whole: under
+      ZeRO-3 a plain copy with gathered parameters (``align.distributed.whole_model``).
     """
 
     def build_model(self, cfg: TrainConfig) -> nn.Module: ...
@@ -399,7 +401,7 @@ def train(
             raise _stop(f"{problem} after the last step {step}", out_dir, pending, last_ckpt, is_main)
         last_ckpt = pending or last_ckpt
         elapsed = time.perf_counter() - t_start
-        inner = unwrap(model)
+        inner = whole_model(unwrap(model))  # under ZeRO-3 a whole copy, made on every process
         results: dict[str, Any] = {}
         if hasattr(method, "evaluate"):
             inner.eval()
@@ -421,7 +423,8 @@ def train(
             launch=launch,
         )
         if is_main:
-            method.save(inner, out_dir, state_dict)
+            with whole_models():
+                method.save(inner, out_dir, state_dict)
             plot_loss(history, out_dir / "loss.png")
             record = config_to_dict(dataclasses.asdict(result))
             write_json(out_dir / "result.json", portable_tree(record, out_dir))  # the run folder travels

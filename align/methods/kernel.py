@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from align.config import TrainConfig, load_config
+from align.distributed import whole_model
 from align.encoders.base import VisionEncoder
 from align.kernels import build_kernel
 from align.losses import anchor_loss, gather_features, kernel_alignment_loss
@@ -109,7 +110,8 @@ class KueaModel(nn.Module):
         kc = recipe.kernel
         self.student_kernel = build_kernel(kc.name, student.projection_dim, "student", **kc.student)
         self.target_kernel = build_kernel(kc.name, target_dim, "target", **kc.target)
-        self.frozen = {"original": copy.deepcopy(student).eval().requires_grad_(False)}
+        original = whole_model(student, copy_always=True)  # whole also when a ZeRO-3 config partitioned it
+        self.frozen = {"original": original.eval().requires_grad_(False)}
         if target is not None:
             self.frozen["target"] = target.eval().requires_grad_(False)
         self.target_pool, self.weights = recipe.target_pool, recipe.loss
