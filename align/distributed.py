@@ -31,6 +31,7 @@ __all__ = [
     "fill_deepspeed_autos",
     "global_rank",
     "hidden_width",
+    "launch_backend",
     "launch_record",
     "launch_state",
     "launched_world_size",
@@ -87,7 +88,7 @@ def check_world_size(state: Any) -> Any:
     """``state`` (an ``Accelerator`` or ``PartialState``) if it spans every launched process, else an error.
 
     Fewer processes than the launcher started means each one would work alone (a state created
-    before the launcher's, or DeepSpeed on CPU with several processes).
+    before the launcher's, or DeepSpeed on CPU without the backend :func:`launch_backend` names).
     """
     launched = launched_world_size()
     if state.num_processes != launched:
@@ -95,21 +96,40 @@ def check_world_size(state: Any) -> Any:
             f"the launcher started {launched} processes (WORLD_SIZE) but accelerate set up "
             f"{state.num_processes} ({state.distributed_type.value}): each process would work alone. On CPU "
             "use `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N` (DDP over "
-            "gloo); DeepSpeed on CPU runs with --num_processes 1 only"
+            "gloo), or `accelerate launch --config_file <DeepSpeed config> --num_processes N` (gloo is "
+            "named for it: align.distributed.launch_backend)"
         )
     return state
+
+
+def launch_backend() -> str | None:
+    """The process-group backend to name to accelerate: ``"gloo"`` for DeepSpeed launched on a
+    machine without GPUs, else None (accelerate's own choice).
+
+    There accelerate finds no backend of its own, so, although DeepSpeed's process group spans every
+    process, it reports one process per rank (each would train alone); named, it counts them all.
+    """
+    from accelerate.utils import parse_flag_from_env
+
+    deepspeed = parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and "LOCAL_RANK" in os.environ
+    if deepspeed and not parse_flag_from_env("ACCELERATE_USE_CPU") and not torch.cuda.is_available():
+        return "gloo"
+    return None
 
 
 def launch_state() -> Any:
     """accelerate's shared ``PartialState``, created as ``Accelerator()`` creates it.
 
-    A bare ``PartialState()`` ignores ``ACCELERATE_USE_CPU`` and, on a machine without GPUs, settles
-    on one process for the rest of the run, although the launcher started several.
+    A bare ``PartialState()`` ignores ``ACCELERATE_USE_CPU`` (and :func:`launch_backend`) and, on a
+    machine without GPUs, settles on one process for the rest of the run, although the launcher
+    started several.
     """
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    backend = launch_backend()
+    kwargs = {"backend": backend} if backend else {}
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **kwargs)
 
 
 def summed_over_processes(value: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -33,6 +33,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import (
     GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
     ProjectConfiguration,
     is_tensorboard_available,
     is_wandb_available,
@@ -45,6 +46,7 @@ from align.config import TrainConfig, config_to_dict, save_config
 from align.distributed import (
     check_world_size,
     fill_deepspeed_autos,
+    launch_backend,
     launch_record,
     start_line,
     whole_model,
@@ -177,6 +179,9 @@ def _make_accelerator(cfg: TrainConfig, out_dir: Path, extra: Mapping[str, Any] 
             project_dir=str(out_dir), logging_dir=str(out_dir / "tensorboard")
         ),
     }
+    backend = launch_backend()
+    if backend:
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend=backend)]
     kwargs.update(extra or {})
     return Accelerator(**kwargs)
 

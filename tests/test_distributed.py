@@ -246,6 +246,35 @@ def test_kernel_under_shipped_zero2(shapes_dir: Path, tmp_path: Path) -> None:
     assert (out / "artifact" / "aligned_encoder.json").is_file()
 
 
+def test_kernel_under_shipped_zero2_two_processes(shapes_dir: Path, tmp_path: Path) -> None:
+    """DeepSpeed ZeRO-2 (shipped files) with 2 CPU processes: one run of 2 processes (gloo), not two
+    runs of one, equal to a plain process at the same global batch (tolerance 1e-5 as for KUEA's DDP test).
+    """
+    pytest.importorskip("deepspeed")
+    args = ["align", "kernel", "--config", str(RECIPES / "tiny_kuea.yaml")]
+    args += sets(
+        "student=tiny-clip",
+        f"data.train={shapes_dir}",
+        "train.steps=3",
+        "train.save_every=0",
+        "train.log_every=1",
+        "train.report_to=[jsonl]",
+        "eval.limit=8",
+    )
+    two, one = tmp_path / "two", tmp_path / "one"
+    stdout = launch(
+        [*args, *sets("train.batch_size=8"), "--out", str(two)],
+        config_file=RECIPES / "accelerate" / "deepspeed_zero2.yaml",
+    )
+    line = start_line(stdout)
+    assert "world size 2 (DEEPSPEED), batch 8 per process x 1 accumulation = 16 global" in line, line
+    assert "DeepSpeed ZeRO-2 (DeepSpeedEngine)" in line, line
+    assert main([*args, *sets("train.batch_size=16"), "--out", str(one)]) == 0
+    assert [r["step"] for r in read_jsonl(two / "metrics.jsonl")] == [1, 2, 3]
+    weights = [load_file(run / "artifact" / "model.safetensors") for run in (two, one)]
+    assert_same_tensors(*weights, atol=1e-5)
+
+
 def test_tune_under_shipped_zero2(shapes_dir: Path, tmp_path: Path) -> None:
     """``tune`` (LoRA) under the shipped ZeRO-2 accelerate config on CPU: a DeepSpeed engine trains."""
     pytest.importorskip("deepspeed")
