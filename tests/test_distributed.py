@@ -36,8 +36,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(args: list[str], *, processes: int = 2, config_file: Path | None = None) -> str:
-    """``accelerate launch [...] -m mllm_swap ARGS`` on CPU; returns stdout, fails with the log tail."""
+def launch(
+    args: list[str],
+    *,
+    processes: int = 2,
+    config_file: Path | None = None,
+    program: tuple[str, ...] = ("-m", "mllm_swap"),
+) -> str:
+    """``accelerate launch [...] -m mllm_swap ARGS`` (or another ``program``) on CPU; returns stdout, fails
+    with the log tail."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -49,7 +56,7 @@ def launch(args: list[str], *, processes: int = 2, config_file: Path | None = No
         cmd += ["--config_file", str(config_file)]
     cmd += ["--num_processes", str(processes), "--num_machines", "1", "--main_process_port", str(free_port())]
     proc = subprocess.run(
-        [*cmd, "-m", "mllm_swap", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+        [*cmd, *program, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
@@ -211,6 +218,24 @@ def test_tune_two_processes_equal_one_process(shapes_dir: Path, tmp_path: Path) 
     assert seen[0] == seen[1] == sum(r["tokens"] for r in single)
     weights = [load_file(run / "adapter_model.safetensors") for run in (two, one)]
     assert_same_tensors(*weights, atol=1e-5)
+
+
+def test_lmms_plugin_sees_the_launch(tmp_path: Path) -> None:
+    """lmms-eval's data parallelism: under 2 CPU processes each plugin instance knows its rank of 2."""
+    from mllm_swap.tiny import ensure_tiny_mllm
+
+    script = tmp_path / "plugin.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "from mllm_swap.lmms import MllmSwap\n"
+        "m = MllmSwap(pretrained=sys.argv[1])\n"
+        "seen = [m.rank, m.world_size, str(m.device)]\n"
+        "open(os.path.join(sys.argv[2], f'{os.getpid()}.json'), 'w').write(json.dumps(seen))\n"
+    )
+    (tmp_path / "seen").mkdir()
+    launch([str(ensure_tiny_mllm("tiny-llava")), str(tmp_path / "seen")], program=(str(script),))
+    seen = sorted(read_json(path) for path in (tmp_path / "seen").iterdir())
+    assert seen == [[0, 2, "cpu"], [1, 2, "cpu"]]
 
 
 def deepspeed_run_checks(out: Path, stdout: str, stage: int) -> None:
