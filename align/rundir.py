@@ -112,6 +112,7 @@ class OutDir:
             return self
         self.check()
         if self.collective and int(os.environ.get("RANK", "0")) != 0:
+            OutDir._held[self._key] = self  # nested claims of this process join this one
             return self  # a job of all processes of a launch: its main process holds the claim
         self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
