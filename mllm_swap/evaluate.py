@@ -141,7 +141,9 @@ def run_model(
     manager = manager or task_manager(tasks, include_paths)
     lm = MllmSwap(pretrained=str(model_dir), **(model_args or {}))
     tracker = EvaluationTracker()  # lmms-eval's own record of the run; written below, never pushed
-    args = ",".join(f"{k}={v}" for k, v in {"pretrained": model_dir, **(model_args or {})}.items())
+    # the record of the arguments (lm is built above): the model as a path relative to out_dir, or its id
+    recorded = {"pretrained": portable(model_dir, out_dir), **(model_args or {})}
+    args = ",".join(f"{k}={v}" for k, v in recorded.items())
     raw = simple_evaluate(model=lm, model_args=args, tasks=list(tasks), task_manager=manager, limit=limit,
                           log_samples=True, evaluation_tracker=tracker)  # fmt: skip
     del lm
@@ -178,7 +180,8 @@ def save_lmms_results(tracker: Any, raw: dict, path: Path) -> None:
         written = sorted(Path(tmp).rglob("*_results.json"))
         if len(written) != 1:  # lmms-eval logs and swallows its own write errors
             raise RuntimeError(f"lmms-eval did not write its results file under {tmp} (found {written})")
-        os.replace(written[0], path)
+        # lmms-eval's record, with any absolute path of this machine made relative to where it lands
+        write_json(path, portable_tree(read_json(written[0]), path.parent))
 
 
 def metric_rows(runs: dict[str, dict], suite: dict | None = None) -> list[dict]:

@@ -10,8 +10,7 @@ and always giving each kind's most frequent answer.
 from __future__ import annotations
 
 import argparse
-import re
-import string
+import runpy
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
@@ -21,23 +20,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from align.io import read_jsonl, write_json
+from align.paths import shipped
 from mllm_swap.conversations import expand2square, generation_prompt, pad_colour
 
-_NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-NUMBER_WORDS = {word: str(i) for i, word in enumerate(_NUMBERS)} | {"none": "0"}
-ARTICLES = {"a", "an", "the"}
-
-
-def normalize(text: str) -> str:
-    """The VQA answer normalisation: first line, lower case, punctuation dropped (hyphens and slashes
-    become spaces, a decimal point stays), articles dropped, number words as digits, whitespace
-    collapsed. ``"The Three."``, ``"3"`` and ``"three"`` are all ``"3"``; ``"Bottom-Left"`` is
-    ``"bottom left"``."""
-    line = text.strip().split("\n")[0].lower() if text.strip() else ""
-    line = re.sub(r"[-/]", " ", line)
-    line = re.sub(r"(?<!\d)\.|\.(?!\d)", "", line)  # a period, unless inside a number like 2.5
-    line = line.translate(str.maketrans("", "", string.punctuation.replace(".", "")))
-    return " ".join(NUMBER_WORDS.get(w, w) for w in line.split() if w not in ARTICLES)
+# one answer normalisation for the shipped lmms-eval tasks and this evaluation
+normalize = runpy.run_path(str(shipped("eval_configs") / "tasks" / "shapes_answers.py"))["normalize"]
 
 
 def chance_levels(rows: list[dict]) -> dict[str, float]:

@@ -182,6 +182,7 @@ def test_freeze_align_artifact_of_the_old_text_head_is_refused(dino_reg, text, t
             key = key.replace(f"text_head.global_head.{new}.", f"text_head.global_head.{old}.")
         state[key] = value
     save_file(state, str(out / "model.safetensors"))
+    record_checksums(out)  # an intact artifact of the old format, not a corrupt one
     with pytest.raises(
         ValueError, match=r"model\.safetensors: .*LayerNorm\(x \+ fc\(GELU\(P x\)\)\).*retrain"
     ):

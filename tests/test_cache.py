@@ -11,6 +11,7 @@ from align.data import cache as cache_mod
 from align.data.cache import EmbeddingCache, write_cache
 from align.data.images import open_image
 from align.data.readers import open_data
+from align.integrity import CorruptFileError
 from align.encoders import load_text_encoder, load_vision_encoder
 from mllm_swap.cli import main
 
@@ -109,7 +110,10 @@ def test_resume_redoes_a_same_size_corruption_mid_shard(shapes_dir, tmp_path, mo
     middle = len(data) // 2
     data[middle : middle + 4] = bytes(b ^ 0xFF for b in data[middle : middle + 4])  # inside the tensor data
     shard.write_bytes(bytes(data))
-    assert not torch.equal(_digest(EmbeddingCache(out)), before)  # same size, readable, wrong values
+    # same size, readable, wrong values: a verified open refuses it, an unverified one reads garbage
+    with pytest.raises(CorruptFileError, match="shard-00001.safetensors: cache shard is corrupt"):
+        EmbeddingCache(out)
+    assert not torch.equal(_digest(EmbeddingCache(out, verify=False)), before)
     redone = []
     real = cache_mod._write_shard
     monkeypatch.setattr(cache_mod, "_write_shard", lambda *a, **k: (redone.append(a[3]), real(*a, **k)))

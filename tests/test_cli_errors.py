@@ -106,7 +106,7 @@ CASES = [
     ("zeroshot limit -1", ["zeroshot", "--model", "tiny-clip", "--data", "{shapes}", "--out", "{tmp}/z",
                            "--limit", "-1"], ["--limit", "found -1"]),
     ("zeroshot truncated artifact", ["zeroshot", "--model", "{artifact}", "--data", "{shapes}", "--out", "{tmp}/z"],
-     ["{artifact}/model.safetensors", "truncated or corrupt"]),
+     ["{artifact}/model.safetensors", "truncated"]),
     ("zeroshot out under a file", ["zeroshot", "--model", "tiny-clip", "--data", "{shapes}", "--out",
                                    "{files}/afile/z"], ["afile", "is a file"]),
     ("align steps 0 from --set", [*SAIL, "--set", "train.steps=0", "--out", "{tmp}/a"],

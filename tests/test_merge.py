@@ -197,6 +197,7 @@ def test_earlier_outputs_with_a_non_lora_file_still_merge(
         old / "adapter_model.safetensors",
     )
     save_file(_connector_alone(lora_run), old / NON_LORA_FILE)
+    record_checksums(old)  # intact as written (outputs older still than checksums.json are refused, named)
     model = AutoModelForImageTextToText.from_pretrained(merge_adapter(old, tmp_path / "merged"))
     assert _max_diff(_logits(model, trained), trained["trained"]) <= 1e-4
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from align.data.images import ImageTextDataset
 from align.distributed import check_world_size, launch_state, launched_world_size
 from align.encoders.base import TextEncoder, VisionEncoder
-from align.integrity import verify_file
+from align.integrity import CorruptFileError, verify_file
 from align.io import atomic_path, read_json, sha256_file, write_json
 from align.paths import portable_tree
 from align.rundir import OutDir, OutDirError, claims_out_dir
@@ -217,9 +217,10 @@ def write_cache(
         records = [_shard_done(out, k) for k in range(_num_shards(config))]
         if any(r is None for r in records):
             raise RuntimeError(f"{out}: some shards are still incomplete after encoding")
-        # images missing or corrupt when the source was listed, plus those skipped while encoding
-        skipped = data.errors.count + rows - sum(r["rows"] for r in records)
-        write_json(out / "manifest.json", {**config, "skipped": skipped, "shards": records})
+        # rows skipped while encoding, plus images missing or corrupt when the source was listed (not in rows)
+        skipped = rows - sum(r["rows"] for r in records)
+        manifest = {**config, "skipped": skipped + data.errors.count, "skipped_at_listing": data.errors.count}
+        write_json(out / "manifest.json", {**manifest, "shards": records})
     if state is not None:  # nobody opens the cache before its manifest exists
         state.wait_for_everyone()
     return out
@@ -361,10 +362,12 @@ class EmbeddingCache:
         self.ids: list[str] = [i for r in self.manifest["shards"] for i in r["ids"]]
         self.is_tokens = self.manifest["pool"] == "tokens"
         self._bf16 = self.manifest["dtype"] == "bf16"
-        if len(self) + self.manifest.get("skipped", 0) != self.manifest["rows"]:
-            raise ValueError(
+        # ``rows`` counts the listed samples; ``skipped`` also counts images already missing at listing time
+        skipped = self.manifest.get("skipped", 0) - self.manifest.get("skipped_at_listing", 0)
+        if len(self) + skipped != self.manifest["rows"]:
+            raise CorruptFileError(
                 f"{manifest_file}: rows {self.manifest['rows']} != {len(self)} rows in shards + "
-                f"{self.manifest.get('skipped', 0)} skipped; the manifest was altered: rerun the encode command"
+                f"{skipped} skipped while encoding; the manifest was altered: rerun the encode command"
             )
 
     def __len__(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ from datasets import Dataset, DatasetDict
 from lmms_eval.api.task import ConfigurableTask
 from PIL import Image
 
-from mllm_swap.vqa_eval import normalize
+# shapes_answers.py beside this file: lmms-eval loads task files by path, not as a package
+normalize = runpy.run_path(str(Path(__file__).with_name("shapes_answers.py")))["normalize"]
 
 ENV_VAR = "MLLM_SWAP_SHAPES_DIR"
 REQUIRED = ("id", "image", "question", "options", "answer")
@@ -110,6 +112,6 @@ def mc_doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> 
 
 def vqa_process_results(doc: dict, results: list[str]) -> dict[str, float]:
     """``exact_match``: 1 when the normalized answer equals the normalized ground truth (the VQA
-    normalisation of :func:`mllm_swap.vqa_eval.normalize`: case, punctuation, articles, number words)."""
+    normalisation of ``shapes_answers.normalize``: case, punctuation, articles, number words)."""
     prediction = results[0] if results else ""
     return {"exact_match": float(normalize(prediction) == normalize(doc["answer"]))}
