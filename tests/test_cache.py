@@ -11,8 +11,8 @@ from align.data import cache as cache_mod
 from align.data.cache import EmbeddingCache, write_cache
 from align.data.images import open_image
 from align.data.readers import open_data
-from align.integrity import CorruptFileError
 from align.encoders import load_text_encoder, load_vision_encoder
+from align.integrity import CorruptFileError
 from mllm_swap.cli import main
 
 
