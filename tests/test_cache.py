@@ -84,39 +84,23 @@ def test_corrupt_shard_is_detected_and_redone(shapes_dir, tmp_path, monkeypatch)
     before = _digest(EmbeddingCache(out))
     shard = out / "shard-00001.safetensors"
     data = bytearray(shard.read_bytes())
-    data[-7] ^= 0xFF  # same size, different bytes
-    shard.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="shard-00001.safetensors: cache shard is corrupt: expected sha256"):
-        EmbeddingCache(out)  # verified by default (once per file, remembered while unchanged)
-    shard.write_bytes(bytes(data[:-100]))  # truncated
-    with pytest.raises(ValueError, match="truncated"):
-        EmbeddingCache(out)
-
-    redone = []
-    real = cache_mod._write_shard
-    monkeypatch.setattr(cache_mod, "_write_shard", lambda *a, **k: (redone.append(a[3]), real(*a, **k)))
-    write_cache(enc, shapes_dir, out, pool="mean", shard_size=32)
-    assert redone == [1]
-    torch.testing.assert_close(_digest(EmbeddingCache(out, verify=True)), before)
-
-
-def test_resume_redoes_a_same_size_corruption_mid_shard(shapes_dir, tmp_path, monkeypatch) -> None:
-    """Resume must check each finished shard's sha256, not only its size."""
-    enc = load_vision_encoder("tiny-clip")
-    out = write_cache(enc, shapes_dir, tmp_path / "c", pool="mean", shard_size=32)
-    before = _digest(EmbeddingCache(out))
-    shard = out / "shard-00001.safetensors"
-    data = bytearray(shard.read_bytes())
     middle = len(data) // 2
     data[middle : middle + 4] = bytes(b ^ 0xFF for b in data[middle : middle + 4])  # inside the tensor data
-    shard.write_bytes(bytes(data))
-    # same size, readable, wrong values: a verified open refuses it, an unverified one reads garbage
-    with pytest.raises(CorruptFileError, match="shard-00001.safetensors: cache shard is corrupt"):
-        EmbeddingCache(out)
-    assert not torch.equal(_digest(EmbeddingCache(out, verify=False)), before)
+    shard.write_bytes(bytes(data))  # same size, readable, wrong values
+    with pytest.raises(CorruptFileError, match="shard-00001.safetensors: cache shard is corrupt: expected sha256"):
+        EmbeddingCache(out)  # verified by default (once per file, remembered while unchanged)
+    assert not torch.equal(_digest(EmbeddingCache(out, verify=False)), before)  # unverified: garbage
     redone = []
     real = cache_mod._write_shard
     monkeypatch.setattr(cache_mod, "_write_shard", lambda *a, **k: (redone.append(a[3]), real(*a, **k)))
+    write_cache(enc, shapes_dir, out, pool="mean", shard_size=32)  # resume checks sha256, not only size
+    assert redone == [1]
+    torch.testing.assert_close(_digest(EmbeddingCache(out)), before)
+
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    with pytest.raises(ValueError, match="truncated"):
+        EmbeddingCache(out)
+    redone.clear()
     write_cache(enc, shapes_dir, out, pool="mean", shard_size=32)
     assert redone == [1]
     torch.testing.assert_close(_digest(EmbeddingCache(out, verify=True)), before)

@@ -246,24 +246,25 @@ def deepspeed_run_checks(out: Path, stdout: str, stage: int) -> None:
     assert (launched["engine"], launched["zero_stage"]) == ("DeepSpeedEngine", stage)
 
 
-def test_kernel_under_shipped_zero2(shapes_dir: Path, tmp_path: Path) -> None:
-    """README's KUEA command with the shipped ZeRO-2 files as shipped ("auto" sizes and all), on CPU.
-
-    The student is tiny-clip (tiny-clip-shapes needs a minute of pretraining on first use).
-    """
-    pytest.importorskip("deepspeed")
-    out = tmp_path / "kuea"
-    args = ["align", "kernel", "--config", str(RECIPES / "tiny_kuea.yaml"), "--out", str(out)]
-    args += sets(
+def kuea_args(shapes_dir: Path) -> list[str]:
+    """The tiny KUEA recipe for a short DeepSpeed run: tiny-clip student (tiny-clip-shapes needs a minute
+    of pretraining on first use), 3 steps, a metrics row per step."""
+    args = ["align", "kernel", "--config", str(RECIPES / "tiny_kuea.yaml")]
+    return args + sets(
         "student=tiny-clip",
         f"data.train={shapes_dir}",
         "train.steps=3",
-        "train.batch_size=8",
-        "train.save_every=2",
         "train.log_every=1",
         "train.report_to=[jsonl]",
         "eval.limit=8",
     )
+
+
+def test_kernel_under_shipped_zero2(shapes_dir: Path, tmp_path: Path) -> None:
+    """README's KUEA command with the shipped ZeRO-2 files as shipped ("auto" sizes and all), on CPU."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "kuea"
+    args = [*kuea_args(shapes_dir), *sets("train.batch_size=8", "train.save_every=2"), "--out", str(out)]
     stdout = launch(args, processes=1, config_file=RECIPES / "accelerate" / "deepspeed_zero2.yaml")
     deepspeed_run_checks(out, stdout, stage=2)
     assert (out / "checkpoints" / "step-2" / "pytorch_model").is_dir()  # DeepSpeed's checkpoint layout
@@ -276,16 +277,7 @@ def test_kernel_under_shipped_zero2_two_processes(shapes_dir: Path, tmp_path: Pa
     runs of one, equal to a plain process at the same global batch (tolerance 1e-5 as for KUEA's DDP test).
     """
     pytest.importorskip("deepspeed")
-    args = ["align", "kernel", "--config", str(RECIPES / "tiny_kuea.yaml")]
-    args += sets(
-        "student=tiny-clip",
-        f"data.train={shapes_dir}",
-        "train.steps=3",
-        "train.save_every=0",
-        "train.log_every=1",
-        "train.report_to=[jsonl]",
-        "eval.limit=8",
-    )
+    args = [*kuea_args(shapes_dir), *sets("train.save_every=0")]
     two, one = tmp_path / "two", tmp_path / "one"
     stdout = launch(
         [*args, *sets("train.batch_size=8"), "--out", str(two)],
