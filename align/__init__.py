@@ -5,12 +5,12 @@ training loop. Encoders live in :mod:`align.encoders`, data in :mod:`align.data`
 :mod:`align.methods`.
 """
 
-from align.config import TrainConfig, load_config, save_config
 from align.heads import GLUHead, LinearHead, TextGlobalHead, TokenProjector
 from align.kernels import cosine_kernel, gaussian_kernel, polynomial_kernel
 from align.losses import anchor_loss, infonce_loss, kernel_alignment_loss, sigmoid_loss
 from align.metrics.cka import linear_cka, mutual_knn, rbf_cka
-from align.train import Method, NonFiniteLossError, TrainResult, train
+from align.recipes import TrainConfig, load_config, save_config
+from align.train.loop import Method, NonFiniteLossError, TrainResult, train
 
 __all__ = [
     "GLUHead",

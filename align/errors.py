@@ -1,6 +1,6 @@
 """The one user-error type, and plain-words messages for the OS and library failures users cause.
 
-Library code raises :class:`UserError` (or a subclass such as ``align.config.ConfigError``) for bad
+Library code raises :class:`UserError` (or a subclass such as ``align.recipes.ConfigError``) for bad
 input, with a message naming the file, key, flag or shape, what was expected and what was found.
 :func:`explain` turns any exception a user can cause into such a one-paragraph message (``None`` for
 an exception that is a bug); the ``mllm-swap`` command prints it instead of a traceback.

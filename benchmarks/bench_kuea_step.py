@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from align.methods.kernel import KueaMethod, load_recipe
+from align.methods.kuea.recipe import KueaMethod, load_recipe
 
 
 def _write_vit_b(root: Path) -> tuple[str, str]:

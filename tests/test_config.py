@@ -9,7 +9,7 @@ from typing import Literal
 import pytest
 import yaml
 
-from align.config import ConfigError, TrainConfig, config_to_dict, load_config, parse_overrides, save_config
+from align.recipes import ConfigError, TrainConfig, config_to_dict, load_config, parse_overrides, save_config
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import CLIPImageProcessor, LlavaProcessor
 
 from align.encoders.tokenizer import build_bpe_tokenizer
-from mllm_swap.conversations import (
+from mllm_swap.tune.conversations import (
     DEFAULT_CHAT_TEMPLATE,
     IGNORE_INDEX,
     LLAVA_HF_LIST_TEMPLATE,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align.curate import concept_prototypes, select_balanced
+from align.data.curate import concept_prototypes, select_balanced
 
 
 def naive_select(scores, k, top_k, min_score):

@@ -12,7 +12,7 @@ import pytest
 
 from align.io import read_json
 from mllm_swap.cli import main
-from mllm_swap.demo import QUICK, build_stages
+from mllm_swap.demo.run import QUICK, build_stages
 
 
 @pytest.fixture(scope="module")

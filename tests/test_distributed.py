@@ -227,7 +227,7 @@ def test_lmms_plugin_sees_the_launch(tmp_path: Path) -> None:
     script = tmp_path / "plugin.py"
     script.write_text(
         "import json, os, sys\n"
-        "from mllm_swap.lmms import MllmSwap\n"
+        "from mllm_swap.lmms.model import MllmSwap\n"
         "m = MllmSwap(pretrained=sys.argv[1])\n"
         "seen = [m.rank, m.world_size, str(m.device)]\n"
         "open(os.path.join(sys.argv[2], f'{os.getpid()}.json'), 'w').write(json.dumps(seen))\n"
@@ -376,7 +376,7 @@ def test_first_use_build_runs_outside_the_launch(tmp_path: Path, monkeypatch: py
 
     from accelerate.state import PartialState
 
-    from align.encoders.tiny import build_once
+    from align.embedded import build_once
 
     monkeypatch.setenv("MLLM_SWAP_HOME", str(tmp_path))
     launch_env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "ACCELERATE_USE_DEEPSPEED": "true"}

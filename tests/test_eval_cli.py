@@ -12,7 +12,7 @@ from PIL import Image
 
 from align.io import read_json, read_jsonl
 from mllm_swap.cli import main
-from mllm_swap.evaluate import SHAPES_ENV, list_suites, load_suite, metric_rows
+from mllm_swap.lmms.suites import SHAPES_ENV, list_suites, load_suite, metric_rows
 from mllm_swap.tiny import ensure_tiny_mllm
 
 
@@ -157,7 +157,7 @@ def test_shipped_suites_name_installed_tasks_and_their_metrics():
     from lmms_eval import utils
     from lmms_eval.tasks import TaskManager
 
-    from mllm_swap.evaluate import TASKS_DIR
+    from mllm_swap.lmms.suites import TASKS_DIR
 
     manager = TaskManager(include_path=str(TASKS_DIR), verbosity="ERROR")
     assert {"llava15", "kuea_llava", "kuea_openflamingo", "sail_llava", "shapes"} <= set(list_suites())

@@ -9,8 +9,7 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, CLIPVisionModelWithProjection
 
-from align.encoders import ensure_tiny, load_vision_encoder
-from align.export import (
+from align.clip_convert import (
     UnsupportedModelError,
     hf_clip_to_openclip_dir,
     hf_to_openclip_state_dict,
@@ -18,6 +17,7 @@ from align.export import (
     openclip_to_hf_dir,
     openclip_to_hf_state_dict,
 )
+from align.encoders import ensure_tiny, load_vision_encoder
 
 TEXTS = ["a red circle.", "a photo of a blue square on a plain background.", "two shapes: a green cross"]
 

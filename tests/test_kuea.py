@@ -14,13 +14,13 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import CLIPModel, CLIPVisionModelWithProjection
 
-from align.compat_report import compatibility_report, kernel_discrepancy, knn_accuracy, spread
-from align.config import ConfigError
 from align.data.shapes import load_shapes
 from align.encoders import ensure_tiny, load_vision_encoder
 from align.io import read_json, read_jsonl
 from align.kernels import PolynomialKernel
-from align.methods.kernel import KueaMethod, load_recipe, run
+from align.methods.kuea.recipe import KueaMethod, load_recipe, run
+from align.methods.kuea.report import compatibility_report, kernel_discrepancy, knn_accuracy, spread
+from align.recipes import ConfigError
 
 SMALL = ["train.batch_size=8", "train.warmup=1", "train.lr=1e-3", "train.log_every=1", "eval.limit=24"]
 
@@ -364,7 +364,7 @@ def test_report_functions_against_naive_versions() -> None:
 
 
 def test_open_clip_student_trains_and_exports(shapes_dir: Path, tmp_path: Path) -> None:
-    from align.methods.kernel_export import export_student
+    from align.methods.kuea.export import export_student
 
     method = KueaMethod(_recipe(shapes_dir, "student=tiny-openclip", "live_target=true"), tmp_path)
     model = method.build_model(method.recipe.train)

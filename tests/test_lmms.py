@@ -17,9 +17,9 @@ from lmms_eval.api.instance import GenerationResult, Instance
 from PIL import Image
 
 from align.io import read_jsonl
-from mllm_swap.conversations import expand2square, generation_prompt, pad_colour
-from mllm_swap.lmms import MllmSwap
+from mllm_swap.lmms.model import MllmSwap
 from mllm_swap.tiny import ensure_tiny_mllm
+from mllm_swap.tune.conversations import expand2square, generation_prompt, pad_colour
 
 REPO = Path(__file__).resolve().parent.parent
 TASK = "t"
@@ -68,7 +68,7 @@ def test_entry_point_resolves_to_the_model_class():
     (ep,) = [ep for ep in entry_points(group="lmms_eval.models") if ep.name == "mllm_swap"]
     manifest = ep.load()()
     assert manifest.model_id == "mllm_swap"
-    assert get_model_manifest("mllm_swap").simple_class_path == "mllm_swap.lmms.MllmSwap"
+    assert get_model_manifest("mllm_swap").simple_class_path == "mllm_swap.lmms.model.MllmSwap"
     assert get_model("mllm_swap") is MllmSwap
 
 

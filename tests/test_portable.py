@@ -16,7 +16,7 @@ from transformers import CLIPModel
 
 from align.artifact import AlignedEncoder, load_aligned, save_aligned
 from align.encoders import ensure_tiny, load_text_encoder, load_vision_encoder
-from align.methods.kernel import run
+from align.methods.kuea.recipe import run
 from align.towers_aligned import build_text_head, build_token_head
 
 TEXTS = ["a red circle", "two blue squares"]
@@ -155,7 +155,7 @@ def test_portable_and_locate_round_trip(tmp_path: Path) -> None:
 
 def test_open_clip_student_artifact_carries_its_export(tmp_path: Path) -> None:
     """An open_clip KUEA student: the artifact bundles the open_clip export and loads from a copy alone."""
-    from align.methods.kernel_export import export_student
+    from align.methods.kuea.export import export_student
 
     student = load_vision_encoder("tiny-openclip")
     with torch.no_grad():

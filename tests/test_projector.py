@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from align.losses import Temperature
-from align.methods.projector import ProjectorMethod, ProjectorModel, load_recipe
-from align.schedules import default_param_groups
+from align.methods.freeze_align import ProjectorMethod, ProjectorModel, load_recipe
 from align.towers_aligned import FreezeAlignTextHead, FreezeAlignTokenHead
+from align.train.schedules import default_param_groups
 
 
 def heads(d_img: int, d_txt: int, out: int = 1024, prefix: int = 1) -> ProjectorModel:

@@ -26,12 +26,12 @@ from test_train import (
     tcfg,
 )
 
-from align.config import TrainConfig, load_config
 from align.integrity import CHECKSUMS_FILE, CorruptFileError, record_checksums, verify_dir
 from align.io import read_json, read_jsonl
+from align.recipes import TrainConfig, load_config
 from align.rundir import FORMAT, LOCK_FILE, MARKER, OutDir
-from align.train import NonFiniteLossError, train
-from align.train_utils import list_checkpoints
+from align.train.checkpoints import list_checkpoints
+from align.train.loop import NonFiniteLossError, train
 from mllm_swap.cli import main
 
 
@@ -151,7 +151,7 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_train import Regression, tcfg
-from align.train import train
+from align.train.loop import train
 
 class Blocking(Regression):
     def loss(self, model, batch):

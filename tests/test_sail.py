@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align.config import ConfigError
 from align.methods.sail import SailMethod, SailModel, load_recipe
+from align.recipes import ConfigError
 from align.towers_aligned import SailTextHead, SailTokenHead
 
 

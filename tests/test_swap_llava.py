@@ -456,7 +456,7 @@ def test_a_corrupt_swapped_checkpoint_is_named_before_tuning(tmp_path, swapped, 
     argv = ["merge", "--adapter", str(tmp_path / "none"), "--base", str(copy), "--out", str(tmp_path / "m")]
     (tmp_path / "none").mkdir()
     (tmp_path / "none" / "non_lora_trainables.safetensors").write_bytes(b"")
-    from mllm_swap.tune import resolve_model
+    from mllm_swap.tune.model import resolve_model
 
     with pytest.raises(ValueError, match=f"{weights}: model checkpoint file is corrupt: expected sha256"):
         resolve_model(copy)

@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from align.config import TrainConfig
 from align.io import read_jsonl
-from align.train import train
+from align.recipes import TrainConfig
+from align.train.loop import train
 
 
 class Line:

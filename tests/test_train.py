@@ -17,11 +17,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from align.config import TrainConfig, load_config
 from align.io import read_json, read_jsonl
-from align.schedules import check_param_groups, default_param_groups, lr_multiplier
-from align.train import NonFiniteLossError, train
-from align.train_utils import epoch_seed, list_checkpoints
+from align.recipes import TrainConfig, load_config
+from align.train.checkpoints import epoch_seed, list_checkpoints
+from align.train.loop import NonFiniteLossError, train
+from align.train.schedules import check_param_groups, default_param_groups, lr_multiplier
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -441,7 +441,7 @@ JOB = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_train import Regression, tcfg, RESUME_CFG
-from align.train import train
+from align.train.loop import train
 out = sys.argv[1]
 try:  # killed at the first micro-batch of step 5 (each process sees 2 per step)
     train(Regression(kill_at=9), tcfg(**RESUME_CFG, batch_size=4), out)
@@ -498,7 +498,7 @@ from pathlib import Path
 sys.path.insert(0, {tests!r})
 from accelerate.utils import DeepSpeedPlugin
 from test_train import Regression, tcfg, assert_same_weights
-from align.train import train
+from align.train.loop import train
 
 root, cfg = Path(sys.argv[1]), tcfg(steps=8, grad_accum=2, save_every=3)
 train(Regression(), cfg, root / "plain")

@@ -12,11 +12,11 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
-from align.config import TrainConfig, load_config
 from align.errors import UserError
 from align.io import read_json
+from align.recipes import TrainConfig, load_config
 from mllm_swap.cli import main
-from mllm_swap.tune import (
+from mllm_swap.tune.model import (
     INFO_FILE,
     NON_LORA_FILE,
     QLORA_MESSAGE,
@@ -152,7 +152,7 @@ def test_unfreeze_head_selects_the_towers_head(loaded, shapes_dir: Path) -> None
 
 
 def test_model_loss_is_cross_entropy_over_assistant_tokens(loaded, shapes_dir: Path) -> None:
-    from mllm_swap.conversations import IGNORE_INDEX, ConversationCollator, ConversationDataset
+    from mllm_swap.tune.conversations import IGNORE_INDEX, ConversationCollator, ConversationDataset
 
     model, processor = loaded
     ds = ConversationDataset(shapes_dir / "instruct.json", shapes_dir, processor, max_length=256)
@@ -192,8 +192,8 @@ class _Interrupt(Exception):
 def test_lora_resume_matches_uninterrupted_run(shapes_dir: Path, tmp_path: Path) -> None:
     from align.io import read_json
     from align.rundir import OutDir
-    from align.train import train
-    from mllm_swap.tune_run import TuneMethod, run_tune
+    from align.train.loop import train
+    from mllm_swap.tune.stage import TuneMethod, run_tune
 
     train_cfg = TrainConfig(steps=4, batch_size=4, lr=5e-3, save_every=2, log_every=1, report_to=["jsonl"])
     cfg = _cfg(shapes_dir, stage="lora", lora_r=4, lora_alpha=8, lora_dropout=0.1, train=train_cfg)

@@ -1,5 +1,5 @@
 """Shapes VQA scoring on hand-made answers: the normaliser, the lmms-eval task's scorer, the in-process
-evaluator (``mllm_swap.vqa_eval``) with an oracle model, and the installed lmms-eval CLI replaying
+evaluator (``mllm_swap.tune.quick_vqa``) with an oracle model, and the installed lmms-eval CLI replaying
 hand-written answers with its own ``from_log`` model, so every score is known in advance and above 0."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from align.io import read_jsonl
 from mllm_swap.tiny import ensure_tiny_mllm
-from mllm_swap.vqa_eval import evaluate_vqa, normalize
+from mllm_swap.tune.quick_vqa import evaluate_vqa, normalize
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = {"one": "1", "two": "2", "three": "3", "four": "4"}

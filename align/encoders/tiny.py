@@ -8,20 +8,12 @@ All vision models take 64x64 images with patch size 8 (64 patches).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
+from align.embedded import build_once
 from align.encoders.tokenizer import build_bpe_tokenizer, build_wordpiece_tokenizer
-from align.paths import models_dir
 
-TINY_VERSION = 1
-BUILD_WAIT_S = 3600  # how long other processes of a launch wait for a first-use build
 IMAGE_SIZE, PATCH_SIZE = 64, 8
 OPENAI_MEAN, OPENAI_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -202,63 +194,6 @@ TINY_BUILDERS: dict[str, Callable[[Path], None]] = {
 }
 TINY_VISION = ("tiny-clip", "tiny-openclip", "tiny-dinov2", "tiny-dinov2-reg", "tiny-siglip")
 TINY_TEXT = ("tiny-text", "tiny-clip", "tiny-openclip")
-
-
-def build_once(
-    name: str, builder: Callable[[Path], None], version: int = TINY_VERSION, seed: int = 0
-) -> Path:
-    """Build ``models_dir()/name`` with ``builder`` unless an up-to-date copy exists; returns the directory.
-
-    The build goes to a temporary sibling and is renamed into place, so a killed build never leaves a
-    half-written model and concurrent builders never see one. Under ``accelerate launch`` only the
-    first process of each machine builds, as a plain single process (``align.distributed.
-    outside_launch``: a builder that trains does not join the run's processes or DeepSpeed config);
-    the others wait for its result.
-    """
-    from align.distributed import local_rank, outside_launch
-
-    target = models_dir() / name
-    stamp = {"id": name, "version": version, "seed": seed}
-    marker = target / "tiny_build.json"
-
-    def built() -> bool:
-        return marker.is_file() and json.loads(marker.read_text()) == stamp
-
-    if built():
-        return target
-    if local_rank() != 0:
-        deadline = time.monotonic() + BUILD_WAIT_S
-        while not built():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{target}: waited {BUILD_WAIT_S} s for local process 0 to build it")
-            time.sleep(1.0)
-        return target
-    with outside_launch():
-        return _build(target, stamp, builder, seed)
-
-
-def _build(target: Path, stamp: dict, builder: Callable[[Path], None], seed: int) -> Path:
-    marker = target / "tiny_build.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            builder(tmp)
-        finally:
-            torch.random.set_rng_state(state)
-        (tmp / "tiny_build.json").write_text(json.dumps(stamp))
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first; its copy is equivalent
-            if not marker.is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def ensure_tiny(name: str) -> Path:

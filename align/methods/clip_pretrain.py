@@ -4,7 +4,7 @@ The tiny models are randomly initialised, so zero-shot scores of ``tiny-clip`` s
 nothing about whether an alignment keeps a CLIP's text compatibility. This recipe gives the embedded
 default a CLIP that actually knows its world: a few hundred InfoNCE steps (``align.losses.
 infonce_loss``, learnable logit scale clamped at 100) on the train split of a seeded shapes world,
-through the shared loop (``align.train.train``), written in the same HF ``CLIPModel`` format as
+through the shared loop (``align.train.loop.train``), written in the same HF ``CLIPModel`` format as
 ``tiny-clip`` (weights, tokenizer, ``CLIPImageProcessor``) plus ``pretrain.json`` with its zero-shot
 scores on the held-out split. Captions alternate between the short (``"a red circle"``) and the long
 (``"two shapes: a large red circle in ..."``) caption of each image.
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from align.config import TrainConfig
 from align.losses import infonce_loss
+from align.recipes import TrainConfig
 
 TINY_CLIP_SHAPES = "tiny-clip-shapes"
 BUILD_VERSION = 1
@@ -50,7 +50,7 @@ def _features(out: Any) -> torch.Tensor:
 
 
 class ClipPretrain:
-    """A ``Method`` for ``align.train.train``: symmetric InfoNCE over (image, caption) pairs."""
+    """A ``Method`` for ``align.train.loop.train``: symmetric InfoNCE over (image, caption) pairs."""
 
     def __init__(self, clip_dir: Path, shapes_dir: Path, settings: PretrainSettings) -> None:
         from transformers import AutoTokenizer, CLIPImageProcessor
@@ -80,7 +80,7 @@ class ClipPretrain:
         return torch.utils.data.TensorDataset(self.pixels[index % n], self.input_ids, self.attention_mask)
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, Mapping[str, Any]]:
-        from align.train import unwrap
+        from align.train.loop import unwrap
 
         pixels, ids, mask = batch
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
@@ -126,7 +126,7 @@ def pretrain_clip_on_shapes(out: str | Path, settings: PretrainSettings | None =
     """
     from align.data.shapes import generate_shapes
     from align.encoders.registry import resolve
-    from align.train import train
+    from align.train.loop import train
 
     settings = settings or PretrainSettings()
     out = Path(out)
@@ -165,6 +165,6 @@ def pretrain_clip_on_shapes(out: str | Path, settings: PretrainSettings | None =
 
 def ensure_tiny_clip_shapes() -> Path:
     """Directory of ``tiny-clip-shapes`` (built once under ``$MLLM_SWAP_HOME/models``, about a minute)."""
-    from align.encoders.tiny import build_once
+    from align.embedded import build_once
 
     return build_once(TINY_CLIP_SHAPES, lambda out: pretrain_clip_on_shapes(out), version=BUILD_VERSION)

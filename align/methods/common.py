@@ -265,6 +265,6 @@ def run_recipe(
     method: Any, recipe: Any, out_dir: str | os.PathLike, resume: bool | str = "auto", **kwargs: Any
 ):
     """Train ``method`` with ``recipe.train`` into ``out_dir`` (the full recipe saved as ``config.yaml``)."""
-    from align.train import train
+    from align.train.loop import train
 
     return train(method, recipe.train, out_dir, resume, config_to_save=recipe, **kwargs)

@@ -11,7 +11,7 @@ The recipe, top to bottom:
   (init ln 20, clamped to [0, ln 100] after every step) and bias (init -10); extra caption columns are
   extra positives, averaged jointly; ``loss.chunk_size`` keeps memory linear in N;
 * loop: Lion (beta 0.9, 0.99), lr 1e-5, wd 1e-4, 10% warmup then cosine, batch 32768
-  (``align.train.train``);
+  (``align.train.loop.train``);
 * result: an ``AlignedEncoder`` artifact in ``OUT/artifact`` whose per-patch tokens are the image head on
   ``[CLS ; patch_i]`` (trained on ``[CLS ; mean]``; the drift is measured and stored), with zero-shot scores.
 """
@@ -26,7 +26,6 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from align.config import TrainConfig, load_config
 from align.losses import LogitScale, gather_features, sigmoid_loss
 from align.methods.common import (
     DataConfig,
@@ -37,6 +36,7 @@ from align.methods.common import (
     training_record,
     zero_shot_scores,
 )
+from align.recipes import TrainConfig, load_config
 from align.rundir import OutDir
 from align.towers_aligned import SailTextHead, SailTokenHead
 
@@ -101,7 +101,7 @@ class SailModel(nn.Module):
 
 
 class SailMethod:
-    """SAIL as an ``align.train.Method`` over paired embedding caches."""
+    """SAIL as an ``align.train.loop.Method`` over paired embedding caches."""
 
     def __init__(self, recipe: SailRecipe, out_dir: str | os.PathLike) -> None:
         self.recipe, self.out_dir = recipe, Path(out_dir)

@@ -1,5 +1,5 @@
 """The shapes tasks' answer normalisation, shared by the lmms-eval tasks (``utils.py`` beside this file) and
-``mllm_swap.vqa_eval``. Self-contained (standard library only), so the shipped tasks run in an lmms-eval
+``mllm_swap.tune.quick_vqa``. Self-contained (standard library only), so the shipped tasks run in an lmms-eval
 installation without mllm-swap."""
 
 from __future__ import annotations

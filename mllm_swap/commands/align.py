@@ -21,12 +21,12 @@ METHODS = {
         "tiny_sail.yaml",
     ),
     "projector": (
-        "align.methods.projector",
+        "align.methods.freeze_align",
         "freeze-align: token projectors on frozen encoders, InfoNCE",
         "tiny_projector.yaml",
     ),
     "kernel": (
-        "align.methods.kernel",
+        "align.methods.kuea.recipe",
         "KUEA: fine-tune CLIP's image tower toward DINOv2's kernel",
         "tiny_kuea.yaml",
     ),

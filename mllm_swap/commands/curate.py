@@ -12,7 +12,7 @@ from mllm_swap.cli import at_least
 
 def concepts_from(args: argparse.Namespace) -> dict:
     """Example images per concept: a folder ``<concept>/<image>``, a JSON map, or shapes attributes."""
-    from align.curate import fewshot_from_folder, shapes_fewshot
+    from align.data.curate import fewshot_from_folder, shapes_fewshot
 
     if args.shapes_concepts:
         return shapes_fewshot(args.data, args.shapes_concepts, shots=args.shots)
@@ -32,7 +32,7 @@ def concepts_from(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from align.curate import curate
+    from align.data.curate import curate
 
     summary = curate(
         args.model,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def run(args: argparse.Namespace) -> int:
     from align.errors import UserError
-    from mllm_swap.demo import run_demo
+    from mllm_swap.demo.run import run_demo
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(

@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Evaluate the models and print where the comparison went."""
-    from mllm_swap.evaluate import evaluate_models, parse_models
+    from mllm_swap.lmms.suites import evaluate_models, parse_models
 
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1, got {args.limit}")

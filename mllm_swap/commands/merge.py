@@ -8,7 +8,7 @@ from mllm_swap.commands import add_overwrite
 
 
 def run(args: argparse.Namespace) -> int:
-    from mllm_swap.merge import merge_adapter
+    from mllm_swap.tune.merge import merge_adapter
 
     out = merge_adapter(args.adapter, args.out, base_model=args.base, dtype=args.dtype, overwrite=args.overwrite)
     print(f"{out}: merged checkpoint; load it with AutoModelForImageTextToText.from_pretrained('{out}')")

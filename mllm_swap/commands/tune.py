@@ -8,9 +8,9 @@ from mllm_swap.commands import add_resume, resume_of
 
 
 def run(args: argparse.Namespace) -> int:
-    from align.config import load_config
-    from mllm_swap.tune import TuneConfig
-    from mllm_swap.tune_run import run_tune
+    from align.recipes import load_config
+    from mllm_swap.tune.model import TuneConfig
+    from mllm_swap.tune.stage import run_tune
 
     cfg = load_config(TuneConfig, args.config, args.set or [])
     result = run_tune(cfg, args.out, resume=resume_of(args), overwrite=args.overwrite)

@@ -210,14 +210,14 @@ def _aligned_tower(encoder: Any, prefix: str, source: str) -> NewTower:
 
 
 def openclip_as_hf(tower: NewTower) -> NewTower:
-    """An open_clip ViT visual as an HF ``CLIPVisionModel`` tower (key mapping of ``align.export``).
+    """An open_clip ViT visual as an HF ``CLIPVisionModel`` tower (key mapping of ``align.clip_convert``).
 
     HF CLIP's ``hidden_states`` equal the open_clip encoder's HF-style hidden states, so LLaVA's layer -2
     tokens are unchanged by the conversion; the processor is built from the encoder's preprocessing.
     """
     from transformers import CLIPImageProcessor, CLIPVisionConfig
 
-    from align.export import openclip_to_hf_state_dict
+    from align.clip_convert import openclip_to_hf_state_dict
 
     visual = tower.encoder.visual if hasattr(tower.encoder, "visual") else tower.encoder.backbone.visual
     block = visual.transformer.resblocks[0]

@@ -111,7 +111,7 @@ class OpenFlamingo(Family):
         if tower.kind != "openclip":
             raise ValueError(
                 f"{tower.source}: OpenFlamingo's vision_encoder is an open_clip visual; found a {tower.kind} "
-                "tower (export an HF CLIP to open_clip with align.export first)"
+                "tower (export an HF CLIP to open_clip with align.clip_convert first)"
             )
         if mode == "rebuild" or select_layer is not None:
             raise ValueError(

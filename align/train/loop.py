@@ -42,7 +42,6 @@ from accelerate.utils import (
 from torch import nn
 from tqdm.auto import tqdm
 
-from align.config import TrainConfig, config_to_dict, save_config
 from align.distributed import (
     check_world_size,
     fill_deepspeed_autos,
@@ -55,9 +54,9 @@ from align.distributed import (
 from align.errors import UserError
 from align.io import append_jsonl, read_json, write_json
 from align.paths import portable_tree
+from align.recipes import TrainConfig, config_to_dict, save_config
 from align.rundir import claims_out_dir
-from align.schedules import build_optimizer, build_scheduler, check_param_groups, default_param_groups
-from align.train_utils import (
+from align.train.checkpoints import (
     STATE_FILE,
     BatchStream,
     LogWindow,
@@ -72,6 +71,7 @@ from align.train_utils import (
     tracker_config,
     truncate_metrics,
 )
+from align.train.schedules import build_optimizer, build_scheduler, check_param_groups, default_param_groups
 
 __all__ = ["Method", "NonFiniteLossError", "TrainResult", "default_param_groups", "train", "unwrap"]
 
@@ -122,7 +122,7 @@ class Method(Protocol):
 
 class NonFiniteLossError(UserError):
     """The loss became NaN/inf or exploded, or the weights did; the run stopped and kept its last good
-    checkpoint (the rule: :class:`align.train_utils.LossGuard`)."""
+    checkpoint (the rule: :class:`align.train.checkpoints.LossGuard`)."""
 
 
 @dataclasses.dataclass
@@ -240,7 +240,7 @@ def _stop(
         good = remaining[-1][1] if remaining else None
     return NonFiniteLossError(
         f"{problem}; stopped without saving the final weights. Last good checkpoint: {good or 'none'}"
-        " (resume from it with a lower train.lr, or see the loss guard in align.train_utils.LossGuard)"
+        " (resume from it with a lower train.lr, or see the loss guard in align.train.checkpoints.LossGuard)"
     )
 
 

@@ -20,7 +20,7 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
 
-from mllm_swap.lmms_io import Prompter, load_mllm
+from mllm_swap.lmms.inputs import Prompter, load_mllm
 
 MODEL_ID = "mllm_swap"
 _HARNESS_KWARGS = {"max_batch_size"}  # passed by lmms-eval's CLI to every model; unused here

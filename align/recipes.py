@@ -59,7 +59,7 @@ class ConfigError(UserError):
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Settings of the shared training loop (``align.train.train``).
+    """Settings of the shared training loop (``align.train.loop.train``).
 
     Exactly one of ``steps`` (optimizer steps) or ``epochs`` (passes over the data) must be set.
     ``batch_size`` is per process and per micro-batch: one optimizer step sees

@@ -94,7 +94,7 @@ def _leftovers(sd: dict, where: str) -> None:
     if rest:
         raise UnsupportedModelError(
             f"{where}: {len(rest)} weight(s) have no counterpart in the conversion (e.g. {rest[:4]}); "
-            "only standard ViT CLIP towers convert (see align.export)"
+            "only standard ViT CLIP towers convert (see align.clip_convert)"
         )
 
 

@@ -17,9 +17,9 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, IterableDataset
 
-from align.config import TrainConfig
 from align.integrity import CorruptFileError, record_checksums, verify_dir
 from align.io import atomic_path, read_json, read_jsonl, write_json
+from align.recipes import TrainConfig
 from align.rundir import OutDirError
 
 __all__ = [
@@ -242,7 +242,7 @@ def restore_train_config(
     """
     import yaml
 
-    from align.config import RESUMED_KEY, config_to_dict, load_config
+    from align.recipes import RESUMED_KEY, config_to_dict, load_config
 
     if start is None:
         return cfg, []

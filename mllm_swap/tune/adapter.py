@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from mllm_swap.tiny import TINY_MLLM_BUILDERS
 
 if TYPE_CHECKING:
-    from align.train import TrainResult
-    from mllm_swap.tune import TuneConfig
+    from align.train.loop import TrainResult
+    from mllm_swap.tune.model import TuneConfig
 
 CARD_FILE = "README.md"
 

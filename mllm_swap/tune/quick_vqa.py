@@ -2,7 +2,7 @@
 
 Rows are the shapes world's ``vqa_test.jsonl`` (``{"id", "image", "question", "options", "answer",
 "kind"}``, image paths relative to the file). The prompt is the one training uses
-(:func:`mllm_swap.conversations.generation_prompt`), images are padded to square like in training, and
+(:func:`mllm_swap.tune.conversations.generation_prompt`), images are padded to square like in training, and
 decoding is greedy. Two chance levels come with the score: picking uniformly among each row's options,
 and always giving each kind's most frequent answer.
 """
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from align.io import read_jsonl, write_json
 from align.paths import shipped
-from mllm_swap.conversations import expand2square, generation_prompt, pad_colour
+from mllm_swap.tune.conversations import expand2square, generation_prompt, pad_colour
 
 # one answer normalisation for the shipped lmms-eval tasks and this evaluation
 normalize = runpy.run_path(str(shipped("eval_configs") / "tasks" / "shapes_answers.py"))["normalize"]
@@ -111,7 +111,7 @@ def load_for_eval(model_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]
     """A plain ``from_pretrained`` load of a checkpoint directory (or tiny MLLM id) and its processor."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from mllm_swap.tune import resolve_model
+    from mllm_swap.tune.model import resolve_model
 
     source = resolve_model(str(model_dir))
     model = AutoModelForImageTextToText.from_pretrained(source).to(device)
@@ -119,7 +119,7 @@ def load_for_eval(model_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mllm_swap.vqa_eval MODEL VQA_JSONL [--limit N] [--out FILE]``: print/write the scores."""
+    """``python -m mllm_swap.tune.quick_vqa MODEL VQA_JSONL [--limit N] [--out FILE]``: print/write the scores."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", help="checkpoint directory or tiny MLLM id")
     parser.add_argument("vqa", help="vqa_test.jsonl")

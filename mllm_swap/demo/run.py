@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from align.paths import shipped
-from mllm_swap.stages import Stage, StageResult, run_stages
+from mllm_swap.demo.steps import Stage, StageResult, run_stages
 
 
 @dataclass(frozen=True)
@@ -234,7 +234,7 @@ def build_stages(size: DemoSize) -> list[Stage]:
 
 def run_demo(out: str | Path, quick: bool = False) -> Path:
     """Run (or resume) the demo under ``out``; returns the path of ``report.md``."""
-    from mllm_swap.demo_report import write_report
+    from mllm_swap.demo.report import write_report
 
     root = Path(out).resolve()
     (root / "recipes").mkdir(parents=True, exist_ok=True)

@@ -136,7 +136,7 @@ def run_model(
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.loggers import EvaluationTracker
 
-    from mllm_swap.lmms import MllmSwap
+    from mllm_swap.lmms.model import MllmSwap
 
     manager = manager or task_manager(tasks, include_paths)
     lm = MllmSwap(pretrained=str(model_dir), **(model_args or {}))

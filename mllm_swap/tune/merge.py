@@ -2,7 +2,7 @@
 
 A ``lora`` stage leaves a standard peft adapter: LoRA weights plus the connector (and any other
 trainable) as peft ``modules_to_save``. Merging loads the base model named in the adapter config (a
-relative record resolves against the adapter directory, :func:`mllm_swap.adapter.locate`; or
+relative record resolves against the adapter directory, :func:`mllm_swap.tune.adapter.locate`; or
 ``base_model``), lets peft restore the adapter and folds the LoRA deltas into the linear weights
 (``merge_and_unload``), then writes model + processor. A ``non_lora_trainables.safetensors`` next to
 the adapter (outputs of earlier versions, which kept the connector there) or alone with
@@ -17,9 +17,9 @@ from typing import Any
 from align.integrity import record_checksums, verify_dir
 from align.io import read_json, write_json
 from align.rundir import OutDir, claims_out_dir
-from mllm_swap.adapter import locate, reference
 from mllm_swap.families.base import save_checkpoint
-from mllm_swap.tune import DTYPES, INFO_FILE, NON_LORA_FILE, load_non_lora, resolve_model
+from mllm_swap.tune.adapter import locate, reference
+from mllm_swap.tune.model import DTYPES, INFO_FILE, NON_LORA_FILE, load_non_lora, resolve_model
 
 MERGE_INFO = "merge_info.json"
 

@@ -3,7 +3,7 @@
 Both hold the *aligned* image tower and the *original* text tower, tokenizer and image processor, so
 the result is a drop-in replacement: ``CLIPVisionModel.from_pretrained(OUT/hf_clip)`` is what LLaVA
 loads, and ``open_clip.create_model_and_transforms("local-dir:OUT/open_clip")`` (or the named config,
-see :mod:`align.export`) what open_clip and OpenFlamingo users load.
+see :mod:`align.clip_convert`) what open_clip and OpenFlamingo users load.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from align.encoders.base import VisionEncoder
-from align.export import (
+from align.clip_convert import (
     hf_clip_to_openclip_dir,
     openclip_config_from_model,
     openclip_to_hf_dir,
     save_openclip,
 )
+from align.encoders.base import VisionEncoder
 from align.io import atomic_path
 
 __all__ = ["export_student"]

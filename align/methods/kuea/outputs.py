@@ -9,16 +9,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from align.compat_report import (
+from align.encoders.base import VisionEncoder
+from align.methods.common import recipe_as_run
+from align.methods.kuea.data import encode_student, load_target
+from align.methods.kuea.report import (
     compatibility_report,
     format_report,
     knn_accuracy,
     write_report,
     zeroshot_tasks,
 )
-from align.encoders.base import VisionEncoder
-from align.methods.common import recipe_as_run
-from align.methods.kernel_data import encode_student, load_target
 
 PROBE_ATTRIBUTES = ("color", "shape", "count", "position")
 
@@ -46,7 +46,7 @@ def _probe_labels(samples: list[Any]) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def kuea_report(method: Any, model: Any) -> dict[str, Any]:
-    """The compatibility report (see :mod:`align.compat_report`), plus kernel parameters and a k-NN probe
+    """The compatibility report (see :mod:`align.methods.kuea.report`), plus kernel parameters and a k-NN probe
     of what the target's embedding encodes; ``{}`` when no held-out data is configured."""
     from align.data.images import open_image
     from align.encoders import load_text_encoder
@@ -125,7 +125,7 @@ def training_record(method: Any, out_dir: Path) -> dict[str, Any]:
 def save_outputs(method: Any, model: Any, out_dir: Path) -> dict[str, str]:
     """Write the artifact, the HF CLIP and open_clip exports and the report; print the report table."""
     from align.artifact import AlignedEncoder, save_aligned
-    from align.methods.kernel_export import export_student
+    from align.methods.kuea.export import export_student
 
     student = copy.deepcopy(model.student).cpu().float().eval()
     paths = export_student(student, method.student_source, out_dir, method.recipe.export_name)

@@ -20,7 +20,7 @@ from typing import Any
 from align.io import atomic_path, read_jsonl
 from align.paths import locate
 from align.plots import pyplot, save_figure
-from mllm_swap.stages import StageRecord
+from mllm_swap.demo.steps import StageRecord
 
 TRAINING_RUNS = {  # run folder -> panel title
     "align/sail": "SAIL (sigmoid)",

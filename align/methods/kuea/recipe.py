@@ -20,7 +20,7 @@ The recipe, top to bottom:
   cache (``OUT/cache/target-<pool>``, keyed by image id and the target's preprocessing) unless
   ``live_target``;
 * loop: AdamW lr 1e-5, wd 1e-4 (0 for kernel parameters), batch 64, 40k steps, warmup 2800 then
-  cosine (``align.train.train``; bf16 via ``train.mixed_precision``, ``train.gradient_checkpointing``);
+  cosine (``align.train.loop.train``; bf16 via ``train.mixed_precision``, ``train.gradient_checkpointing``);
 * result: ``OUT/artifact`` (AlignedEncoder with the fine-tuned backbone), ``OUT/hf_clip``,
   ``OUT/open_clip`` and the compatibility report ``OUT/compat_report.json`` (printed as a table).
 """
@@ -36,13 +36,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from align.config import TrainConfig, load_config
 from align.distributed import whole_model
 from align.encoders.base import VisionEncoder
 from align.kernels import build_kernel
 from align.losses import anchor_loss, gather_features, kernel_alignment_loss
 from align.methods.common import EvalConfig, run_recipe
-from align.methods.kernel_data import KueaData, KueaImages, encode_student, load_student, load_target
+from align.methods.kuea.data import KueaData, KueaImages, encode_student, load_student, load_target
+from align.recipes import TrainConfig, load_config
 from align.rundir import OutDir
 
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -160,7 +160,7 @@ class KueaModel(nn.Module):
 
 
 class KueaMethod:
-    """KUEA as an ``align.train.Method``."""
+    """KUEA as an ``align.train.loop.Method``."""
 
     def __init__(self, recipe: KueaRecipe, out_dir: str | os.PathLike) -> None:
         self.recipe, self.out_dir = recipe, Path(out_dir)
@@ -205,7 +205,7 @@ class KueaMethod:
         return self.images
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
-        from align.train import unwrap
+        from align.train.loop import unwrap
 
         out = model(batch["pixels"], batch.get("target"), batch.get("target_pixels"))
         metrics = {k: v.detach() for k, v in out.items() if k != "loss"}
@@ -213,13 +213,13 @@ class KueaMethod:
         return out["loss"], metrics
 
     def evaluate(self, model: KueaModel) -> dict[str, Any]:
-        from align.methods.kernel_eval import kuea_report
+        from align.methods.kuea.outputs import kuea_report
 
         self.report = kuea_report(self, model)
         return self.report
 
     def save(self, model: KueaModel, out_dir: Path, state_dict: dict[str, Tensor]) -> None:
-        from align.methods.kernel_eval import save_outputs
+        from align.methods.kuea.outputs import save_outputs
 
         save_outputs(self, model, out_dir)
 

@@ -1,10 +1,10 @@
-"""Run one tuning stage on the shared training loop: the stage as a ``Method`` of ``align.train``.
+"""Run one tuning stage on the shared training loop: the stage as a ``Method`` of ``align.train.loop``.
 
-``run_tune(cfg, out_dir)`` loads the model, wraps it for the stage (:mod:`mllm_swap.tune`), streams
-length-grouped LLaVA conversations (:mod:`mllm_swap.conversations`) and writes the stage's outputs:
+``run_tune(cfg, out_dir)`` loads the model, wraps it for the stage (:mod:`mllm_swap.tune.model`), streams
+length-grouped LLaVA conversations (:mod:`mllm_swap.tune.conversations`) and writes the stage's outputs:
 the peft adapter (``lora``: LoRA weights plus every other trainable as peft ``modules_to_save``) or the full
 checkpoint and ``non_lora_trainables.safetensors`` (``connector``/``full``), the processor, ``tune_info.json``
-and a model card (``README.md``, :mod:`mllm_swap.adapter`), next to the loop's checkpoints, metrics and
+and a model card (``README.md``, :mod:`mllm_swap.tune.adapter`), next to the loop's checkpoints, metrics and
 ``result.json``.
 """
 
@@ -18,16 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from align.config import TrainConfig
 from align.distributed import launched_world_size, summed_over_processes
 from align.integrity import record_checksums
 from align.io import read_json, write_json
+from align.recipes import TrainConfig
 from align.rundir import OutDir
-from align.train_utils import RUN_FILES
-from mllm_swap.adapter import reference, write_card
-from mllm_swap.conversations import IGNORE_INDEX
+from align.train.checkpoints import RUN_FILES
 from mllm_swap.towers import add_remote_code
-from mllm_swap.tune import (
+from mllm_swap.tune.adapter import reference, write_card
+from mllm_swap.tune.conversations import IGNORE_INDEX
+from mllm_swap.tune.model import (
     INFO_FILE,
     NON_LORA_FILE,
     TuneConfig,
@@ -57,7 +57,7 @@ def resolve_data(cfg: TuneConfig) -> tuple[Path, Path | None]:
 
 
 class TuneMethod:
-    """One tuning stage as a Method of the shared loop (``align.train.train``)."""
+    """One tuning stage as a Method of the shared loop (``align.train.loop.train``)."""
 
     def __init__(self, cfg: TuneConfig) -> None:
         self.cfg = cfg
@@ -73,7 +73,7 @@ class TuneMethod:
 
     def build_model(self, train_cfg: TrainConfig) -> nn.Module:
         """Load, apply earlier trainables, wrap with LoRA for the lora stage, select what trains."""
-        from mllm_swap.conversations import ConversationDataset
+        from mllm_swap.tune.conversations import ConversationDataset
 
         model, self.processor = load_model(self.cfg)
         self.dataset = ConversationDataset(
@@ -107,8 +107,8 @@ class TuneMethod:
         """
         from torch.utils.data import DataLoader
 
-        from align.train_utils import PermutationSampler
-        from mllm_swap.conversations import ConversationCollator, LengthGroupedSampler
+        from align.train.checkpoints import PermutationSampler
+        from mllm_swap.tune.conversations import ConversationCollator, LengthGroupedSampler
 
         if self.cfg.group_by_length:
             sampler: Any = LengthGroupedSampler(
@@ -155,7 +155,7 @@ class TuneMethod:
         """Exact-match VQA accuracy on ``cfg.eval_vqa`` (skipped when unset)."""
         if self.cfg.eval_vqa is None:
             return {}
-        from mllm_swap.vqa_eval import evaluate_vqa
+        from mllm_swap.tune.quick_vqa import evaluate_vqa
 
         path = (
             self.image_folder / "vqa_test.jsonl" if self.cfg.eval_vqa == "shapes" else Path(self.cfg.eval_vqa)
@@ -169,7 +169,7 @@ class TuneMethod:
     def save(self, model: nn.Module, out_dir: Path, state_dict: dict[str, torch.Tensor]) -> None:
         """Adapter (lora) or full checkpoint + non-LoRA trainables, processor and ``tune_info.json``.
 
-        Paths are recorded by :func:`mllm_swap.adapter.reference` (relative to ``out_dir``, or ids).
+        Paths are recorded by :func:`mllm_swap.tune.adapter.reference` (relative to ``out_dir``, or ids).
         """
         base = reference(self.cfg.model, out_dir)
         if self.cfg.stage == "lora":
@@ -219,7 +219,7 @@ def run_tune(
     """Train one stage into ``out_dir`` with the shared loop; returns its ``TrainResult``."""
     from accelerate import PartialState
 
-    from align.train import train
+    from align.train.loop import train
 
     with OutDir(out_dir, "tune", overwrite, collective=True):
         method = TuneMethod(cfg)

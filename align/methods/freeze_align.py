@@ -13,7 +13,7 @@ The recipe, top to bottom:
 * loop: AdamW lr 1e-3, wd 0.02 (not on the temperature, norms or biases), warmup then cosine;
 * result: an ``AlignedEncoder`` artifact in ``OUT/artifact`` whose per-patch tokens are
   ``patch_proj(patch_i) + cls_proj(CLS)``, with zero-shot scores. Concept-balanced data comes from
-  ``mllm-swap curate`` (:mod:`align.curate`).
+  ``mllm-swap curate`` (:mod:`align.data.curate`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from align.config import TrainConfig, load_config
 from align.losses import Temperature, gather_features, infonce_loss
 from align.methods.common import (
     DataConfig,
@@ -37,6 +36,7 @@ from align.methods.common import (
     training_record,
     zero_shot_scores,
 )
+from align.recipes import TrainConfig, load_config
 from align.rundir import OutDir
 from align.towers_aligned import FreezeAlignTextHead, FreezeAlignTokenHead
 
@@ -101,7 +101,7 @@ class ProjectorModel(nn.Module):
 
 
 class ProjectorMethod:
-    """freeze-align as an ``align.train.Method`` over paired token caches."""
+    """freeze-align as an ``align.train.loop.Method`` over paired token caches."""
 
     def __init__(self, recipe: ProjectorRecipe, out_dir: str | os.PathLike) -> None:
         self.recipe, self.out_dir = recipe, Path(out_dir)

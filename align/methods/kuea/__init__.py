@@ -1,0 +1,1 @@
+"""KUEA: fine-tune CLIP's image tower toward a target kernel, anchored to its text tower."""

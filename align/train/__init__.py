@@ -1,0 +1,1 @@
+"""Training: the resumable accelerate loop and its parts."""

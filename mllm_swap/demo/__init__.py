@@ -1,0 +1,1 @@
+"""The demo: its steps, the run, and the report."""

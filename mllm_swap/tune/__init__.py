@@ -1,0 +1,1 @@
+"""Tuning an MLLM: stages, LoRA/QLoRA, conversations, merging adapters."""
