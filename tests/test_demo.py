@@ -12,7 +12,8 @@ import pytest
 
 from align.io import read_json
 from mllm_swap.cli import main
-from mllm_swap.demo.run import QUICK, build_stages
+from mllm_swap.commands import run_argv
+from mllm_swap.demo.pipeline import QUICK, build_stages
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +24,12 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def stage_titles() -> list[str]:
-    return [s.title for s in build_stages(QUICK)]
+    return [s.title for s in build_stages(QUICK, run_argv)]
 
 
 def test_report_lists_every_stage_with_its_commands(demo: Path) -> None:
     report = (demo / "report.md").read_text()
-    stages = build_stages(QUICK)
+    stages = build_stages(QUICK, run_argv)
     assert {p.stem for p in (demo / "stages").glob("*.json")} == {s.name for s in stages}
     positions = [report.index(f"## {s.title}") for s in stages]
     assert positions == sorted(positions)  # in pipeline order
