@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from align.errors import UserError
 from align.io import read_json
 from mllm_swap.cli import main
 from mllm_swap.commands import run_argv
@@ -88,3 +89,19 @@ def test_out_that_is_a_file_is_refused(tmp_path: Path, capsys) -> None:
     out.write_text("not a folder")
     assert main(["demo", "--out", str(out), "--quick"]) == 2
     assert f"--out {out}: is a file" in capsys.readouterr().err
+
+
+def test_steps_run_through_the_runner_given_and_a_failing_one_stops_the_demo() -> None:
+    """No demo run needed: the stages call the runner they were built with, and a step's non-zero exit
+    becomes a UserError naming the command line (the step printed its own error)."""
+    calls: list[list[str]] = []
+
+    def failing(argv: list[str]) -> int:
+        calls.append(argv)
+        return 2
+
+    first = build_stages(QUICK, failing)[0]
+    line = f"mllm-swap data shapes --out shapes --n {QUICK.shapes}"
+    with pytest.raises(UserError, match=re.escape(f"demo step failed (exit 2): {line}")):
+        first.run()
+    assert calls == [["data", "shapes", "--out", "shapes", "--n", str(QUICK.shapes)]]
