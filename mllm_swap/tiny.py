@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from align.embedded import build_once
 from align.encoders.tiny import OPENAI_MEAN, OPENAI_STD, ensure_tiny
 from align.encoders.tokenizer import build_bpe_tokenizer
-from mllm_swap.tune.conversations import DEFAULT_CHAT_TEMPLATE
+from mllm_swap.chat_templates import DEFAULT_CHAT_TEMPLATE
 
 TINY_MLLM_VERSION = 3  # 2: chat template renders string content; 3: tiny-llava records tiny-clip, not a path
 LLM = dict(

@@ -137,7 +137,7 @@ CASES = [
      ["{files}/gone-base", "no such checkpoint directory"]),
     ("eval limit 0", ["eval", "--model", "{tmp}", "--tasks", "shapes_vqa", "--out", "{tmp}/e", "--limit", "0"],
      ["--limit"]),
-    ("score knn 0", ["score", "--vision", "tiny-clip", "--text", "tiny-text", "--data", "{shapes}", "--out",
+    ("rank knn 0", ["rank", "--vision", "tiny-clip", "--text", "tiny-text", "--data", "{shapes}", "--out",
                      "{tmp}/sc", "--knn", "0"], ["--knn"]),
     ("curate k 0", ["curate", "--data", "{shapes}", "--shapes-concepts", "color", "--out", "{tmp}/cu", "--k", "0"],
      ["--k"]),

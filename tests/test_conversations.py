@@ -12,18 +12,14 @@ from PIL import Image
 from transformers import CLIPImageProcessor, LlavaProcessor
 
 from align.encoders.tokenizer import build_bpe_tokenizer
+from mllm_swap.chat_templates import DEFAULT_CHAT_TEMPLATE, LLAVA_HF_LIST_TEMPLATE, llava_chat_template
+from mllm_swap.tune.batches import ConversationCollator, ConversationDataset, LengthGroupedSampler
 from mllm_swap.tune.conversations import (
-    DEFAULT_CHAT_TEMPLATE,
     IGNORE_INDEX,
-    LLAVA_HF_LIST_TEMPLATE,
     ROLES,
-    ConversationCollator,
-    ConversationDataset,
-    LengthGroupedSampler,
     encode,
     expand2square,
     generation_prompt,
-    llava_chat_template,
     load_conversations,
     to_messages,
 )

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from align.errors import UserError
 from align.io import read_json
 from mllm_swap.cli import main
-from mllm_swap.demo.run import QUICK, build_stages
+from mllm_swap.commands import run_argv
+from mllm_swap.demo.pipeline import QUICK, build_stages
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +25,12 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def stage_titles() -> list[str]:
-    return [s.title for s in build_stages(QUICK)]
+    return [s.title for s in build_stages(QUICK, run_argv)]
 
 
 def test_report_lists_every_stage_with_its_commands(demo: Path) -> None:
     report = (demo / "report.md").read_text()
-    stages = build_stages(QUICK)
+    stages = build_stages(QUICK, run_argv)
     assert {p.stem for p in (demo / "stages").glob("*.json")} == {s.name for s in stages}
     positions = [report.index(f"## {s.title}") for s in stages]
     assert positions == sorted(positions)  # in pipeline order
@@ -87,3 +89,19 @@ def test_out_that_is_a_file_is_refused(tmp_path: Path, capsys) -> None:
     out.write_text("not a folder")
     assert main(["demo", "--out", str(out), "--quick"]) == 2
     assert f"--out {out}: is a file" in capsys.readouterr().err
+
+
+def test_steps_run_through_the_runner_given_and_a_failing_one_stops_the_demo() -> None:
+    """No demo run needed: the stages call the runner they were built with, and a step's non-zero exit
+    becomes a UserError naming the command line (the step printed its own error)."""
+    calls: list[list[str]] = []
+
+    def failing(argv: list[str]) -> int:
+        calls.append(argv)
+        return 2
+
+    first = build_stages(QUICK, failing)[0]
+    line = f"mllm-swap data shapes --out shapes --n {QUICK.shapes}"
+    with pytest.raises(UserError, match=re.escape(f"demo step failed (exit 2): {line}")):
+        first.run()
+    assert calls == [["data", "shapes", "--out", "shapes", "--n", str(QUICK.shapes)]]

@@ -56,7 +56,7 @@ print(json.dumps(sorted(m for m in ("mllm_swap", "align") if m in sys.modules)))
 def lora_run(shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-step LoRA run from a local base (``work/base``) into ``work/lora``, with the trained logits."""
     from mllm_swap.tiny import ensure_tiny_mllm
-    from mllm_swap.tune.conversations import ConversationCollator
+    from mllm_swap.tune.batches import ConversationCollator
     from mllm_swap.tune.stage import TuneMethod, run_tune
 
     work = tmp_path_factory.mktemp("work")

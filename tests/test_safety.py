@@ -285,8 +285,8 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path, reference, capl
     "command", [["align", "sail"], ["align", "projector"], ["align", "kernel"], ["tune"]]
 )
 def test_one_resume_vocabulary_for_every_training_command(command) -> None:
-    from mllm_swap.cli import build_parser
-    from mllm_swap.commands import resume_of
+    from mllm_swap.commands import build_parser
+    from mllm_swap.commands.options import resume_of
 
     parse = build_parser().parse_args
     base = [*command, "--config", "r.yaml", "--out", "o"]

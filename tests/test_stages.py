@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mllm_swap.demo.steps import Stage, StageResult, run_stages
+from mllm_swap.demo.stages import Stage, StageResult, run_stages
 
 
 def make_stages(root: Path, calls: list[str]) -> list[Stage]:

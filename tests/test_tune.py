@@ -152,7 +152,8 @@ def test_unfreeze_head_selects_the_towers_head(loaded, shapes_dir: Path) -> None
 
 
 def test_model_loss_is_cross_entropy_over_assistant_tokens(loaded, shapes_dir: Path) -> None:
-    from mllm_swap.tune.conversations import IGNORE_INDEX, ConversationCollator, ConversationDataset
+    from mllm_swap.tune.batches import ConversationCollator, ConversationDataset
+    from mllm_swap.tune.conversations import IGNORE_INDEX
 
     model, processor = loaded
     ds = ConversationDataset(shapes_dir / "instruct.json", shapes_dir, processor, max_length=256)

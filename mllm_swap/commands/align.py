@@ -11,7 +11,7 @@ import importlib
 from pathlib import Path
 
 from align.errors import UserError
-from mllm_swap.commands import add_resume, resume_of
+from mllm_swap.commands.options import add_resume, resume_of
 
 # method -> (module, help, the embedded-default recipe in recipes/)
 METHODS = {
@@ -31,6 +31,14 @@ METHODS = {
         "tiny_kuea.yaml",
     ),
 }
+
+
+HELP = "train a language-aligned vision encoder (SAIL, freeze-align, KUEA)"
+DESCRIPTION = (
+    "Train an aligned vision encoder from a YAML recipe (see recipes/) with --set overrides; "
+    "writes checkpoints, metrics.jsonl, loss.png and the artifact in OUT/artifact (with zero-shot scores in "
+    "its model card). Rerunning the same command resumes from the newest checkpoint."
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,14 +67,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "align",
-        help="train a language-aligned vision encoder (SAIL, freeze-align, KUEA)",
-        description="Train an aligned vision encoder from a YAML recipe (see recipes/) with --set overrides; "
-        "writes checkpoints, metrics.jsonl, loss.png and the artifact in OUT/artifact (with zero-shot scores in "
-        "its model card). Rerunning the same command resumes from the newest checkpoint.",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``align``."""
     methods = parser.add_subparsers(dest="method", metavar="METHOD", required=True)
     for name, (_, help_text, recipe) in METHODS.items():
         sub = methods.add_parser(name, help=help_text, description=help_text)

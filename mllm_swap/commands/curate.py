@@ -7,7 +7,14 @@ import json
 from pathlib import Path
 
 from align.errors import UserError
-from mllm_swap.cli import at_least
+from mllm_swap.commands.options import at_least
+
+HELP = "concept-balanced data curation with a CLIP model (freeze-align)"
+DESCRIPTION = (
+    "Prototypes = mean CLIP image embedding of a few example images per concept; every caption "
+    "of --data is scored by its CLIP text embedding against them; concepts are filled rarest first with up to "
+    "--k samples each, never taking a sample twice. Writes curated.jsonl and concept_counts.json/.tsv."
+)
 
 
 def concepts_from(args: argparse.Namespace) -> dict:
@@ -53,14 +60,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "curate",
-        help="concept-balanced data curation with a CLIP model (freeze-align)",
-        description="Prototypes = mean CLIP image embedding of a few example images per concept; every caption "
-        "of --data is scored by its CLIP text embedding against them; concepts are filled rarest first with up to "
-        "--k samples each, never taking a sample twice. Writes curated.jsonl and concept_counts.json/.tsv.",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``curate``."""
     parser.add_argument("--data", required=True, help="pairs source to curate (pairs file, shapes dir, ...)")
     parser.add_argument("--model", default="tiny-clip", help="CLIP-like dual encoder (default: tiny-clip)")
     parser.add_argument("--concepts", help="folder <concept>/<images> or JSON {concept: [image paths]}")
@@ -78,4 +79,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", help="only this split of --data")
     parser.add_argument("--caption-col", help="caption column of --data (default: caption)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.set_defaults(func=run)

@@ -8,21 +8,22 @@ import warnings
 from typing import TYPE_CHECKING
 
 from align.errors import UserError
-from mllm_swap.commands import add_overwrite
+from mllm_swap.commands.options import add_overwrite
+
+HELP = "generate the shapes world or inspect a data source"
+DESCRIPTION = (
+    "Generate the procedural shapes-world dataset, or open any supported data source "
+    "(pairs .jsonl/.csv, image folder, datasets save_to_disk dir, hf:<builder>:<files>, "
+    "webdataset .tar shards) and show what it holds."
+)
+
 
 if TYPE_CHECKING:
     from align.data.readers import Sample
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``data shapes`` and ``data inspect``."""
-    parser = subparsers.add_parser(
-        "data",
-        help="generate the shapes world or inspect a data source",
-        description="Generate the procedural shapes-world dataset, or open any supported data source "
-        "(pairs .jsonl/.csv, image folder, datasets save_to_disk dir, hf:<builder>:<files>, "
-        "webdataset .tar shards) and show what it holds.",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``data``."""
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
     shapes = sub.add_parser(

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from mllm_swap.cli import at_least, device
-from mllm_swap.commands import add_overwrite
+from mllm_swap.commands.options import add_overwrite, at_least, device
+
+HELP = "cache embeddings of a data source (SAIL's pre-encoding step)"
+DESCRIPTION = (
+    "Encode every sample of --data with --encoder into sharded safetensors under --out, plus a "
+    "manifest. Rerun the same command to resume after a kill: finished shards are checked and kept. Under "
+    "`accelerate launch` each process encodes its own shards."
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,14 +45,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "encode",
-        help="cache embeddings of a data source (SAIL's pre-encoding step)",
-        description="Encode every sample of --data with --encoder into sharded safetensors under --out, plus a "
-        "manifest. Rerun the same command to resume after a kill: finished shards are checked and kept. Under "
-        "`accelerate launch` each process encodes its own shards.",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``encode``."""
     parser.add_argument("--encoder", required=True, help="encoder id or directory (see `mllm-swap encoders`)")
     parser.add_argument(
         "--data", required=True, help="pairs .jsonl/.csv, shapes dir, image folder, HF dataset, tars"
@@ -75,4 +75,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--device", type=device, help="e.g. cuda; default: CPU")
     add_overwrite(parser)
-    parser.set_defaults(func=run)

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "list loadable encoders with dims, token counts and preprocessing"
+DESCRIPTION = (
+    "List the embedded tiny encoders (built on first use), the real MiniLM text encoder when "
+    "installed, and well-known hub checkpoints the recipes use. With --vision/--text, load and describe "
+    "the given ids or directories instead."
+)
+
 
 def _vision_rows(ids: list[str]) -> list[list[str]]:
     from align.encoders import load_vision_encoder
@@ -73,16 +80,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "encoders",
-        help="list loadable encoders with dims, token counts and preprocessing",
-        description="List the embedded tiny encoders (built on first use), the real MiniLM text encoder when "
-        "installed, and well-known hub checkpoints the recipes use. With --vision/--text, load and describe "
-        "the given ids or directories instead.",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``encoders``."""
     parser.add_argument(
         "--vision", nargs="+", metavar="ID", help="vision encoder ids or directories to describe"
     )
     parser.add_argument("--text", nargs="+", metavar="ID", help="text encoder ids or directories to describe")
-    parser.set_defaults(func=run)

@@ -6,20 +6,20 @@ import argparse
 import shlex
 
 from align.errors import UserError
-from mllm_swap.cli import device
+from mllm_swap.commands.options import device
+
+HELP = "score checkpoints with lmms-eval and write a comparison"
+DESCRIPTION = (
+    "Run lmms-eval in-process on each checkpoint (HF Llava, IDEFICS or original LLaVA), "
+    "keep its results, samples and lmms-eval's full results file (lmms_eval_results.json) under OUT/<tag>/, and write OUT/comparison.md, comparison.csv and, "
+    "for several models, comparison.png. A model whose files, tasks and limit did not change since "
+    "its last run is not scored again. The local tasks shapes_vqa and shapes_mc read the shapes "
+    "world given by --shapes."
+)
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``eval``."""
-    parser = subparsers.add_parser(
-        "eval",
-        help="score checkpoints with lmms-eval and write a comparison",
-        description="Run lmms-eval in-process on each checkpoint (HF Llava, IDEFICS or original LLaVA), "
-        "keep its results, samples and lmms-eval's full results file (lmms_eval_results.json) under OUT/<tag>/, and write OUT/comparison.md, comparison.csv and, "
-        "for several models, comparison.png. A model whose files, tasks and limit did not change since "
-        "its last run is not scored again. The local tasks shapes_vqa and shapes_mc read the shapes "
-        "world given by --shapes.",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``eval``."""
     parser.add_argument(
         "--model", required=True, help="checkpoint dirs, comma-separated; TAG=DIR names a column"
     )
@@ -38,10 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--include-path", action="append", default=[], help="extra lmms-eval task folder; repeatable"
     )
-    parser.set_defaults(func=run_eval)
 
 
-def run_eval(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Evaluate the models and print where the comparison went."""
     from mllm_swap.lmms.suites import evaluate_models, parse_models
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from mllm_swap.commands import add_overwrite
+from mllm_swap.commands.options import add_overwrite
+
+HELP = "swap a vision encoder into an MLLM (drop-in or rebuild) and write swap_report.json"
+DESCRIPTION = (
+    "Write a copy of --mllm (same family and format) whose vision tower is --encoder. "
+    "drop-in replaces the tower's weights (same architecture, width and tokens); rebuild installs a new "
+    "tower, re-initialises the connector's first layer and updates image tokens, processor and select "
+    "layer. Families: HF Llava (and LLaVA-NeXT drop-in), original LLaVA-1.5, IDEFICS, OpenFlamingo."
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,16 +33,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``swap`` sub-command."""
-    p = subparsers.add_parser(
-        "swap",
-        help="swap a vision encoder into an MLLM (drop-in or rebuild) and write swap_report.json",
-        description="Write a copy of --mllm (same family and format) whose vision tower is --encoder. "
-        "drop-in replaces the tower's weights (same architecture, width and tokens); rebuild installs a new "
-        "tower, re-initialises the connector's first layer and updates image tokens, processor and select "
-        "layer. Families: HF Llava (and LLaVA-NeXT drop-in), original LLaVA-1.5, IDEFICS, OpenFlamingo.",
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of ``swap``."""
     p.add_argument("--mllm", required=True, help="checkpoint path, or tiny-llava | tiny-llava-original | "
                    "tiny-idefics | tiny-openflamingo (built on demand)")  # fmt: skip
     p.add_argument(
@@ -53,4 +53,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--images", type=int, default=4, help="sample images for the feature drift")
     add_overwrite(p)
-    p.set_defaults(func=run)

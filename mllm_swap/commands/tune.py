@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from mllm_swap.commands import add_resume, resume_of
+from mllm_swap.commands.options import add_resume, resume_of
+
+HELP = "instruction-tune a (swapped) LLaVA model: connector, LoRA/QLoRA or full stage"
+DESCRIPTION = (
+    "Train one stage of LLaVA-style instruction tuning from a YAML recipe (see recipes/). "
+    "Outputs in --out: a standard peft adapter with the connector as modules_to_save (lora) or a full "
+    "checkpoint + non_lora_trainables.safetensors (connector/full), the processor, tune_info.json, a model "
+    "card (README.md), metrics.jsonl, loss.png and resumable checkpoints. Rerun the same command to resume. Under `accelerate launch` (DDP or DeepSpeed) the same "
+    "command runs on many GPUs: accelerate launch --config_file CONF -m mllm_swap tune ..."
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -23,20 +32,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "tune",
-        help="instruction-tune a (swapped) LLaVA model: connector, LoRA/QLoRA or full stage",
-        description="Train one stage of LLaVA-style instruction tuning from a YAML recipe (see recipes/). "
-        "Outputs in --out: a standard peft adapter with the connector as modules_to_save (lora) or a full "
-        "checkpoint + non_lora_trainables.safetensors (connector/full), the processor, tune_info.json, a model "
-        "card (README.md), metrics.jsonl, loss.png and resumable checkpoints. Rerun the same command to resume. Under `accelerate launch` (DDP or DeepSpeed) the same "
-        "command runs on many GPUs: accelerate launch --config_file CONF -m mllm_swap tune ...",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``tune``."""
     parser.add_argument("--config", required=True, help="recipe YAML (a TuneConfig)")
     parser.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. train.steps=50"
     )
     parser.add_argument("--out", required=True, help="output directory")
     add_resume(parser)
-    parser.set_defaults(func=run)

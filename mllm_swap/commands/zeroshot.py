@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mllm_swap.cli import at_least
+from mllm_swap.commands.options import at_least
+
+HELP = "zero-shot scores of a dual encoder (aligned artifact, HF CLIP/SigLIP, open_clip)"
+DESCRIPTION = (
+    "CLIP-benchmark conventions: classification (templates averaged per class; acc1, acc5, "
+    "mean-per-class recall), retrieval (R@1/5/10 both ways), paired accuracy (both texts must pick their own "
+    "image) and segmentation mIoU (patch-text similarity upsampled to the image; shapes masks). Writes JSON "
+    "to --out and prints a table."
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,15 +43,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "zeroshot",
-        help="zero-shot scores of a dual encoder (aligned artifact, HF CLIP/SigLIP, open_clip)",
-        description="CLIP-benchmark conventions: classification (templates averaged per class; acc1, acc5, "
-        "mean-per-class recall), retrieval (R@1/5/10 both ways), paired accuracy (both texts must pick their own "
-        "image) and segmentation mIoU (patch-text similarity upsampled to the image; shapes masks). Writes JSON "
-        "to --out and prints a table.",
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``zeroshot``."""
     parser.add_argument(
         "--model",
         required=True,
@@ -67,4 +68,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="pairs: seed of the shapes pair sampler")
     parser.add_argument("--limit", type=at_least(1), help="score only the first N samples")
     parser.add_argument("--out", required=True, help="output directory for the JSON result")
-    parser.set_defaults(func=run)

@@ -1,1 +1,1 @@
-"""The demo: its steps, the run, and the report."""
+"""The demo: its pipeline of ``mllm-swap`` command lines, the resumable stage runner, the run, and the report."""

@@ -1,245 +1,29 @@
 """``mllm-swap demo``: the whole mission on the embedded default, as the same commands a user would type.
 
-shapes world -> encoder-pair scores -> SAIL, freeze-align and KUEA alignment -> zero-shot table ->
-a tuned tiny LLaVA as the "existing MLLM" -> drop-in of the KUEA CLIP and rebuild with the SAIL tower ->
-connector + LoRA tuning -> lmms-eval scoring -> ``report.md``. Every stage is a list of ``mllm-swap``
-command lines (recorded in the report); finished stages are skipped on rerun once their outputs check out.
-The commands run inside the output directory with paths relative to it (the recipes they use are copied
-into ``recipes/`` there), so the directory travels and nothing in it names the machine's paths.
+The stages (:mod:`mllm_swap.demo.pipeline`) run inside the output directory with paths relative to it
+(the recipes they use are copied into ``recipes/`` there), so the directory travels and nothing in it names
+the machine's paths; finished stages are skipped on rerun once their outputs check out
+(:mod:`mllm_swap.demo.stages`), and ``report.md`` is written from what they left (:mod:`mllm_swap.demo.report`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import shlex
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from align.paths import shipped
-from mllm_swap.demo.steps import Stage, StageResult, run_stages
+from mllm_swap.demo.pipeline import FULL, QUICK, RECIPES, RunCommand, build_stages
+from mllm_swap.demo.report import write_report
+from mllm_swap.demo.stages import run_stages
 
 
-@dataclass(frozen=True)
-class DemoSize:
-    """How big the demo runs: ``full`` is the README's demo, ``quick`` the test suite's."""
-
-    shapes: int
-    score_n: int
-    align_steps: int
-    tune_steps: int
-    eval_limit: int
-    clip: str  # the CLIP the existing MLLM uses and KUEA starts from
-    batch: int | None = None  # overrides the recipes' batch sizes (the quick run's world is tiny)
-
-
-FULL = DemoSize(
-    shapes=2000, score_n=500, align_steps=300, tune_steps=300, eval_limit=200, clip="tiny-clip-shapes"
-)
-QUICK = DemoSize(
-    shapes=120, score_n=64, align_steps=6, tune_steps=4, eval_limit=8, clip="tiny-clip", batch=16
-)
-
-
-def mllm_swap(*argv: str) -> str:
-    """Run one ``mllm-swap`` command in-process; return its command line. Fails on a non-zero exit."""
-    from align.errors import UserError
-    from mllm_swap.cli import main
-
-    line = "mllm-swap " + shlex.join(argv)
-    code = main(list(argv))
-    if code != 0:  # the step printed its own error above
-        raise UserError(f"demo step failed (exit {code}): {line}")
-    return line
-
-
-def _sets(*pairs: str) -> list[str]:
-    """``--set k=v`` for each ``k=v``."""
-    return [arg for kv in pairs for arg in ("--set", kv)]
-
-
-RECIPES = ("tiny_sail.yaml", "tiny_projector.yaml", "tiny_kuea.yaml", "tiny_llava_connector.yaml",
-           "tiny_llava_lora.yaml")  # fmt: skip
-
-
-def build_stages(size: DemoSize) -> list[Stage]:
-    """The demo's stages, in order, as commands run from inside the output directory."""
-    shapes, score, aligned, mllm, tuned, zs, ev = (
-        Path(d) for d in ("shapes", "score", "align", "mllm", "tune", "zeroshot", "eval")
-    )
-    recipes = Path("recipes")
-    batch = _sets(f"train.batch_size={size.batch}") if size.batch else []
-
-    def stage(name: str, title: str, commands: list[list[str]], outputs: list[Path]) -> Stage:
-        def run() -> StageResult:
-            lines = [mllm_swap(*argv) for argv in commands]
-            return StageResult(summary={}, outputs=outputs, command="\n".join(lines))
-
-        return Stage(name, title, run)
-
-    def align(method: str, recipe: str, *extra: str) -> list[str]:
-        settings = _sets(f"data.train={shapes}", f"train.steps={size.align_steps}", *extra)
-        return ["align", method, "--config", str(recipes / recipe), *settings, *batch,
-                "--out", str(aligned / method)]  # fmt: skip
-
-    def tuning(name: str, model: Path, connector: bool = True) -> list[list[str]]:
-        """[Connector pretraining into ``tune/<name>-connector``,] LoRA into ``tune/<name>-lora``, merged
-        into ``mllm/<name>-lora``."""
-        data = _sets(  # the demo's own shapes world; scoring is the eval stage's (lmms-eval)
-            f"data={shapes / 'instruct.json'}", f"image_folder={shapes}", "shapes=null", "eval_vqa=null",
-            f"train.steps={size.tune_steps}",
-        )  # fmt: skip
-        commands = []
-        if connector:
-            start, model = model, tuned / f"{name}-connector"
-            commands.append(["tune", "--config", str(recipes / "tiny_llava_connector.yaml"),
-                             *_sets(f"model={start}"), *data, "--out", str(model), "--overwrite"])  # fmt: skip
-        adapter = tuned / f"{name}-lora"
-        return [
-            *commands,
-            ["tune", "--config", str(recipes / "tiny_llava_lora.yaml"), *_sets(f"model={model}"), *data,
-             "--out", str(adapter), "--overwrite"],
-            ["merge", "--adapter", str(adapter), "--out", str(mllm / f"{name}-lora")],
-        ]  # fmt: skip
-
-    def swap(mllm_in: str | Path, encoder: str | Path, mode: str, out: Path) -> list[str]:
-        return ["swap", "--mllm", str(mllm_in), "--encoder", str(encoder), "--mode", mode,
-                "--out", str(out), "--overwrite"]  # fmt: skip
-
-    artifact = {m: aligned / m / "artifact" for m in ("sail", "projector", "kernel")}
-    zeroshot_models = {"clip": size.clip, "kuea": artifact["kernel"], "sail": artifact["sail"],
-                       "projector": artifact["projector"]}  # fmt: skip
-    base = mllm / "base-lora"
-    models = {  # what the eval stage scores, by the name the report uses
-        "base": base,
-        "base-tuned": mllm / "control-lora",  # the original given the rebuilt model's extra tuning
-        "kuea-dropin": mllm / "kuea-dropin",
-        "sail-rebuild": mllm / "sail-rebuild",
-        "sail-connector": tuned / "sail-connector",
-        "sail-lora": mllm / "sail-lora",
-    }
-    return [
-        stage(
-            "data",
-            "Shapes world",
-            [["data", "shapes", "--out", str(shapes), "--n", str(size.shapes)]],
-            [shapes / "meta.json", shapes / "pairs.jsonl"],
-        ),
-        stage(
-            "score",
-            "Rank encoder pairs (CKA, mutual kNN)",
-            [
-                [
-                    "score",
-                    "--vision",
-                    f"{size.clip},tiny-dinov2,tiny-dinov2-reg,tiny-siglip",
-                    "--text",
-                    "tiny-text,minilm",
-                    "--data",
-                    str(shapes),
-                    "--n",
-                    str(size.score_n),
-                    "--metrics",
-                    "cka,mknn",
-                    "--out",
-                    str(score),
-                ]
-            ],
-            [score / "scores.json"],
-        ),
-        stage("align-sail", "Align: SAIL", [align("sail", "tiny_sail.yaml")], [artifact["sail"]]),
-        stage(
-            "align-projector",
-            "Align: freeze-align",
-            [align("projector", "tiny_projector.yaml")],
-            [artifact["projector"]],
-        ),
-        # KUEA fine-tunes the very CLIP the LLaVA uses, so that it can drop in
-        stage(
-            "align-kernel",
-            "Align: KUEA",
-            [align("kernel", "tiny_kuea.yaml", f"student={size.clip}")],
-            [artifact["kernel"]],
-        ),
-        stage(
-            "zeroshot",
-            "Zero-shot colour and shape classification",
-            [
-                [
-                    "zeroshot",
-                    "--model",
-                    str(path),
-                    "--task",
-                    "classify",
-                    "--data",
-                    str(shapes),
-                    "--label",
-                    label,
-                    "--out",
-                    str(zs / f"{name}-{label}"),
-                ]
-                for name, path in zeroshot_models.items()
-                for label in ("color", "shape")
-            ],
-            [zs],
-        ),
-        stage(
-            "base",
-            "The existing MLLM: tiny LLaVA with the shapes CLIP, LoRA-tuned",
-            [
-                swap("tiny-llava", size.clip, "dropin", mllm / "base-untuned"),
-                *tuning("base", mllm / "base-untuned", connector=False),
-            ],
-            [base],
-        ),
-        stage(
-            "swap",
-            "Swap: KUEA CLIP drop-in, SAIL tower rebuild",
-            [
-                swap(base, artifact["kernel"], "dropin", models["kuea-dropin"]),
-                swap(base, artifact["sail"], "rebuild", models["sail-rebuild"]),
-            ],
-            [models["kuea-dropin"] / "swap_report.json", models["sail-rebuild"] / "swap_report.json"],
-        ),
-        stage(
-            "tune",
-            "Tune the rebuilt model (connector, then LoRA), and the original the same way as a control",
-            [*tuning("sail", models["sail-rebuild"]), *tuning("control", base)],
-            [models["sail-lora"], models["base-tuned"]],
-        ),
-        stage(
-            "eval",
-            "Score every model with lmms-eval (shapes_vqa, shapes_mc)",
-            [
-                [
-                    "eval",
-                    "--model",
-                    ",".join(f"{k}={v}" for k, v in models.items()),
-                    "--tasks",
-                    "shapes_vqa,shapes_mc",
-                    "--shapes",
-                    str(shapes),
-                    "--limit",
-                    str(size.eval_limit),
-                    "--batch-size",
-                    "8",
-                    "--out",
-                    str(ev),
-                ]
-            ],
-            [ev / "comparison.md", ev / "comparison.csv"],
-        ),
-    ]
-
-
-def run_demo(out: str | Path, quick: bool = False) -> Path:
-    """Run (or resume) the demo under ``out``; returns the path of ``report.md``."""
-    from mllm_swap.demo.report import write_report
-
+def run_demo(out: str | Path, run_command: RunCommand, quick: bool = False) -> Path:
+    """Run (or resume) the demo under ``out``, each step through ``run_command``; returns ``report.md``."""
     root = Path(out).resolve()
     (root / "recipes").mkdir(parents=True, exist_ok=True)
     for name in RECIPES:  # the exact recipes the commands use, next to them
         shutil.copyfile(shipped("recipes") / name, root / "recipes" / name)
     with contextlib.chdir(root):
-        records = run_stages(build_stages(QUICK if quick else FULL), Path("."))
+        records = run_stages(build_stages(QUICK if quick else FULL, run_command), Path("."))
     return write_report(root, records)

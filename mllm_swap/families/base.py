@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from mllm_swap.chat_templates import llava_chat_template
 from mllm_swap.families.new_tower import NewTower
 from mllm_swap.towers import add_remote_code
-from mllm_swap.tune.conversations import llava_chat_template
 
 LLAVA_TYPES = ("llava", "llava_next")
 
@@ -190,7 +190,7 @@ def require_files(path: Path, what: str, groups: list[tuple[str, ...]]) -> None:
 def save_checkpoint(model: Any, processor: Any, out: Path) -> None:
     """``save_pretrained`` of a model and its processor into ``out``, made to load without this package.
 
-    An HF Llava processor gets :func:`~mllm_swap.tune.conversations.llava_chat_template` (string and list
+    An HF Llava processor gets :func:`~mllm_swap.chat_templates.llava_chat_template` (string and list
     content); a model with an aligned tower gets its remote code (:func:`mllm_swap.towers.add_remote_code`).
     """
     if model.config.model_type in LLAVA_TYPES:

@@ -162,8 +162,8 @@ def _load(path: Path):
     )
     from transformers.initialization import no_init_weights
 
+    from mllm_swap.chat_templates import DEFAULT_CHAT_TEMPLATE
     from mllm_swap.towers import prefix_tokens_of
-    from mllm_swap.tune.conversations import DEFAULT_CHAT_TEMPLATE
 
     config = read_original_config(path)
     source = tower_dir(path, config)

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mllm_swap.tune.conversations import chat_template, expand2square, pad_colour
+from mllm_swap.chat_templates import chat_template
+from mllm_swap.tune.conversations import expand2square, pad_colour
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}  # fmt: skip

@@ -1,71 +1,29 @@
-"""LLaVA instruction data: validation, chat-template encoding with assistant-only labels, batching.
+"""LLaVA instruction records: validation, and chat-template encoding with assistant-only labels.
 
 Records are LLaVA's JSON format: ``{"id", "image": relpath, "conversations": [{"from": "human",
 "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}``. Each record is rendered with the
-family's chat template (the processor's, else :data:`DEFAULT_CHAT_TEMPLATE`), the processor expands the
-image placeholder to the tower's token count, and only the assistant turns carry labels.
+family's chat template (:func:`mllm_swap.chat_templates.chat_template`), the processor expands the
+image placeholder to the tower's token count, and only the assistant turns carry labels. Batching for
+training is :mod:`mllm_swap.tune.batches`.
 """
 
 from __future__ import annotations
 
-import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
-from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from align.io import read_json
+from mllm_swap.chat_templates import chat_template
 
 IGNORE_INDEX = -100
 DATA_IMAGE_TOKEN = "<image>"  # the placeholder LLaVA's JSON uses, whatever the tokenizer calls it
 ROLES = {"human": "user", "gpt": "assistant"}
-
-# LLaVA-1.5's template as llava-hf ships it ("USER: <image>\n... ASSISTANT: ..."): it reads list content only,
-# so string content (what lmms-eval's llava_hf wrapper and most chat code send) renders as nothing.
-LLAVA_HF_LIST_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}"
-    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
-    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + ' ' }}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-# The same template for list content, and string content rendered the same way: a message
-# {"content": "<image>\nQ"} gives exactly what {"content": [{"type": "image"}, {"type": "text", "text": "Q"}]}
-# gives. Every HF Llava directory this project writes carries it (``llava_chat_template``).
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}"
-    "{% endif %}{% if message['content'] is string %}{% if message['role'] != 'assistant' %}"
-    "{{ message['content'] + ' ' }}{% else %}{% generation %}{{ message['content'] + ' ' }}{% endgeneration %}"
-    "{% endif %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
-    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + ' ' }}{% endgeneration %}{% endfor %}{% endif %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-
-
-def _canonical(template: str) -> str:
-    """A template without Jinja comments and whitespace, to recognise copies that differ only in those."""
-    return re.sub(r"\s+", "", re.sub(r"\{#.*?#\}", "", template, flags=re.S))
-
-
-def llava_chat_template(template: str | None) -> str:
-    """The chat template an HF Llava directory gets: :data:`DEFAULT_CHAT_TEMPLATE` in place of none or of
-    LLaVA-1.5's list-only one (which it renders identically for list content); any other template is kept."""
-    if not isinstance(template, str):  # a processor may hold a dict of named templates: keep those
-        return template or DEFAULT_CHAT_TEMPLATE
-    if not template or _canonical(template) == _canonical(LLAVA_HF_LIST_TEMPLATE):
-        return DEFAULT_CHAT_TEMPLATE
-    return template
 
 
 @dataclass
@@ -194,17 +152,6 @@ def pad_colour(processor: Any) -> tuple[int, int, int]:
     return tuple(int(x * 255) for x in mean)
 
 
-def chat_template(processor: Any) -> str:
-    """The processor's (or its tokenizer's) chat template, else :data:`DEFAULT_CHAT_TEMPLATE`."""
-    for owner in (processor, getattr(processor, "tokenizer", None)):
-        template = getattr(owner, "chat_template", None)
-        if isinstance(template, dict):
-            template = template.get("default")
-        if template:
-            return template
-    return DEFAULT_CHAT_TEMPLATE
-
-
 def _render(processor: Any, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
     return processor.apply_chat_template(
         messages, chat_template=template, add_generation_prompt=add_generation_prompt, tokenize=False
@@ -326,122 +273,3 @@ def generation_prompt(
     """The text a model sees before answering ``question`` about one image (as in training)."""
     turns = [{"from": "human", "value": (DATA_IMAGE_TOKEN + "\n" if has_image else "") + question}]
     return _render(processor, template or chat_template(processor), to_messages(turns, has_image), True)
-
-
-class ConversationDataset(Dataset):
-    """LLaVA conversations encoded on the fly; ``summary`` says what was kept and skipped."""
-
-    def __init__(
-        self,
-        json_path: str | Path,
-        image_folder: str | Path | None,
-        processor: Any,
-        *,
-        max_length: int = 2048,
-        image_aspect_ratio: str = "pad",
-        on_error: str = "skip",
-        append_eos: bool = True,
-    ) -> None:
-        if image_aspect_ratio not in ("pad", "none"):
-            raise ValueError(f"image_aspect_ratio must be 'pad' or 'none', found {image_aspect_ratio!r}")
-        self.records, self.summary = load_conversations(json_path, image_folder, on_error)
-        self.image_folder = Path(image_folder) if image_folder is not None else None
-        self.processor = processor
-        self.template = chat_template(processor)
-        self.max_length = max_length
-        self.image_aspect_ratio = image_aspect_ratio
-        self.append_eos = append_eos
-        self.background = pad_colour(processor)
-        self.image_tokens = image_token_count(processor)
-        if self.summary.with_image and self.image_tokens >= max_length:
-            raise ValueError(f"max_length {max_length} leaves no room after {self.image_tokens} image tokens")
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def load_image(self, record: dict) -> Image.Image | None:
-        """The record's image as RGB, padded to square when ``image_aspect_ratio`` is "pad"."""
-        if "image" not in record:
-            return None
-        image = Image.open(self.image_folder / record["image"]).convert("RGB")
-        return expand2square(image, self.background) if self.image_aspect_ratio == "pad" else image
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        record = self.records[index]
-        image = self.load_image(record)
-        messages = to_messages(record["conversations"], image is not None)
-        item = encode(
-            self.processor,
-            messages,
-            image,
-            template=self.template,
-            max_length=self.max_length,
-            append_eos=self.append_eos,
-            record_id=str(record.get("id", index)),
-        )
-        item["id"] = str(record.get("id", index))
-        return item
-
-    def lengths(self) -> list[int]:
-        """Cheap length estimates (words + image tokens), as LLaVA's grouping uses."""
-        return [
-            sum(len(t["value"].split()) for t in r["conversations"])
-            + (self.image_tokens if "image" in r else 0)
-            for r in self.records
-        ]
-
-
-def image_token_count(processor: Any) -> int:
-    """How many placeholder tokens the processor expands one image to."""
-    size = getattr(processor.image_processor, "crop_size", None) or processor.image_processor.size
-    height = size.get("height") or size.get("shortest_edge")
-    width = size.get("width") or size.get("shortest_edge")
-    count = (height // processor.patch_size) * (width // processor.patch_size)
-    count += processor.num_additional_image_tokens
-    return count - (1 if processor.vision_feature_select_strategy == "default" else 0)
-
-
-class LengthGroupedSampler(Sampler[int]):
-    """Indices shuffled by ``seed + epoch`` and grouped into batches of similar length (HF's grouping)."""
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, found {batch_size}")
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of ``epoch`` (call before iterating)."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
-
-
-@dataclass
-class ConversationCollator:
-    """Right-pads a list of encoded conversations into a batch; images are concatenated in order."""
-
-    pad_token_id: int
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        width = max(len(f["input_ids"]) for f in features)
-        batch = {
-            "input_ids": torch.full((len(features), width), self.pad_token_id, dtype=torch.long),
-            "attention_mask": torch.zeros((len(features), width), dtype=torch.long),
-            "labels": torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long),
-        }
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            for key in ("input_ids", "attention_mask", "labels"):
-                batch[key][row, :n] = f[key]
-        images = [f["pixel_values"] for f in features if f.get("pixel_values") is not None]
-        if images:
-            batch["pixel_values"] = torch.cat(images)
-        return batch

@@ -1,7 +1,7 @@
 """Run one tuning stage on the shared training loop: the stage as a ``Method`` of ``align.train.loop``.
 
 ``run_tune(cfg, out_dir)`` loads the model, wraps it for the stage (:mod:`mllm_swap.tune.model`), streams
-length-grouped LLaVA conversations (:mod:`mllm_swap.tune.conversations`) and writes the stage's outputs:
+length-grouped LLaVA conversations (:mod:`mllm_swap.tune.batches`) and writes the stage's outputs:
 the peft adapter (``lora``: LoRA weights plus every other trainable as peft ``modules_to_save``) or the full
 checkpoint and ``non_lora_trainables.safetensors`` (``connector``/``full``), the processor, ``tune_info.json``
 and a model card (``README.md``, :mod:`mllm_swap.tune.adapter`), next to the loop's checkpoints, metrics and
@@ -73,7 +73,7 @@ class TuneMethod:
 
     def build_model(self, train_cfg: TrainConfig) -> nn.Module:
         """Load, apply earlier trainables, wrap with LoRA for the lora stage, select what trains."""
-        from mllm_swap.tune.conversations import ConversationDataset
+        from mllm_swap.tune.batches import ConversationDataset
 
         model, self.processor = load_model(self.cfg)
         self.dataset = ConversationDataset(
@@ -108,7 +108,7 @@ class TuneMethod:
         from torch.utils.data import DataLoader
 
         from align.train.checkpoints import PermutationSampler
-        from mllm_swap.tune.conversations import ConversationCollator, LengthGroupedSampler
+        from mllm_swap.tune.batches import ConversationCollator, LengthGroupedSampler
 
         if self.cfg.group_by_length:
             sampler: Any = LengthGroupedSampler(

@@ -1,4 +1,4 @@
-"""`mllm-swap score` on tiny encoders and the shapes world, bad inputs, and the probe metric."""
+"""`mllm-swap rank` (old word: `score`) on tiny encoders and the shapes world, bad inputs, and the probe metric."""
 
 from __future__ import annotations
 
@@ -49,9 +49,9 @@ def test_probe_separates_related_from_unrelated_features(loss):
         alignment_probe(img, txt, loss="mse")
 
 
-def test_score_toy_cli(tmp_path, capsys):
+def test_rank_toy_cli(tmp_path, capsys):
     assert (
-        main(["score", "toy", "--out", str(tmp_path), "--instances", "12", "--steps", "30", "--d", "4"]) == 0
+        main(["rank", "toy", "--out", str(tmp_path), "--instances", "12", "--steps", "30", "--d", "4"]) == 0
     )
     result = json.loads((tmp_path / "toy.json").read_text())
     assert len(result["points"]) == 12 and result["config"]["d"] == 4 and result["config"]["n"] == 32
@@ -77,9 +77,9 @@ def _mean_token_features(vision_id: str, text_id: str, shapes_dir: Path, ids: li
     return img, txt
 
 
-def test_score_pairs_cli_on_tiny_encoders(shapes_dir, tmp_path, capsys):
+def test_rank_pairs_cli_on_tiny_encoders(shapes_dir, tmp_path, capsys):
     out = tmp_path / "scores"
-    argv = ["score", "--vision", "tiny-clip", "--text", "tiny-clip,tiny-text", "--data", str(shapes_dir)]
+    argv = ["rank", "--vision", "tiny-clip", "--text", "tiny-clip,tiny-text", "--data", str(shapes_dir)]
     assert main([*argv, "--n", "60", "--out", str(out), "--metrics", "cka,mknn,probe", "--knn", "5"]) == 0
     result = json.loads((out / "scores.json").read_text())
     assert (
@@ -101,7 +101,7 @@ def test_score_pairs_cli_on_tiny_encoders(shapes_dir, tmp_path, capsys):
     )
 
     from align.data.readers import open_data
-    from mllm_swap.commands.score import load_samples
+    from align.metrics.pairs import load_samples
 
     ids = [s.id for s in load_samples(str(shapes_dir), 60, 0, "raise")]
     assert len(ids) == 60 and len({s.id for s in open_data(shapes_dir)}) == 96
@@ -127,13 +127,13 @@ def test_score_pairs_cli_on_tiny_encoders(shapes_dir, tmp_path, capsys):
         (["--vision", "tiny-clip", "--text", "tiny-text", "--n", "3"], "--n must be >= 4"),
     ],
 )
-def test_score_bad_inputs(shapes_dir, tmp_path, capsys, extra, message):
-    code = main(["score", "--data", str(shapes_dir), "--out", str(tmp_path), *extra])
+def test_rank_bad_inputs(shapes_dir, tmp_path, capsys, extra, message):
+    code = main(["rank", "--data", str(shapes_dir), "--out", str(tmp_path), *extra])
     assert code == 2
     assert message in capsys.readouterr().err
 
 
-def test_score_missing_data_and_toy_misuse(tmp_path, capsys):
+def test_score_alias_missing_data_and_toy_misuse(tmp_path, capsys):
     missing = tmp_path / "nope.jsonl"
     args = [
         "score",
@@ -149,6 +149,6 @@ def test_score_missing_data_and_toy_misuse(tmp_path, capsys):
     assert main(args) == 2
     assert str(missing) in capsys.readouterr().err
     assert main(["score", "toy", "--out", str(tmp_path), "--vision", "tiny-clip"]) == 2
-    assert "takes no --vision" in capsys.readouterr().err
+    assert "mllm-swap score: error: score toy takes no --vision" in capsys.readouterr().err
     assert main(["score", "toy", "--out", str(tmp_path), "--n", "1"]) == 2
     assert "n must be >= 2" in capsys.readouterr().err

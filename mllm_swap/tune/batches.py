@@ -1,0 +1,143 @@
+"""Batches of LLaVA conversations for training: the torch dataset that encodes records on the fly
+(:mod:`mllm_swap.tune.conversations`), the length-grouped sampler and the padding collator."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+from transformers.trainer_pt_utils import get_length_grouped_indices
+
+from mllm_swap.chat_templates import chat_template
+from mllm_swap.tune.conversations import (
+    IGNORE_INDEX,
+    encode,
+    expand2square,
+    load_conversations,
+    pad_colour,
+    to_messages,
+)
+
+
+class ConversationDataset(Dataset):
+    """LLaVA conversations encoded on the fly; ``summary`` says what was kept and skipped."""
+
+    def __init__(
+        self,
+        json_path: str | Path,
+        image_folder: str | Path | None,
+        processor: Any,
+        *,
+        max_length: int = 2048,
+        image_aspect_ratio: str = "pad",
+        on_error: str = "skip",
+        append_eos: bool = True,
+    ) -> None:
+        if image_aspect_ratio not in ("pad", "none"):
+            raise ValueError(f"image_aspect_ratio must be 'pad' or 'none', found {image_aspect_ratio!r}")
+        self.records, self.summary = load_conversations(json_path, image_folder, on_error)
+        self.image_folder = Path(image_folder) if image_folder is not None else None
+        self.processor = processor
+        self.template = chat_template(processor)
+        self.max_length = max_length
+        self.image_aspect_ratio = image_aspect_ratio
+        self.append_eos = append_eos
+        self.background = pad_colour(processor)
+        self.image_tokens = image_token_count(processor)
+        if self.summary.with_image and self.image_tokens >= max_length:
+            raise ValueError(f"max_length {max_length} leaves no room after {self.image_tokens} image tokens")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load_image(self, record: dict) -> Image.Image | None:
+        """The record's image as RGB, padded to square when ``image_aspect_ratio`` is "pad"."""
+        if "image" not in record:
+            return None
+        image = Image.open(self.image_folder / record["image"]).convert("RGB")
+        return expand2square(image, self.background) if self.image_aspect_ratio == "pad" else image
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        image = self.load_image(record)
+        messages = to_messages(record["conversations"], image is not None)
+        item = encode(
+            self.processor,
+            messages,
+            image,
+            template=self.template,
+            max_length=self.max_length,
+            append_eos=self.append_eos,
+            record_id=str(record.get("id", index)),
+        )
+        item["id"] = str(record.get("id", index))
+        return item
+
+    def lengths(self) -> list[int]:
+        """Cheap length estimates (words + image tokens), as LLaVA's grouping uses."""
+        return [
+            sum(len(t["value"].split()) for t in r["conversations"])
+            + (self.image_tokens if "image" in r else 0)
+            for r in self.records
+        ]
+
+
+def image_token_count(processor: Any) -> int:
+    """How many placeholder tokens the processor expands one image to."""
+    size = getattr(processor.image_processor, "crop_size", None) or processor.image_processor.size
+    height = size.get("height") or size.get("shortest_edge")
+    width = size.get("width") or size.get("shortest_edge")
+    count = (height // processor.patch_size) * (width // processor.patch_size)
+    count += processor.num_additional_image_tokens
+    return count - (1 if processor.vision_feature_select_strategy == "default" else 0)
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Indices shuffled by ``seed + epoch`` and grouped into batches of similar length (HF's grouping)."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, found {batch_size}")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch`` (call before iterating)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+@dataclass
+class ConversationCollator:
+    """Right-pads a list of encoded conversations into a batch; images are concatenated in order."""
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        width = max(len(f["input_ids"]) for f in features)
+        batch = {
+            "input_ids": torch.full((len(features), width), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(features), width), dtype=torch.long),
+            "labels": torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long),
+        }
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            for key in ("input_ids", "attention_mask", "labels"):
+                batch[key][row, :n] = f[key]
+        images = [f["pixel_values"] for f in features if f.get("pixel_values") is not None]
+        if images:
+            batch["pixel_values"] = torch.cat(images)
+        return batch
