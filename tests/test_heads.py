@@ -8,8 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align.heads import GLUHead, LinearHead, TextGlobalHead, TokenProjector, freeze_align_param_count
-from align.towers_aligned import FreezeAlignTextHead
+from align.heads import (
+    FreezeAlignTextHead,
+    GLUHead,
+    LinearHead,
+    TextGlobalHead,
+    TokenProjector,
+    freeze_align_param_count,
+)
 
 
 def _count(module: torch.nn.Module) -> int:
