@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from align.data.images import ImageTextDataset
+from align.data.records import ImageTextDataset
 from align.distributed import check_world_size, launch_state, launched_world_size
 from align.encoders.base import TextEncoder, VisionEncoder
 from align.io import atomic_path, read_json, sha256_file, write_json
