@@ -14,7 +14,7 @@ Interface (stable; :mod:`align.modeling_aligned_tower` wraps it as an HF vision 
 
 Token rules: with an image head the prefix tokens are folded in (``num_prefix_tokens == 0``): SAIL gives
 ``head([CLS ; patch_i])``, freeze-align ``patch_proj(patch_i) + cls_proj(CLS)`` (see
-:mod:`align.towers_aligned`). Without a head (KUEA: a fine-tuned backbone) the rule is ``patch`` (prefix
+:mod:`align.heads`). Without a head (KUEA: a fine-tuned backbone) the rule is ``patch`` (prefix
 tokens dropped) or ``all`` (kept), and the global embedding is the backbone's ``image_pool`` pooling.
 
 Directory: ``aligned_encoder.json`` (method, backbone and text specs, head configs, token rule, logit
@@ -42,11 +42,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from align.artifact_card import model_card
 from align.encoders.base import TextEncoder, VisionEncoder
+from align.heads import TOKEN_RULES, build_text_head, build_token_head
 from align.integrity import record_checksums, verify_dir
 from align.io import atomic_path, read_json, read_tensors, write_json
 from align.paths import locate, portable, portable_tree
-from align.towers_aligned import TOKEN_RULES, build_text_head, build_token_head
 
 FORMAT, VERSION = "mllm-swap aligned encoder", 1
 CONFIG_FILE, WEIGHTS_FILE, BACKBONE_DIR = "aligned_encoder.json", "model.safetensors", "backbone"
@@ -303,52 +304,6 @@ def save_aligned(
         (tmp / "README.md").write_text(model_card(config))
         record_checksums(tmp)
     return out
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def model_card(config: dict[str, Any]) -> str:
-    """A short Markdown model card from an artifact's ``aligned_encoder.json`` content."""
-    backbone, text = config["backbone"], config.get("text") or {}
-    training, metrics = config.get("training") or {}, config.get("metrics") or {}
-    tuned = " (fine-tuned weights included)" if backbone.get("weights_included") else " (frozen)"
-    lines = [
-        f"# Aligned vision encoder ({config['method']})",
-        "",
-        f"Made with mllm-swap's `{config['method']}` method: a language-aligned vision encoder whose image "
-        "embeddings share a space with its text encoder's, loadable with "
-        "`align.artifact.load_aligned(<this dir>)` or `align.encoders.load_vision_encoder(<this dir>)`.",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| backbone | `{backbone['source']}`{tuned} |",
-        f"| text encoder | `{text.get('source')}` |",
-        f"| image head | `{(config.get('image_head') or {}).get('kind')}` |",
-        f"| text head | `{(config.get('text_head') or {}).get('kind')}` |",
-        f"| token rule | {config['token_rule']} |",
-        f"| tokens per image | {config['num_tokens']} x {config['out_dim']} |",
-        f"| image size | {config['preprocess']['image_size']} |",
-    ]
-    for key in ("data", "steps", "samples_seen", "batch_size", "final_loss"):
-        if key in training:
-            lines.append(f"| {key.replace('_', ' ')} | {_fmt(training[key])} |")
-    if metrics:
-        lines += ["", "## Scores", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {name} | {_fmt(value)} |" for name, value in _flatten(metrics)]
-    return "\n".join(lines) + "\n"
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    rows = []
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            rows += _flatten(value, name + ".")
-        elif isinstance(value, (int, float, str)):
-            rows.append((name, value))
-    return rows
 
 
 def load_aligned(path: str | os.PathLike, device: str | torch.device | None = None) -> AlignedEncoder:

@@ -12,11 +12,14 @@ train). Fixed ones are buffers: they move and save the same way but receive no g
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "KINDS",
     "CosineKernel",
     "GaussianKernel",
     "PolynomialKernel",
@@ -116,6 +119,8 @@ class GaussianKernel(nn.Module):
 
     def __init__(self, bandwidth: float, trainable: bool = False) -> None:
         super().__init__()
+        if not math.isfinite(float(bandwidth)):
+            raise ValueError(f"gaussian kernel: bandwidth must be finite, found {bandwidth}")
         if not bandwidth > 0:
             raise ValueError(f"GaussianKernel: bandwidth must be > 0, found {bandwidth}")
         _scalar(self, "bandwidth", bandwidth, trainable)
@@ -147,18 +152,41 @@ class CosineKernel(nn.Module):
         return {}
 
 
-_ALIASES = {
-    "polynomial": "polynomial",
-    "poly": "polynomial",
-    "gaussian": "gaussian",
-    "rbf": "gaussian",
-    "cosine": "cosine",
+def _polynomial_defaults(dim: int, student: bool) -> dict[str, float | int | bool]:
+    if dim < 1:
+        raise ValueError(f"polynomial kernel: embedding dim must be >= 1, found {dim}")
+    return {
+        "gamma": STUDENT_POLY_GAMMA if student else 1.0 / dim,
+        "coef0": STUDENT_POLY_COEF0 if student else 1.0,
+        "degree": 3,
+        "trainable": student,
+    }
+
+
+def _gaussian_defaults(dim: int, student: bool) -> dict[str, float | int | bool]:
+    bandwidth = STUDENT_GAUSSIAN_BANDWIDTH if student else TARGET_GAUSSIAN_BANDWIDTH
+    return {"bandwidth": bandwidth, "trainable": student}
+
+
+@dataclass(frozen=True)
+class KernelKind:
+    """A kernel kind: its module, the options it accepts, and KUEA's defaults ``(dim, student) -> kwargs``."""
+
+    module: Callable[..., nn.Module]
+    options: frozenset[str]
+    defaults: Callable[[int, bool], dict[str, float | int | bool]]
+
+
+KINDS: dict[str, KernelKind] = {
+    "polynomial": KernelKind(
+        PolynomialKernel,
+        frozenset({"gamma", "coef0", "degree", "trainable", "normalize"}),
+        _polynomial_defaults,
+    ),
+    "gaussian": KernelKind(GaussianKernel, frozenset({"bandwidth", "trainable"}), _gaussian_defaults),
+    "cosine": KernelKind(CosineKernel, frozenset(), lambda dim, student: {}),
 }
-_ALLOWED = {
-    "polynomial": {"gamma", "coef0", "degree", "trainable", "normalize"},
-    "gaussian": {"bandwidth", "trainable"},
-    "cosine": set(),
-}
+_ALIASES = {"poly": "polynomial", "rbf": "gaussian", **{kind: kind for kind in KINDS}}
 
 
 def build_kernel(name: str, dim: int, role: str = "target", **overrides: float | int | bool) -> nn.Module:
@@ -173,30 +201,10 @@ def build_kernel(name: str, dim: int, role: str = "target", **overrides: float |
         raise ValueError(f"unknown kernel {name!r}: expected one of {sorted(_ALIASES)}")
     if role not in ("target", "student"):
         raise ValueError(f"kernel role must be 'target' or 'student', found {role!r}")
-    unknown = set(overrides) - _ALLOWED[kind]
+    spec = KINDS[kind]
+    unknown = set(overrides) - spec.options
     if unknown:
         raise ValueError(
-            f"kernel {kind!r}: unknown option(s) {sorted(unknown)}; allowed {sorted(_ALLOWED[kind])}"
+            f"kernel {kind!r}: unknown option(s) {sorted(unknown)}; allowed {sorted(spec.options)}"
         )
-    student = role == "student"
-    if kind == "polynomial":
-        if dim < 1:
-            raise ValueError(f"polynomial kernel: embedding dim must be >= 1, found {dim}")
-        params: dict = {
-            "gamma": STUDENT_POLY_GAMMA if student else 1.0 / dim,
-            "coef0": STUDENT_POLY_COEF0 if student else 1.0,
-            "degree": 3,
-            "trainable": student,
-        }
-        params.update(overrides)
-        return PolynomialKernel(**params)
-    if kind == "gaussian":
-        params = {
-            "bandwidth": STUDENT_GAUSSIAN_BANDWIDTH if student else TARGET_GAUSSIAN_BANDWIDTH,
-            "trainable": student,
-        }
-        params.update(overrides)
-        if not math.isfinite(float(params["bandwidth"])):
-            raise ValueError(f"gaussian kernel: bandwidth must be finite, found {params['bandwidth']}")
-        return GaussianKernel(**params)
-    return CosineKernel()
+    return spec.module(**{**spec.defaults(dim, role == "student"), **overrides})

@@ -1,7 +1,7 @@
 """Aligned vision towers as transformers models: a backbone, an optional per-token head, a token rule.
 
 This file is the remote code of every checkpoint with an aligned tower. ``mllm_swap`` copies it verbatim
-into such checkpoints (with the two head modules it imports, ``towers_aligned.py`` and ``heads.py``) and
+into such checkpoints (with the head module it imports, ``heads.py``) and
 points the config's ``auto_map`` at it, so they load without this project:
 ``AutoModelForImageTextToText.from_pretrained(dir, trust_remote_code=True)``. It therefore imports only
 torch, transformers and its sibling modules (relative imports), never ``align`` or ``mllm_swap``.
@@ -46,7 +46,7 @@ from transformers.conversion_mapping import (
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .towers_aligned import build_token_head
+from .heads import build_token_head
 
 TOKEN_RULES = ("patch", "all")
 MODEL_TYPE = "mllm_swap_aligned_tower"

@@ -57,9 +57,9 @@ def build_step(
     """A zero-argument SAIL training step on random cached features, and its model."""
     from timm.optim import Lion
 
+    from align.heads import SailTextHead, SailTokenHead
     from align.losses import LogitScale, sigmoid_loss
     from align.methods.sail import SailModel
-    from align.towers_aligned import SailTextHead, SailTokenHead
 
     torch.manual_seed(0)
     common = {"kind": "sail_glu", "out_dim": out, "width_factor": width}

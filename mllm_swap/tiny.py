@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from align.embedded import build_once
-from align.encoders.tiny import OPENAI_MEAN, OPENAI_STD, ensure_tiny
+from align.embedded import tiny_model_dir as ensure_tiny
+from align.encoders.base import OPENAI_MEAN, OPENAI_STD
 from align.encoders.tokenizer import build_bpe_tokenizer
 from mllm_swap.chat_templates import DEFAULT_CHAT_TEMPLATE
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from align.artifact import AlignedEncoder, load_aligned, patch_drift, save_aligned
 from align.encoders.registry import load_text_encoder, load_vision_encoder
+from align.heads import build_text_head, build_token_head
 from align.integrity import CorruptFileError, record_checksums
-from align.towers_aligned import build_text_head, build_token_head
 
 
 @pytest.fixture(scope="module")

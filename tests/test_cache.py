@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from align.data import cache as cache_mod
-from align.data.cache import EmbeddingCache, write_cache
+from align.data.cache import write_cache
+from align.data.cache_read import EmbeddingCache
 from align.data.images import open_image
 from align.data.readers import open_data
 from align.encoders import load_text_encoder, load_vision_encoder

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from align.encoders import TINY_VISION, ensure_tiny, load_text_encoder, load_vision_encoder
+from align.encoders import TINY_VISION, load_text_encoder, load_vision_encoder
+from align.fixtures import ensure_tiny
 
 EXPECTED_PREFIX = {
     "tiny-clip": 1,

@@ -9,15 +9,14 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, CLIPVisionModelWithProjection
 
-from align.clip_convert import (
+from align.clip_convert import hf_clip_to_openclip_dir, openclip_config_from_model, openclip_to_hf_dir
+from align.clip_state_dict import (
     UnsupportedModelError,
-    hf_clip_to_openclip_dir,
     hf_to_openclip_state_dict,
-    openclip_config_from_model,
-    openclip_to_hf_dir,
     openclip_to_hf_state_dict,
 )
-from align.encoders import ensure_tiny, load_vision_encoder
+from align.encoders import load_vision_encoder
+from align.fixtures import ensure_tiny
 
 TEXTS = ["a red circle.", "a photo of a blue square on a plain background.", "two shapes: a green cross"]
 

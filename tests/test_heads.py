@@ -8,8 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align.heads import GLUHead, LinearHead, TextGlobalHead, TokenProjector, freeze_align_param_count
-from align.towers_aligned import FreezeAlignTextHead
+from align.heads import (
+    KINDS,
+    TOKEN_RULES,
+    FreezeAlignTextHead,
+    GLUHead,
+    LinearHead,
+    TextGlobalHead,
+    TokenProjector,
+    build_text_head,
+    build_token_head,
+    freeze_align_param_count,
+)
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -130,3 +140,33 @@ def test_freeze_align_count_matches_real_modules_and_allocates_nothing():
     assert freeze_align_param_count(12, 20, d_out=8) == sum(_count(m) for m in real)
     # 11 linear layers of 65536^2: ~4.7e10 parameters (about 190 GB in fp32), so nothing was allocated.
     assert freeze_align_param_count(65536, 65536, d_out=65536) > 11 * 65536**2
+
+
+def _glu(d_in: int, d_out: int) -> int:
+    return 2 * d_in + 2 * _linear(d_in, 8 * d_in) + _linear(8 * d_in, d_out)
+
+
+def _projector(d: int, d_out: int) -> int:
+    return 2 * d + 2 * _linear(d, d_out) + _linear(d_out, d_out)
+
+
+@pytest.mark.parametrize("kind", ["sail_glu", "sail_linear", "freeze_align"])
+def test_every_kind_builds_heads_of_its_formula(kind):
+    """Each KINDS entry builds the image and text head of its method (counted by hand, vision 12 -> 6, text 10 -> 6)."""
+    image_count = {
+        "sail_glu": _glu(24, 6),  # the head sees [CLS ; patch]: twice the width
+        "sail_linear": _linear(24, 6),
+        "freeze_align": 2 * _projector(12, 6),  # patch and CLS projectors
+    }
+    text_count = {
+        "sail_glu": _glu(10, 6),
+        "sail_linear": _linear(10, 6),
+        "freeze_align": _projector(10, 6) + 2 * _linear(6, 6) + 2 * 6,  # + the global head
+    }
+    image = build_token_head({"kind": kind, "in_dim": 12, "out_dim": 6, "num_prefix_tokens": 1})
+    text = build_text_head({"kind": kind, "in_dim": 10, "out_dim": 6})
+    assert (_count(image), _count(text)) == (image_count[kind], text_count[kind])
+    assert image.config["kind"] == text.config["kind"] == kind
+    assert image(torch.randn(2, 5, 12)).shape == (2, 4, 6)
+    assert TOKEN_RULES[kind].startswith("sail: " if kind.startswith("sail") else "freeze_align: ")
+    assert set(KINDS) == set(TOKEN_RULES) == {"sail_glu", "sail_linear", "freeze_align"}

@@ -15,7 +15,8 @@ from torch import nn
 from transformers import CLIPModel, CLIPVisionModelWithProjection
 
 from align.data.shapes import load_shapes
-from align.encoders import ensure_tiny, load_vision_encoder
+from align.encoders import load_vision_encoder
+from align.fixtures import ensure_tiny
 from align.io import read_json, read_jsonl
 from align.kernels import PolynomialKernel
 from align.methods.kuea.recipe import KueaMethod, load_recipe, run
@@ -468,7 +469,7 @@ def test_cli_align_kernel_runs_the_tiny_recipe(shapes_dir: Path, tmp_path: Path,
 
 def test_clip_pretraining_builds_a_loadable_clip(tmp_path: Path) -> None:
     from align.encoders import load_text_encoder
-    from align.methods.clip_pretrain import PretrainSettings, pretrain_clip_on_shapes
+    from align.fixtures.clip_shapes import PretrainSettings, pretrain_clip_on_shapes
 
     record = pretrain_clip_on_shapes(
         tmp_path / "clip", PretrainSettings(shapes=80, steps=3, batch_size=16, warmup=1)

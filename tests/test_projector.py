@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from align.heads import FreezeAlignTextHead, FreezeAlignTokenHead
 from align.losses import Temperature
 from align.methods.freeze_align import ProjectorMethod, ProjectorModel, load_recipe
-from align.towers_aligned import FreezeAlignTextHead, FreezeAlignTokenHead
 from align.train.schedules import default_param_groups
 
 

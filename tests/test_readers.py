@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from align.data.images import ImageError, ImageTextDataset, open_image
+from align.data.images import ImageError, open_image
 from align.data.readers import open_data
+from align.data.records import ImageTextDataset
 from align.data.shapes import generate_shapes
 from mllm_swap.cli import main
 

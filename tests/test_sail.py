@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from align.heads import SailTextHead, SailTokenHead
 from align.methods.sail import SailMethod, SailModel, load_recipe
 from align.recipes import ConfigError
-from align.towers_aligned import SailTextHead, SailTokenHead
 
 
 def test_paper_defaults():

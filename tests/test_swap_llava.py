@@ -43,7 +43,7 @@ def perturbed_clip(scale: float = 0.02):
 
 def sail_artifact(root):
     from align.artifact import AlignedEncoder, save_aligned
-    from align.towers_aligned import build_token_head
+    from align.heads import build_token_head
 
     backbone = load_vision_encoder("tiny-dinov2")
     torch.manual_seed(0)
@@ -173,11 +173,7 @@ def test_aligned_rebuilds_load_without_the_package(swapped, tmp_path, without_pr
         if name == "sail":
             tower_dir = tmp_path / "tower"
             model.model.vision_tower.save_pretrained(tower_dir)
-            assert add_remote_code(tower_dir) == [
-                "modeling_aligned_tower.py",
-                "towers_aligned.py",
-                "heads.py",
-            ]
+            assert add_remote_code(tower_dir) == ["modeling_aligned_tower.py", "heads.py"]
             expected["tower"] = model.model.vision_tower(inputs["pixel_values"]).last_hidden_state
     code = (
         without_project

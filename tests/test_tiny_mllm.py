@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from align.encoders import ensure_tiny
+from align.fixtures import ensure_tiny
 from mllm_swap.families.base import quiet_transformers
 from mllm_swap.tiny import build_tiny_llava, ensure_tiny_mllm
 

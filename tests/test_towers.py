@@ -18,7 +18,7 @@ def pixels() -> torch.Tensor:
 
 def _artifact(tmp_path, kind: str, backbone_id: str):
     from align.artifact import AlignedEncoder, save_aligned
-    from align.towers_aligned import build_token_head
+    from align.heads import build_token_head
 
     backbone = load_vision_encoder(backbone_id)
     torch.manual_seed(0)

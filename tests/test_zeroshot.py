@@ -14,9 +14,9 @@ from align.metrics.zeroshot import (
     paired_accuracy,
     retrieval_metrics,
     segmentation_miou,
-    shapes_minimal_pairs,
     zeroshot_classifier,
 )
+from align.zeroshot_tasks import shapes_minimal_pairs
 
 
 def one_hot(i: int, d: int = 4) -> torch.Tensor:
@@ -132,7 +132,8 @@ def shapes(tmp_path_factory):
 
 
 def test_dual_encoder_clip_matches_hf_and_tasks_run(shapes):
-    from align.metrics.zeroshot import load_dual_encoder, run_task
+    from align.encoders.dual import load_dual_encoder
+    from align.zeroshot_tasks import run_task
 
     dual = load_dual_encoder("tiny-clip")
     pixels = torch.rand(2, 3, 64, 64)

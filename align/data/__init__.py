@@ -1,8 +1,7 @@
 """Data: the shapes world, readers for image-text sources, and the embedding cache."""
 
-from align.data.images import ImageTextDataset
 from align.data.readers import open_data
-from align.data.records import DataSource, Sample
+from align.data.records import DataSource, ImageTextDataset, Sample
 from align.data.shapes import generate_shapes, load_shapes, shapes_classes
 
 __all__ = [

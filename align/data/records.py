@@ -1,17 +1,21 @@
-"""The common record type (:class:`Sample`), :class:`DataSource`, and column resolution for tables."""
+"""The common record type (:class:`Sample`), :class:`DataSource`, the torch Dataset over samples
+(:class:`ImageTextDataset`) and column resolution for tables."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from PIL import Image
 from tqdm import tqdm
 
-from align.data.images import DataErrors, ImageRef, ImageTextDataset, check_image
+from align.data.images import DataErrors, ImageError, ImageRef, check_image, image_location, open_image
 
 DEFAULT_COLS = {"image": "image", "text": "caption", "id": "id", "label": "label"}
 
@@ -201,3 +205,82 @@ def rows_to_samples(
         if keep_sample(sample, errors, verify):
             samples.append(sample)
     return samples
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Placeholder returned by :class:`ImageTextDataset` for an item skipped in skip mode."""
+
+    index: int
+    where: str
+    reason: str
+
+
+class ImageTextDataset(torch.utils.data.Dataset):
+    """Map-style dataset over samples: loads each image as RGB and applies ``transform``.
+
+    Items are dicts ``{"index", "id", "image", "texts", "label"}`` (``image`` is the transformed
+    image, or the PIL image when no transform is given). Use :meth:`collate` as the DataLoader's
+    ``collate_fn``: it stacks tensors, or applies ``batch_transform`` (e.g. an encoder's
+    ``preprocess(list_of_PIL) -> [B, 3, S, S]``) to the list of PIL images. In skip mode a bad
+    image yields a :class:`Skipped` item that ``collate`` drops and lists under ``"skipped"``.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable[[Image.Image], Any] | None = None,
+        batch_transform: Callable[[list[Image.Image]], torch.Tensor] | None = None,
+        on_error: str = "raise",
+    ) -> None:
+        if transform is not None and batch_transform is not None:
+            raise ValueError("give either transform (per image) or batch_transform (per batch), not both")
+        self.samples = samples
+        self.transform = transform
+        self.batch_transform = batch_transform
+        self.errors = DataErrors(on_error)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict | Skipped:
+        sample = self.samples[index]
+        try:
+            if sample.image is None:
+                raise FileNotFoundError(f"sample {sample.id}: has no image")
+            image = open_image(sample.image)
+        except (FileNotFoundError, ImageError) as err:
+            self.errors.report(err)
+            if self.errors.count == 1:
+                warnings.warn(
+                    f"skipping unreadable images (see .errors); first: {err}", UserWarning, stacklevel=2
+                )
+            return Skipped(index, image_location(sample.image), str(err))
+        if self.transform is not None:
+            image = self.transform(image)
+        return {"index": index, "id": sample.id, "image": image, "texts": sample.texts, "label": sample.label}
+
+    def collate(self, items: list[dict | Skipped]) -> dict:
+        """Batch items: ``index`` (LongTensor), ``ids``, ``images``, ``texts``, ``labels``, ``skipped``."""
+        good = [item for item in items if isinstance(item, dict)]
+        images: Any = [item["image"] for item in good]
+        if self.batch_transform is not None and images:
+            images = self.batch_transform(images)
+        elif images and all(isinstance(img, torch.Tensor) for img in images):
+            images = torch.stack(images)
+        return {
+            "index": torch.tensor([item["index"] for item in good], dtype=torch.long),
+            "ids": [item["id"] for item in good],
+            "images": images,
+            "texts": [item["texts"] for item in good],
+            "labels": [item["label"] for item in good],
+            "skipped": [item for item in items if isinstance(item, Skipped)],
+        }
+
+    def loader(
+        self, batch_size: int = 32, shuffle: bool = False, num_workers: int = 0
+    ) -> torch.utils.data.DataLoader:
+        """A ``DataLoader`` over this dataset using :meth:`collate`."""
+        return torch.utils.data.DataLoader(
+            self, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=self.collate
+        )

@@ -1,8 +1,7 @@
 """Frozen backbones behind one interface, and the registry that loads them by id or path."""
 
 from align.encoders.base import POOLINGS, ImagePreprocess, TextEncoder, VisionEncoder, pool_tokens
-from align.encoders.registry import load_text_encoder, load_vision_encoder, resolve
-from align.encoders.tiny import TINY_TEXT, TINY_VISION, ensure_tiny
+from align.encoders.registry import TINY_TEXT, TINY_VISION, load_text_encoder, load_vision_encoder, resolve
 
 __all__ = [
     "POOLINGS",
@@ -11,7 +10,6 @@ __all__ = [
     "VisionEncoder",
     "TINY_TEXT",
     "TINY_VISION",
-    "ensure_tiny",
     "load_text_encoder",
     "load_vision_encoder",
     "pool_tokens",

@@ -11,6 +11,9 @@ from PIL import Image
 from torch import nn
 
 POOLINGS = ("cls", "mean", "concat", "projected")
+# OpenAI CLIP's image normalisation (open_clip's default when a model names none).
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from align.encoders.base import ImagePreprocess, TextEncoder, VisionEncoder
+from align.encoders.base import OPENAI_MEAN, OPENAI_STD, ImagePreprocess, TextEncoder, VisionEncoder
 
 
 def parse_openclip_spec(spec: str | Path) -> tuple[str, str | None]:
@@ -53,8 +53,8 @@ def _describe_transform(transform: Any, visual: torch.nn.Module) -> tuple[int, i
         if type(t).__name__ == "Resize":
             s = t.size
             resize = s if isinstance(s, int) else s[0]
-    mean = getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
-    std = getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+    mean = getattr(visual, "image_mean", None) or OPENAI_MEAN
+    std = getattr(visual, "image_std", None) or OPENAI_STD
     return image_size, int(resize), tuple(mean), tuple(std)
 
 

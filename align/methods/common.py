@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from align.data.cache import EmbeddingCache, write_cache
+from align.data.cache import write_cache
+from align.data.cache_read import EmbeddingCache
 from align.errors import UserError
 
 __all__ = [
@@ -213,7 +214,8 @@ def zero_shot_scores(encoder: Any, eval_cfg: EvalConfig, data: DataConfig) -> di
     from align.artifact import patch_drift
     from align.data.images import open_image
     from align.data.readers import open_data
-    from align.metrics.zeroshot import DualEncoder, run_classify
+    from align.encoders.dual import DualEncoder
+    from align.zeroshot_tasks import run_classify
 
     path = eval_data(eval_cfg, data)
     if path is None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from align.heads import FreezeAlignTextHead, FreezeAlignTokenHead
 from align.losses import Temperature, gather_features, infonce_loss
 from align.methods.common import (
     DataConfig,
@@ -38,7 +39,6 @@ from align.methods.common import (
 )
 from align.recipes import TrainConfig, load_config
 from align.rundir import OutDir
-from align.towers_aligned import FreezeAlignTextHead, FreezeAlignTokenHead
 
 TRAIN_DEFAULTS = {
     "optimizer": "adamw",

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from align.heads import SailTextHead, SailTokenHead
 from align.losses import LogitScale, gather_features, sigmoid_loss
 from align.methods.common import (
     DataConfig,
@@ -38,7 +39,6 @@ from align.methods.common import (
 )
 from align.recipes import TrainConfig, load_config
 from align.rundir import OutDir
-from align.towers_aligned import SailTextHead, SailTokenHead
 
 SAIL_BACKBONES = ("dinov2", "dinov2_with_registers")
 TRAIN_DEFAULTS = {

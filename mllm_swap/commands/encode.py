@@ -15,7 +15,8 @@ DESCRIPTION = (
 
 
 def run(args: argparse.Namespace) -> int:
-    from align.data.cache import EmbeddingCache, write_cache
+    from align.data.cache import write_cache
+    from align.data.cache_read import EmbeddingCache
     from align.distributed import global_rank
 
     pool = args.pool or ("concat" if args.modality == "image" else "sentence")

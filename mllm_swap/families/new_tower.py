@@ -217,7 +217,7 @@ def openclip_as_hf(tower: NewTower) -> NewTower:
     """
     from transformers import CLIPImageProcessor, CLIPVisionConfig
 
-    from align.clip_convert import openclip_to_hf_state_dict
+    from align.clip_state_dict import openclip_to_hf_state_dict
 
     visual = tower.encoder.visual if hasattr(tower.encoder, "visual") else tower.encoder.backbone.visual
     block = visual.transformer.resblocks[0]

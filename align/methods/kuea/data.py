@@ -41,9 +41,9 @@ class KueaData:
 
 def resolve_student(spec: str) -> str:
     """``tiny-clip-shapes`` to its built directory (until the registry knows the id); others unchanged."""
-    from align.methods.clip_pretrain import TINY_CLIP_SHAPES, ensure_tiny_clip_shapes
+    from align.embedded import tiny_model_dir
 
-    return str(ensure_tiny_clip_shapes()) if spec == TINY_CLIP_SHAPES else spec
+    return str(tiny_model_dir(spec)) if spec == "tiny-clip-shapes" else spec
 
 
 def load_student(spec: str) -> tuple[str, VisionEncoder]:
@@ -105,7 +105,8 @@ def _device() -> str | None:
 
 def target_cache(recipe: Any, out_dir: Path, target: VisionEncoder, source: Any):
     """Open (building it first if needed) the cache of the target's pooled embeddings and check it fits."""
-    from align.data.cache import EmbeddingCache, write_cache
+    from align.data.cache import write_cache
+    from align.data.cache_read import EmbeddingCache
 
     data = recipe.data
     if data.target_cache:
