@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from align.encoders import ensure_tiny, load_vision_encoder
 from mllm_swap.families.openflamingo import PREFIX
+from mllm_swap.fixtures import ensure_tiny_mllm
 from mllm_swap.swap import sample_images, swap
-from mllm_swap.tiny import ensure_tiny_mllm
 
 PROMPT = "What colour is the shape?"
 

@@ -9,7 +9,7 @@ from mllm_swap.commands import add_resume, resume_of
 
 def run(args: argparse.Namespace) -> int:
     from align.recipes import load_config
-    from mllm_swap.tune.model import TuneConfig
+    from mllm_swap.tune.config import TuneConfig
     from mllm_swap.tune.stage import run_tune
 
     cfg = load_config(TuneConfig, args.config, args.set or [])

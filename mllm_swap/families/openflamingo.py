@@ -31,6 +31,7 @@ from mllm_swap.families.base import Family, Loaded, SwapPlan, TowerView
 from mllm_swap.families.new_tower import NewTower
 
 PREFIX = "vision_encoder."
+STATE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 STATE_FILES = ("checkpoint.safetensors", "checkpoint.pt", "checkpoint.bin", "checkpoint.pth")
 META = "openflamingo.json"
 
@@ -70,17 +71,28 @@ class OpenFlamingo(Family):
     """Drop-in of an open_clip visual with the same width (and, when stored, the same keys and shapes)."""
 
     name = "openflamingo"
+    formats = f"OpenFlamingo state dicts (a {'|'.join(STATE_SUFFIXES)} file, or a directory with {META} or checkpoint.*)"
     modes = ("dropin",)
     hf_tower = False
+    generates = False  # a state dict: open_flamingo builds the model (not imported here)
 
-    def load(self, path: Path) -> Loaded:
+    @classmethod
+    def recognizes(cls, path: Path, config: dict[str, Any] | None) -> bool:
+        if path.is_file():
+            return path.suffix in STATE_SUFFIXES
+        return config is None and (
+            (path / META).is_file() or any((path / name).is_file() for name in STATE_FILES)
+        )
+
+    def load(self, path: Path, dtype: torch.dtype | None = None, quantization_config: Any = None) -> Loaded:
+        if dtype is not None or quantization_config is not None:
+            raise ValueError(f"{path}: an OpenFlamingo state dict is read as stored (no dtype or quantization)")
         file = state_file(path)
         state = read_state(file)
         meta_file = (path if path.is_dir() else path.parent) / META
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        return Loaded(
-            path=path, model=state, extra={"file": file, "meta": meta, "dim": vision_dim(state, file)}
-        )
+        extra = {"file": file, "meta": meta, "dim": vision_dim(state, file)}
+        return Loaded(path=path, model=state, extra=extra, family=self)
 
     def old_view(self, loaded: Loaded) -> TowerView:
         state, dim = loaded.model, loaded.extra["dim"]

@@ -1,4 +1,7 @@
-"""Tiny multimodal LLMs for the embedded default, written in their real checkpoint formats.
+"""Tiny multimodal LLMs for the embedded default and the tests, written in their real checkpoint formats.
+
+Registered as ``mllm_swap.tiny_models`` entry points (``pyproject.toml``), so the library finds them by id
+through :mod:`align.embedded` without importing this module; only tests import it.
 
 ``tiny-llava`` (HF ``LlavaForConditionalGeneration`` + ``LlavaProcessor``), ``tiny-llava-original``
 (LLaVA-1.5's own layout: ``llava_llama`` config, ``mm_*`` keys, ``model.mm_projector.*``),
