@@ -32,7 +32,7 @@ from align.paths import portable, portable_tree
 from align.rundir import OutDir, claims_out_dir
 from mllm_swap.checkpoints import resolve_checkpoint
 from mllm_swap.families import Family, Loaded, SwapPlan, detect_family
-from mllm_swap.families.new_tower import PREFIX_RULES, NewTower, new_tower, openclip_as_hf
+from mllm_swap.towers import PREFIX_RULES, NewTower, new_tower, openclip_as_hf
 
 MODES = ("auto", "dropin", "rebuild")
 DEFAULT_PROMPT = "What colour is the shape?"

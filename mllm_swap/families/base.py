@@ -18,9 +18,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mllm_swap.families.new_tower import NewTower
 from mllm_swap.families.prompts import Prompter
-from mllm_swap.towers import add_remote_code
+from mllm_swap.towers import NewTower, add_remote_code
 from mllm_swap.tune.conversations import llava_chat_template
 
 LLAVA_TYPES = ("llava", "llava_next")

@@ -22,8 +22,8 @@ from mllm_swap.families.base import (
     load_pretrained,
     mismatches,
 )
-from mllm_swap.families.new_tower import NewTower
 from mllm_swap.families.prompts import Prompter
+from mllm_swap.towers import NewTower
 
 
 def _view(vision_config, source: str) -> TowerView:

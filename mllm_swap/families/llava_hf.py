@@ -24,8 +24,7 @@ from mllm_swap.families.base import (
     load_pretrained,
     mismatches,
 )
-from mllm_swap.families.new_tower import NewTower
-from mllm_swap.towers import MODEL_TYPE, prefix_tokens_of
+from mllm_swap.towers import MODEL_TYPE, NewTower, prefix_tokens_of
 
 
 def feed_view(vision_config, strategy: str, layer: int | list[int], source: str) -> TowerView:

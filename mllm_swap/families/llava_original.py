@@ -33,8 +33,7 @@ from mllm_swap.families.base import (
     save_checkpoint,
 )
 from mllm_swap.families.llava_hf import LlavaHF, feed_view
-from mllm_swap.families.new_tower import NewTower
-from mllm_swap.towers import add_remote_code
+from mllm_swap.towers import NewTower, add_remote_code
 
 TOWER_PREFIX = "model.vision_tower.vision_tower."
 CLIP_TOWER_PREFIX = TOWER_PREFIX + "vision_model."  # upstream's CLIPVisionModel (4.x nesting)
