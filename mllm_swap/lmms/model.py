@@ -20,7 +20,7 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
 
-from mllm_swap.checkpoints import load_mllm, resolve_device, resolve_dtype
+from mllm_swap.checkpoints import load_mllm
 from mllm_swap.families.base import to_model
 
 MODEL_ID = "mllm_swap"
@@ -76,8 +76,7 @@ class MllmSwap(lmms):
             self.accelerator = state
             self._rank, self._world_size = state.process_index, state.num_processes
         self.pretrained = str(pretrained)
-        device_ = resolve_device(device)
-        loaded = load_mllm(self.pretrained, dtype=resolve_dtype(dtype, device_), device=device_)
+        loaded = load_mllm(self.pretrained, dtype=dtype, device=device)
         self._model, self.family = loaded.model, loaded.family.name
         self.prompter = loaded.family.prompter(loaded.processor, image_aspect_ratio)
         self._device = next(self._model.parameters()).device
