@@ -26,13 +26,13 @@ import torch
 from PIL import Image
 
 from align.errors import UserError
-from align.hub import check_hub_id, looks_like_hub_id
 from align.integrity import record_checksums
 from align.io import write_json
 from align.paths import portable, portable_tree
 from align.rundir import OutDir, claims_out_dir
+from mllm_swap.checkpoints import resolve_checkpoint
 from mllm_swap.families import Family, Loaded, SwapPlan, detect_family
-from mllm_swap.families.new_tower import PREFIX_RULES, NewTower, new_tower, openclip_as_hf
+from mllm_swap.towers import PREFIX_RULES, NewTower, new_tower, openclip_as_hf
 
 MODES = ("auto", "dropin", "rebuild")
 DEFAULT_PROMPT = "What colour is the shape?"
@@ -85,26 +85,6 @@ class SwapReport:
         lines += [f"  note: {x}" for x in self.notes]
         lines.append(f"  written: {self.out}")
         return "\n".join(lines)
-
-
-def resolve_mllm(spec: str | os.PathLike) -> Path:
-    """A tiny MLLM id (built on demand) or an existing checkpoint path."""
-    from mllm_swap.tiny import TINY_MLLM_BUILDERS, ensure_tiny_mllm
-
-    text = str(spec)
-    if text in TINY_MLLM_BUILDERS:
-        return ensure_tiny_mllm(text)
-    path = Path(text).expanduser()
-    if looks_like_hub_id(text):
-        from huggingface_hub import snapshot_download
-
-        check_hub_id(text, "MLLM")  # a hub id: the local cache, or a download where a network exists
-        return Path(snapshot_download(text))
-    if not path.exists():
-        raise FileNotFoundError(
-            f"MLLM '{text}': no such file or directory, and not a tiny id ({', '.join(sorted(TINY_MLLM_BUILDERS))})"
-        )
-    return path
 
 
 def sample_images(n: int = 4, size: int = 64, seed: int = 0) -> list[Image.Image]:
@@ -214,7 +194,7 @@ def swap(
         raise UserError(f"--images {num_images}: expected at least 1 sample image for the drift check")
     out = Path(out).expanduser().resolve()
     claim = OutDir.current(out)
-    src = resolve_mllm(mllm)
+    src = resolve_checkpoint(mllm)
     family = detect_family(src)
     if to_hf and not hasattr(family, "to_hf"):
         raise ValueError(f"--to-hf: {family.name} checkpoints are already in their own HF layout")

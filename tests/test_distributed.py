@@ -222,7 +222,7 @@ def test_tune_two_processes_equal_one_process(shapes_dir: Path, tmp_path: Path) 
 
 def test_lmms_plugin_sees_the_launch(tmp_path: Path) -> None:
     """lmms-eval's data parallelism: under 2 CPU processes each plugin instance knows its rank of 2."""
-    from mllm_swap.tiny import ensure_tiny_mllm
+    from mllm_swap.fixtures import ensure_tiny_mllm
 
     script = tmp_path / "plugin.py"
     script.write_text(

@@ -12,8 +12,8 @@ from PIL import Image
 
 from align.io import read_json, read_jsonl
 from mllm_swap.cli import main
+from mllm_swap.fixtures import ensure_tiny_mllm
 from mllm_swap.lmms.suites import SHAPES_ENV, list_suites, load_suite, metric_rows
-from mllm_swap.tiny import ensure_tiny_mllm
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,10 @@ from lmms_eval.api.instance import GenerationResult, Instance
 from PIL import Image
 
 from align.io import read_jsonl
+from mllm_swap.families.prompts import expand2square, pad_colour
+from mllm_swap.fixtures import ensure_tiny_mllm
 from mllm_swap.lmms.model import MllmSwap
-from mllm_swap.tiny import ensure_tiny_mllm
-from mllm_swap.tune.conversations import expand2square, generation_prompt, pad_colour
+from mllm_swap.tune.conversations import generation_prompt
 
 REPO = Path(__file__).resolve().parent.parent
 TASK = "t"
@@ -169,7 +170,7 @@ def test_loglikelihood_matches_hf_label_loss(name: str, docs: list[dict]):
     got = loglikelihoods(lm, pairs)
     for (i, question, cont), (nll, greedy) in zip(pairs, got, strict=True):
         ref_nll, ref_greedy = _reference_nll(
-            lm.model, lm.prompter.processor, lm.prompter.family, docs[i], question, cont.strip()
+            lm.model, lm.prompter.processor, lm.family, docs[i], question, cont.strip()
         )
         assert nll == pytest.approx(ref_nll, rel=1e-4, abs=1e-4)
         assert greedy == ref_greedy

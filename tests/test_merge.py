@@ -20,8 +20,9 @@ from safetensors.torch import load_file, save_file
 from align.integrity import CorruptFileError, record_checksums
 from align.recipes import TrainConfig
 from mllm_swap.cli import main
+from mllm_swap.tune.config import TuneConfig
 from mllm_swap.tune.merge import merge_adapter
-from mllm_swap.tune.model import INFO_FILE, NON_LORA_FILE, TuneConfig
+from mllm_swap.tune.model import INFO_FILE, NON_LORA_FILE
 
 # Run in a fresh interpreter from the adapter directory (transformers resolves the recorded relative base
 # path against it); imports only torch, transformers, peft and safetensors.
@@ -55,7 +56,7 @@ print(json.dumps(sorted(m for m in ("mllm_swap", "align") if m in sys.modules)))
 @pytest.fixture(scope="module")
 def lora_run(shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-step LoRA run from a local base (``work/base``) into ``work/lora``, with the trained logits."""
-    from mllm_swap.tiny import ensure_tiny_mllm
+    from mllm_swap.fixtures import ensure_tiny_mllm
     from mllm_swap.tune.batches import ConversationCollator
     from mllm_swap.tune.stage import TuneMethod, run_tune
 

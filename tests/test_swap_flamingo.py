@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from align.encoders import load_vision_encoder
 from align.fixtures import ensure_tiny
 from mllm_swap.families.openflamingo import PREFIX
+from mllm_swap.fixtures import ensure_tiny_mllm
 from mllm_swap.swap import sample_images, swap
-from mllm_swap.tiny import ensure_tiny_mllm
 
 PROMPT = "What colour is the shape?"
 

@@ -15,8 +15,8 @@ import torch
 
 from align.encoders import load_vision_encoder
 from mllm_swap.cli import main
+from mllm_swap.fixtures import ensure_tiny_mllm
 from mllm_swap.swap import read_report, sample_images, swap
-from mllm_swap.tiny import ensure_tiny_mllm
 
 PROMPT = "What colour is the shape?"
 
@@ -452,8 +452,8 @@ def test_a_corrupt_swapped_checkpoint_is_named_before_tuning(tmp_path, swapped, 
     argv = ["merge", "--adapter", str(tmp_path / "none"), "--base", str(copy), "--out", str(tmp_path / "m")]
     (tmp_path / "none").mkdir()
     (tmp_path / "none" / "non_lora_trainables.safetensors").write_bytes(b"")
-    from mllm_swap.tune.model import resolve_model
+    from mllm_swap.checkpoints import resolve_checkpoint
 
     with pytest.raises(ValueError, match=f"{weights}: model checkpoint file is corrupt: expected sha256"):
-        resolve_model(copy)
+        resolve_checkpoint(copy)
     assert main(argv) == 2 and "model checkpoint file is corrupt" in capsys.readouterr().err

@@ -18,8 +18,8 @@ from mllm_swap.families.llava_original import (
     convert_original_state_dict,
     load_llava_original_with_processor,
 )
+from mllm_swap.fixtures import ensure_tiny_mllm
 from mllm_swap.swap import sample_images, swap
-from mllm_swap.tiny import ensure_tiny_mllm
 
 PROMPT = "What colour is the shape?"
 

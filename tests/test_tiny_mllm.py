@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from align.fixtures import ensure_tiny
 from mllm_swap.families.base import quiet_transformers
-from mllm_swap.tiny import build_tiny_llava, ensure_tiny_mllm
+from mllm_swap.fixtures import build_tiny_llava, ensure_tiny_mllm
 
 PROMPT = "What colour is the shape?"
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from align.encoders import load_vision_encoder
-from mllm_swap.families.new_tower import new_tower
-from mllm_swap.towers import AlignedTower, AlignedTowerConfig
+from mllm_swap.towers import AlignedTower, AlignedTowerConfig, new_tower
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +127,7 @@ def test_llava_get_image_features_with_aligned_tower(tmp_path, pixels) -> None:
 @torch.no_grad()
 def test_openclip_visual_as_hf_clip_tower_keeps_hidden_states(pixels) -> None:
     """open_clip -> HF CLIPVisionModel: every hidden state LLaVA could select is unchanged."""
-    from mllm_swap.families.new_tower import openclip_as_hf
+    from mllm_swap.towers import openclip_as_hf
 
     encoder = load_vision_encoder("tiny-openclip")
     tower = openclip_as_hf(new_tower(encoder))

@@ -16,15 +16,13 @@ from align.errors import UserError
 from align.io import read_json
 from align.recipes import TrainConfig, load_config
 from mllm_swap.cli import main
+from mllm_swap.tune.config import QLORA_MESSAGE, TuneConfig
 from mllm_swap.tune.model import (
     INFO_FILE,
     NON_LORA_FILE,
-    QLORA_MESSAGE,
-    TuneConfig,
     add_lora,
     head_param_names,
-    load_model,
-    lora_target_modules,
+    load_for_tuning,
     param_groups,
     saved_modules,
     select_trainable,
@@ -47,13 +45,15 @@ def _cfg(shapes_dir: Path, **kw) -> TuneConfig:
 
 @pytest.fixture(scope="module")
 def loaded(shapes_dir: Path):
-    return load_model(_cfg(shapes_dir, stage="connector"))
+    loaded = load_for_tuning(_cfg(shapes_dir, stage="connector"))
+    assert loaded.family.name == "llava_hf"
+    return loaded
 
 
 def _fresh(loaded) -> nn.Module:
     from copy import deepcopy
 
-    return deepcopy(loaded[0])
+    return deepcopy(loaded.model)
 
 
 def _trainable(model: nn.Module) -> set[str]:
@@ -66,7 +66,7 @@ def _names(module: nn.Module, prefix: str) -> set[str]:
 
 def test_connector_stage_trains_only_the_projector(loaded, shapes_dir: Path) -> None:
     model = _fresh(loaded)
-    groups = select_trainable(model, _cfg(shapes_dir, stage="connector"))
+    groups = select_trainable(model, _cfg(shapes_dir, stage="connector"), loaded.family)
     projector = model.model.multi_modal_projector
     expected = _names(projector, "model.multi_modal_projector")
     assert _trainable(model) == expected == set(groups["connector"])
@@ -80,11 +80,11 @@ def test_lora_stage_targets_every_llm_linear_only(loaded, shapes_dir: Path) -> N
     model = _fresh(loaded)
     llm = model.model.language_model
     linears = {f"model.language_model.{n}": m for n, m in llm.named_modules() if isinstance(m, nn.Linear)}
-    assert set(lora_target_modules(model)) == set(linears)
+    assert set(loaded.family.lora_target_modules(model)) == set(linears)
     assert len(linears) == 2 * 7  # 2 Llama layers x (q, k, v, o, gate, up, down)
     cfg = _cfg(shapes_dir, stage="lora", lora_r=4, lora_alpha=8)
-    wrapped = add_lora(model, cfg)
-    groups = select_trainable(wrapped, cfg)
+    wrapped = add_lora(model, cfg, loaded.family)
+    groups = select_trainable(wrapped, cfg, loaded.family)
     lora = {n for n in _trainable(wrapped) if "lora_" in n}
     assert lora == set(groups["lora"]) and len(lora) == 2 * len(linears)  # lora_A and lora_B per target
     for name in lora:
@@ -106,27 +106,27 @@ def test_lora_stage_targets_every_llm_linear_only(loaded, shapes_dir: Path) -> N
 
 def test_full_stage_and_tower_options(loaded, shapes_dir: Path) -> None:
     model = _fresh(loaded)
-    select_trainable(model, _cfg(shapes_dir, stage="full"))
+    select_trainable(model, _cfg(shapes_dir, stage="full"), loaded.family)
     llm_and_head = _names(model.model.language_model, "model.language_model") | _names(
         model.lm_head, "lm_head"
     )
     assert _trainable(model) == llm_and_head | _names(
         model.model.multi_modal_projector, "model.multi_modal_projector"
     )
-    select_trainable(model, _cfg(shapes_dir, stage="connector", unfreeze_tower=True))
+    select_trainable(model, _cfg(shapes_dir, stage="connector", unfreeze_tower=True), loaded.family)
     tower = _names(model.model.vision_tower, "model.vision_tower")
     assert tower <= _trainable(model) and not (_trainable(model) & llm_and_head)
     with pytest.raises(ValueError, match="no head parameters"):
-        select_trainable(model, _cfg(shapes_dir, stage="connector", unfreeze_head=True))
+        select_trainable(model, _cfg(shapes_dir, stage="connector", unfreeze_head=True), loaded.family)
 
 
 def test_unfreeze_head_selects_the_towers_head(loaded, shapes_dir: Path) -> None:
     model = _fresh(loaded)
     model.model.vision_tower.head = nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 64))  # an alignment head
     cfg = _cfg(shapes_dir, stage="connector", unfreeze_head=True, tower_lr=1e-5, connector_lr=1e-3)
-    groups = select_trainable(model, cfg)
+    groups = select_trainable(model, cfg, loaded.family)
     head = _names(model.model.vision_tower.head, "model.vision_tower.head")
-    assert set(head_param_names(model)) == head == set(groups["head"])
+    assert set(head_param_names(model, loaded.family)) == head == set(groups["head"])
     assert _trainable(model) == head | set(groups["connector"])
     by_lr = {}
     for group in param_groups(model, groups, cfg):
@@ -140,9 +140,9 @@ def test_unfreeze_head_selects_the_towers_head(loaded, shapes_dir: Path) -> None
     cfg = _cfg(
         shapes_dir, stage="lora", unfreeze_head=True, lora_r=4, lora_alpha=8, modules_to_save=["lm_head"]
     )
-    assert saved_modules(model, cfg) == ["model.multi_modal_projector", "model.vision_tower.head", "lm_head"]
-    wrapped = add_lora(model, cfg)
-    groups = select_trainable(wrapped, cfg)
+    assert saved_modules(model, cfg, loaded.family) == ["model.multi_modal_projector", "model.vision_tower.head", "lm_head"]
+    wrapped = add_lora(model, cfg, loaded.family)
+    groups = select_trainable(wrapped, cfg, loaded.family)
     copy = "base_model.model.model.vision_tower.head.modules_to_save.default"
     assert set(groups["head"]) == _names(wrapped.get_submodule(copy), copy)
     assert {n for n in _trainable(wrapped) if "lora_" not in n} == {
@@ -155,7 +155,7 @@ def test_model_loss_is_cross_entropy_over_assistant_tokens(loaded, shapes_dir: P
     from mllm_swap.tune.batches import ConversationCollator, ConversationDataset
     from mllm_swap.tune.conversations import IGNORE_INDEX
 
-    model, processor = loaded
+    model, processor = loaded.model, loaded.processor
     ds = ConversationDataset(shapes_dir / "instruct.json", shapes_dir, processor, max_length=256)
     batch = ConversationCollator(processor.tokenizer.pad_token_id)([ds[0], ds[1]])
     with torch.no_grad():
@@ -179,7 +179,7 @@ def test_qlora_on_cpu_fails_before_loading(shapes_dir: Path, monkeypatch: pytest
 
     monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", refuse)
     with pytest.raises(UserError) as err:
-        load_model(_cfg(shapes_dir, stage="lora", qlora=True))
+        load_for_tuning(_cfg(shapes_dir, stage="lora", qlora=True))
     assert str(err.value).startswith(QLORA_MESSAGE.split("(")[0])
     assert "QLoRA needs a CUDA GPU with bitsandbytes" in str(err.value)
     with pytest.raises(ValueError, match="qlora applies to the 'lora' stage only"):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from align.io import read_jsonl
-from mllm_swap.tiny import ensure_tiny_mllm
+from mllm_swap.fixtures import ensure_tiny_mllm
 from mllm_swap.tune.quick_vqa import evaluate_vqa, normalize
 
 REPO = Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@ DESCRIPTION = (
 
 def run(args: argparse.Namespace) -> int:
     from align.recipes import load_config
-    from mllm_swap.tune.model import TuneConfig
+    from mllm_swap.tune.config import TuneConfig
     from mllm_swap.tune.stage import run_tune
 
     cfg = load_config(TuneConfig, args.config, args.set or [])

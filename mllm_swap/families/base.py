@@ -1,7 +1,9 @@
-"""What every MLLM family offers the swap: load, describe its tower, swap in place, save, and probe.
+"""What every MLLM family offers: recognise and load a checkpoint, describe its tower, swap in place, save,
+name its trainable parts, and run it (its prompt format, next-token log-probabilities, generation).
 
 A family works on a loaded checkpoint (``Loaded``) so that the swap can measure the old model, change it
-in place, and measure the new one without holding two copies of a large model.
+in place, and measure the new one without holding two copies of a large model. Adding a family: a module
+with a :class:`Family` subclass, and its line in ``mllm_swap.families.FAMILIES``.
 """
 
 from __future__ import annotations
@@ -14,12 +16,22 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch import nn
 
 from mllm_swap.chat_templates import llava_chat_template
-from mllm_swap.families.new_tower import NewTower
-from mllm_swap.towers import add_remote_code
+from mllm_swap.families.prompts import Prompter
+from mllm_swap.towers import NewTower, add_remote_code
 
 LLAVA_TYPES = ("llava", "llava_next")
+# the files of a transformers checkpoint directory (each group needs one of its names)
+WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+PROCESSOR = ("processor_config.json", "preprocessor_config.json")
+TOKENIZER = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 @dataclass
@@ -56,6 +68,7 @@ class Loaded:
     model: Any
     processor: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    family: Family | None = None
 
 
 @dataclass
@@ -127,10 +140,21 @@ class Family:
     """Base class of the MLLM families (HF Llava, original LLaVA, IDEFICS, OpenFlamingo)."""
 
     name = ""
+    formats = ""  # the checkpoints it reads, for messages
     modes: tuple[str, ...] = ("dropin", "rebuild")
     hf_tower = True  # holds a transformers tower (an open_clip visual is converted to HF CLIP first)
+    generates = True  # loads as a runnable transformers model (generation, scoring, tuning)
+    prompter_class: type[Prompter] = Prompter
+    # module paths of the trainable parts "tower", "connector", "llm", "lm_head" (empty: not tunable)
+    part_paths: dict[str, str] = {}
 
-    def load(self, path: Path) -> Loaded:
+    @classmethod
+    def recognizes(cls, path: Path, config: dict[str, Any] | None) -> bool:
+        """Whether the checkpoint at ``path`` (``config``: its ``config.json``, None without one) is this family's."""
+        raise NotImplementedError
+
+    def load(self, path: Path, dtype: torch.dtype | None = None, quantization_config: Any = None) -> Loaded:
+        """Read the checkpoint at ``path`` (``dtype`` None: as stored; ``quantization_config``: transformers')."""
         raise NotImplementedError
 
     def old_view(self, loaded: Loaded) -> TowerView:
@@ -145,21 +169,110 @@ class Family:
 
     def save(self, loaded: Loaded, out: Path, final: Path, plan: SwapPlan, tower: NewTower) -> None:
         """Write the swapped checkpoint into ``out``, which will be renamed to ``final`` afterwards."""
-        raise NotImplementedError
+        save_checkpoint(loaded.model, loaded.processor, out)
 
     def consumed_tokens(self, loaded: Loaded, images: list[Image.Image]) -> torch.Tensor:
         """Tower tokens ``[B, N, D]`` exactly as the MLLM consumes them (layer, prefix rule applied)."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ trainable parts
+    def trainable_parts(self, model: nn.Module) -> dict[str, str]:
+        """Qualified module names of ``tower``, ``connector``, ``llm`` and ``lm_head`` in ``model`` (peft-wrapped or not)."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        prefix = "base_model.model." if base is not model else ""
+        if not self.part_paths:
+            raise ValueError(f"{self.name}: tuning is not supported for this family (no trainable parts known)")
+        missing = [path for path in self.part_paths.values() if _get(base, path) is None]
+        if missing:
+            raise ValueError(
+                f"{type(base).__name__}: expected the {self.name} layout ({self.formats}) with modules "
+                f"{sorted(self.part_paths.values())}; missing {missing}"
+            )
+        return {part: prefix + path for part, path in self.part_paths.items()}
+
+    def lora_target_modules(self, model: nn.Module) -> list[str]:
+        """Full names of every ``nn.Linear`` in the language model (tower, connector, lm_head excluded)."""
+        llm = self.trainable_parts(model)["llm"]
+        return [n for n, m in model.named_modules() if n.startswith(llm + ".") and isinstance(m, nn.Linear)]
+
+    def head_modules(self, model: nn.Module) -> list[str]:
+        """The tower's alignment head: its ``head`` module, else its outermost submodules named like "head"."""
+        tower = self.trainable_parts(model)["tower"]
+        names = [n for n, _ in model.named_modules() if n.startswith(tower + ".") and ".original_module" not in n]
+        if tower + ".head" in names:
+            return [tower + ".head"]
+        heads = [n for n in names if "head" in n.rsplit(".", 1)[-1]]
+        outer = [n for n in heads if not any(n.startswith(h + ".") for h in heads)]
+        if not outer:
+            raise ValueError(
+                f"unfreeze_head: the vision tower ({tower}) has no head parameters (no submodule named like "
+                "'head'); an aligned tower built by mllm_swap.towers has one (use unfreeze_tower to train the "
+                "whole tower)"
+            )
+        return outer
+
+    # ------------------------------------------------------------------ running it
+    def prompter(self, processor: Any, image_aspect_ratio: str = "pad") -> Prompter:
+        """The family's prompt format over ``processor``."""
+        return self.prompter_class(processor, image_aspect_ratio)
+
+    def inputs(self, loaded: Loaded, image: Image.Image, prompt: str) -> dict[str, torch.Tensor]:
+        """Model inputs for ``prompt`` about ``image`` in the family's prompt format, on the model's device."""
+        prompter = self.prompter(loaded.processor)
+        batch = prompter.encode([prompter.prompt(prompt, 1)], [[image]], padding_side="left")
+        return to_model(batch, loaded.model)
+
+    @torch.no_grad()
     def next_token_logprobs(self, loaded: Loaded, image: Image.Image, prompt: str) -> torch.Tensor | None:
         """Log-probabilities of the next token after ``prompt`` about ``image``; ``None`` if not runnable."""
-        return None
+        if not self.generates:
+            return None
+        logits = loaded.model(**self.inputs(loaded, image, prompt)).logits[0, -1]
+        return torch.log_softmax(logits.double(), dim=-1)
 
+    @torch.no_grad()
     def generate(
         self, loaded: Loaded, image: Image.Image, prompt: str, max_new_tokens: int = 8
     ) -> str | None:
         """Greedy continuation of ``prompt`` about ``image``; ``None`` if the family cannot run here."""
-        return None
+        if not self.generates:
+            return None
+        inputs = self.inputs(loaded, image, prompt)
+        out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
+        return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def load_pretrained(
+    family: Family, model_class: Any, path: Path, dtype: torch.dtype | None, quantization_config: Any
+) -> Loaded:
+    """A transformers checkpoint directory read with ``model_class.from_pretrained`` and ``AutoProcessor``."""
+    from transformers import AutoProcessor
+
+    require_files(path, family.formats, [("config.json",), WEIGHTS, PROCESSOR, TOKENIZER])
+    kwargs = {"dtype": dtype, "quantization_config": quantization_config}
+    with quiet_transformers():
+        model = model_class.from_pretrained(path, **{k: v for k, v in kwargs.items() if v is not None}).eval()
+        processor = AutoProcessor.from_pretrained(path)
+    return Loaded(path=path, model=model, processor=processor, family=family)
+
+
+def to_model(inputs: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Tensor inputs on ``model``'s device, floating ones in its dtype."""
+    device, dtype = next(model.parameters()).device, model.dtype
+    return {
+        k: v.to(device, dtype=dtype if v.is_floating_point() else None)
+        for k, v in inputs.items()
+        if isinstance(v, torch.Tensor)
+    }
+
+
+def _get(module: nn.Module, path: str) -> nn.Module | None:
+    for attr in path.split("."):
+        module = getattr(module, attr, None)
+        if module is None:
+            return None
+    return module
 
 
 @contextlib.contextmanager

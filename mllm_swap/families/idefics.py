@@ -8,6 +8,7 @@ so only a drop-in of the same CLIP architecture is possible: weights are replace
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -18,12 +19,11 @@ from mllm_swap.families.base import (
     SwapPlan,
     TowerView,
     arch_of,
+    load_pretrained,
     mismatches,
-    quiet_transformers,
-    require_files,
 )
-from mllm_swap.families.llava_hf import PROCESSOR, TOKENIZER, WEIGHTS
-from mllm_swap.families.new_tower import NewTower
+from mllm_swap.families.prompts import Prompter
+from mllm_swap.towers import NewTower
 
 
 def _view(vision_config, source: str) -> TowerView:
@@ -40,20 +40,45 @@ def _view(vision_config, source: str) -> TowerView:
     )
 
 
+class IdeficsPrompter(Prompter):
+    """IDEFICS' format: ``User:``/``Assistant:`` turns, images interleaved with the text."""
+
+    def __init__(self, processor: Any, image_aspect_ratio: str = "pad") -> None:
+        super().__init__(processor, image_aspect_ratio)
+        self.eou = "<end_of_utterance>" if "<end_of_utterance>" in self.tokenizer.get_vocab() else ""
+
+    def prompt(self, context: str, n_images: int, reply: str | None = None) -> str:
+        text = f"User:{self.image_token * self.placeholders(context, n_images)}{context}{self.eou}\nAssistant:"
+        return text if reply is None else f"{text} {reply}"
+
+    def _tokenize(self, texts: list[str], images: list[list[Image.Image]]) -> dict:
+        samples = []
+        for text, ims in zip(texts, images, strict=True):
+            pieces = text.split(self.image_token)
+            sample = [pieces[0]]
+            for image, piece in zip(ims, pieces[1:], strict=False):
+                sample += [image, piece]
+            samples.append([p for p in sample if not isinstance(p, str) or p])
+        return self.processor(text=samples, padding=True, return_tensors="pt", add_end_of_utterance_token=False)
+
+
 class Idefics(Family):
     """IDEFICS checkpoints: drop-in of a CLIP tower with the same shape; refuses anything else."""
 
     name = "idefics"
     modes = ("dropin",)
 
-    def load(self, path: Path) -> Loaded:
-        from transformers import AutoProcessor, IdeficsForVisionText2Text
+    formats = "IDEFICS (config.json model_type idefics)"
+    prompter_class = IdeficsPrompter
 
-        require_files(path, "IDEFICS", [("config.json",), WEIGHTS, PROCESSOR, TOKENIZER])
-        with quiet_transformers():
-            model = IdeficsForVisionText2Text.from_pretrained(path).eval()
-            processor = AutoProcessor.from_pretrained(path)
-        return Loaded(path=path, model=model, processor=processor)
+    @classmethod
+    def recognizes(cls, path: Path, config: dict[str, Any] | None) -> bool:
+        return config is not None and config.get("model_type") == "idefics"
+
+    def load(self, path: Path, dtype: torch.dtype | None = None, quantization_config: Any = None) -> Loaded:
+        from transformers import IdeficsForVisionText2Text
+
+        return load_pretrained(self, IdeficsForVisionText2Text, path, dtype, quantization_config)
 
     def old_view(self, loaded: Loaded) -> TowerView:
         return _view(loaded.model.config.vision_config, f"{loaded.path} (model.vision_model)")
@@ -100,29 +125,9 @@ class Idefics(Family):
                 old_proc.image_mean, old_proc.image_std = mean, std
                 plan.notes.append(f"image processor mean/std set to {tower.source}'s")
 
-    def save(self, loaded: Loaded, out: Path, final: Path, plan: SwapPlan, tower: NewTower) -> None:
-        loaded.model.save_pretrained(out)
-        loaded.processor.save_pretrained(out)
-
     @torch.no_grad()
     def consumed_tokens(self, loaded: Loaded, images: list[Image.Image]) -> torch.Tensor:
         pixels = loaded.processor.image_processor(images, return_tensors="pt")
         pixels = getattr(pixels, "pixel_values", pixels)
         vision = loaded.model.model.vision_model
         return vision(pixel_values=pixels.to(loaded.model.dtype)).last_hidden_state
-
-    def _inputs(self, loaded: Loaded, image: Image.Image, prompt: str) -> dict:
-        return loaded.processor(images=[image], text=[f"User: {prompt}\nAssistant:"], return_tensors="pt")
-
-    @torch.no_grad()
-    def next_token_logprobs(self, loaded: Loaded, image: Image.Image, prompt: str) -> torch.Tensor:
-        logits = loaded.model(**self._inputs(loaded, image, prompt)).logits[0, -1]
-        return torch.log_softmax(logits.double(), dim=-1)
-
-    @torch.no_grad()
-    def generate(self, loaded: Loaded, image: Image.Image, prompt: str, max_new_tokens: int = 8) -> str:
-        inputs = self._inputs(loaded, image, prompt)
-        out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        return loaded.processor.tokenizer.decode(
-            out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-        )

@@ -8,6 +8,7 @@ Paths: ``model.model.vision_tower``, ``model.model.multi_modal_projector`` (``li
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -20,22 +21,10 @@ from mllm_swap.families.base import (
     SwapPlan,
     TowerView,
     arch_of,
+    load_pretrained,
     mismatches,
-    quiet_transformers,
-    require_files,
-    save_checkpoint,
 )
-from mllm_swap.families.new_tower import NewTower
-from mllm_swap.towers import MODEL_TYPE, prefix_tokens_of
-
-WEIGHTS = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-PROCESSOR = ("processor_config.json", "preprocessor_config.json")
-TOKENIZER = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+from mllm_swap.towers import MODEL_TYPE, NewTower, prefix_tokens_of
 
 
 def feed_view(vision_config, strategy: str, layer: int | list[int], source: str) -> TowerView:
@@ -72,19 +61,27 @@ class LlavaHF(Family):
     """HF Llava checkpoints: drop-in replaces ``vision_tower`` weights; rebuild replaces tower and ``linear_1``."""
 
     name = "llava_hf"
+    formats = "HF Llava / LlavaNext (config.json model_type llava, llava_next)"
+    part_paths = {
+        "tower": "model.vision_tower",
+        "connector": "model.multi_modal_projector",
+        "llm": "model.language_model",
+        "lm_head": "lm_head",
+    }
 
-    def load(self, path: Path) -> Loaded:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+    @classmethod
+    def recognizes(cls, path: Path, config: dict[str, Any] | None) -> bool:
+        return config is not None and config.get("model_type") in LLAVA_TYPES
 
-        require_files(path, "HF Llava", [("config.json",), WEIGHTS, PROCESSOR, TOKENIZER])
-        with quiet_transformers():
-            model = AutoModelForImageTextToText.from_pretrained(path).eval()
-            processor = AutoProcessor.from_pretrained(path)
-        if model.config.model_type not in LLAVA_TYPES:
+    def load(self, path: Path, dtype: torch.dtype | None = None, quantization_config: Any = None) -> Loaded:
+        from transformers import AutoModelForImageTextToText
+
+        loaded = load_pretrained(self, AutoModelForImageTextToText, path, dtype, quantization_config)
+        if loaded.model.config.model_type not in LLAVA_TYPES:
             raise ValueError(
-                f"{path}: model_type '{model.config.model_type}' is not one of {list(LLAVA_TYPES)}"
+                f"{path}: model_type '{loaded.model.config.model_type}' is not one of {list(LLAVA_TYPES)}"
             )
-        return Loaded(path=path, model=model, processor=processor)
+        return loaded
 
     def old_view(self, loaded: Loaded) -> TowerView:
         cfg = loaded.model.config
@@ -196,9 +193,6 @@ class LlavaHF(Family):
             image_token=proc.image_token,
         )
 
-    def save(self, loaded: Loaded, out: Path, final: Path, plan: SwapPlan, tower: NewTower) -> None:
-        save_checkpoint(loaded.model, loaded.processor, out)
-
     @torch.no_grad()
     def consumed_tokens(self, loaded: Loaded, images: list[Image.Image]) -> torch.Tensor:
         model = loaded.model
@@ -214,22 +208,6 @@ class LlavaHF(Family):
         if cfg.vision_feature_select_strategy == "default":
             picked = [h[:, 1:] for h in picked]
         return torch.cat(picked, dim=-1)
-
-    def _inputs(self, loaded: Loaded, image: Image.Image, prompt: str) -> dict:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        text = loaded.processor.apply_chat_template(messages, add_generation_prompt=True)
-        return loaded.processor(images=image, text=text, return_tensors="pt")
-
-    @torch.no_grad()
-    def next_token_logprobs(self, loaded: Loaded, image: Image.Image, prompt: str) -> torch.Tensor:
-        logits = loaded.model(**self._inputs(loaded, image, prompt)).logits[0, -1]
-        return torch.log_softmax(logits.double(), dim=-1)
-
-    @torch.no_grad()
-    def generate(self, loaded: Loaded, image: Image.Image, prompt: str, max_new_tokens: int = 8) -> str:
-        inputs = self._inputs(loaded, image, prompt)
-        out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        return loaded.processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def _differs(old, new) -> bool:

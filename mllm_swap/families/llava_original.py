@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from align.io import read_tensors
 from mllm_swap.families.base import (
+    WEIGHTS,
     Loaded,
     SwapPlan,
     TowerView,
@@ -32,25 +33,18 @@ from mllm_swap.families.base import (
     save_checkpoint,
 )
 from mllm_swap.families.llava_hf import LlavaHF, feed_view
-from mllm_swap.families.new_tower import NewTower
-from mllm_swap.towers import add_remote_code
+from mllm_swap.towers import NewTower, add_remote_code
 
 TOWER_PREFIX = "model.vision_tower.vision_tower."
 CLIP_TOWER_PREFIX = TOWER_PREFIX + "vision_model."  # upstream's CLIPVisionModel (4.x nesting)
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-SKIP_COPY = {*WEIGHT_FILES, "config.json", "tiny_build.json", "swap_report.json", "preprocessor_config.json"}
+SKIP_COPY = {*WEIGHTS, "config.json", "tiny_build.json", "swap_report.json", "preprocessor_config.json"}
 SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
 
 
 def read_original_config(path: Path) -> dict[str, Any]:
     """``config.json`` of an original LLaVA checkpoint, checked for the keys this loader understands."""
     require_files(
-        path, "original LLaVA", [("config.json",), WEIGHT_FILES, ("tokenizer.json", "tokenizer.model")]
+        path, "original LLaVA", [("config.json",), WEIGHTS, ("tokenizer.json", "tokenizer.model")]
     )
     config = json.loads((path / "config.json").read_text())
     missing = [k for k in ("mm_vision_tower", "mm_hidden_size", "hidden_size") if k not in config]
@@ -249,10 +243,23 @@ class LlavaOriginal(LlavaHF):
 
     name = "llava_original"
 
-    def load(self, path: Path) -> Loaded:
+    formats = "original LLaVA-1.5 (config.json model_type llava_llama with mm_vision_tower)"
+
+    @classmethod
+    def recognizes(cls, path: Path, config: dict[str, Any] | None) -> bool:
+        return config is not None and (config.get("model_type") == "llava_llama" or "mm_vision_tower" in config)
+
+    def load(self, path: Path, dtype: torch.dtype | None = None, quantization_config: Any = None) -> Loaded:
+        if quantization_config is not None:
+            raise ValueError(
+                f"{path}: an original LLaVA-1.5 checkpoint is converted on load and cannot be quantized; "
+                "write it in the HF layout first (mllm-swap swap --to-hf) and load that"
+            )
         config = read_original_config(path)
         model, processor = load_llava_original_with_processor(path)
-        return Loaded(path=path, model=model, processor=processor, extra={"config": config})
+        if dtype is not None:
+            model = model.to(dtype)
+        return Loaded(path=path, model=model, processor=processor, extra={"config": config}, family=self)
 
     def old_view(self, loaded: Loaded) -> TowerView:
         cfg = loaded.model.config

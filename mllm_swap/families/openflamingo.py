@@ -28,9 +28,10 @@ from safetensors.torch import load_file, save_file
 
 from align.io import read_tensors
 from mllm_swap.families.base import Family, Loaded, SwapPlan, TowerView
-from mllm_swap.families.new_tower import NewTower
+from mllm_swap.towers import NewTower
 
 PREFIX = "vision_encoder."
+STATE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 STATE_FILES = ("checkpoint.safetensors", "checkpoint.pt", "checkpoint.bin", "checkpoint.pth")
 META = "openflamingo.json"
 
@@ -70,17 +71,28 @@ class OpenFlamingo(Family):
     """Drop-in of an open_clip visual with the same width (and, when stored, the same keys and shapes)."""
 
     name = "openflamingo"
+    formats = f"OpenFlamingo state dicts (a {'|'.join(STATE_SUFFIXES)} file, or a directory with {META} or checkpoint.*)"
     modes = ("dropin",)
     hf_tower = False
+    generates = False  # a state dict: open_flamingo builds the model (not imported here)
 
-    def load(self, path: Path) -> Loaded:
+    @classmethod
+    def recognizes(cls, path: Path, config: dict[str, Any] | None) -> bool:
+        if path.is_file():
+            return path.suffix in STATE_SUFFIXES
+        return config is None and (
+            (path / META).is_file() or any((path / name).is_file() for name in STATE_FILES)
+        )
+
+    def load(self, path: Path, dtype: torch.dtype | None = None, quantization_config: Any = None) -> Loaded:
+        if dtype is not None or quantization_config is not None:
+            raise ValueError(f"{path}: an OpenFlamingo state dict is read as stored (no dtype or quantization)")
         file = state_file(path)
         state = read_state(file)
         meta_file = (path if path.is_dir() else path.parent) / META
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        return Loaded(
-            path=path, model=state, extra={"file": file, "meta": meta, "dim": vision_dim(state, file)}
-        )
+        extra = {"file": file, "meta": meta, "dim": vision_dim(state, file)}
+        return Loaded(path=path, model=state, extra=extra, family=self)
 
     def old_view(self, loaded: Loaded) -> TowerView:
         state, dim = loaded.model, loaded.extra["dim"]
@@ -231,78 +243,3 @@ def write_openclip_dir(tower: NewTower, out: Path) -> bool:
         ):
             shutil.copy2(extra, out / extra.name)
     return True
-
-
-def tiny_openflamingo_state(
-    clip_dir: Path,
-    latents: int = 8,
-    depth: int = 1,
-    heads: int = 2,
-    dim_head: int = 16,
-    lm_width: int = 64,
-    lm_layers: int = 2,
-    vocab: int = 512,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A tiny OpenFlamingo state dict: tiny-openclip's visual + random perceiver and gated-xattn MPT-style LM,
-    with OpenFlamingo's key names and shapes (``PerceiverResampler``, ``GatedCrossAttentionBlock``)."""
-    from align.encoders.openclip import load_openclip
-
-    model, _, _ = load_openclip(clip_dir)
-    vis = model.visual.transformer.width
-    state = {PREFIX + k: v.detach().clone() for k, v in model.visual.state_dict().items()}
-    inner = heads * dim_head
-
-    def rnd(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape) * 0.02
-
-    state["perceiver.latents"] = torch.randn(latents, vis)
-    for i in range(depth):
-        p = f"perceiver.layers.{i}."
-        for norm in ("0.norm_media", "0.norm_latents", "1.0"):
-            state[p + norm + ".weight"], state[p + norm + ".bias"] = torch.ones(vis), torch.zeros(vis)
-        state[p + "0.to_q.weight"], state[p + "0.to_kv.weight"] = rnd(inner, vis), rnd(2 * inner, vis)
-        state[p + "0.to_out.weight"], state[p + "1.1.weight"], state[p + "1.3.weight"] = (
-            rnd(vis, inner),
-            rnd(4 * vis, vis),
-            rnd(vis, 4 * vis),
-        )
-    state["perceiver.norm.weight"], state["perceiver.norm.bias"] = torch.ones(vis), torch.zeros(vis)
-    lm = "lang_encoder."
-    state[lm + "transformer.wte.weight"] = rnd(vocab, lm_width)
-    for i in range(lm_layers):
-        b, x = f"{lm}transformer.blocks.{i}.", f"{lm}gated_cross_attn_layers.{i}."
-        state[b + "norm_1.weight"], state[b + "norm_2.weight"] = torch.ones(lm_width), torch.ones(lm_width)
-        state[b + "attn.Wqkv.weight"], state[b + "attn.out_proj.weight"] = (
-            rnd(3 * lm_width, lm_width),
-            rnd(lm_width, lm_width),
-        )
-        state[b + "ffn.up_proj.weight"], state[b + "ffn.down_proj.weight"] = (
-            rnd(4 * lm_width, lm_width),
-            rnd(lm_width, 4 * lm_width),
-        )
-        state[x + "attn.norm.weight"], state[x + "attn.norm.bias"] = (
-            torch.ones(lm_width),
-            torch.zeros(lm_width),
-        )
-        state[x + "attn.to_q.weight"], state[x + "attn.to_kv.weight"] = (
-            rnd(inner, lm_width),
-            rnd(2 * inner, vis),
-        )
-        state[x + "attn.to_out.weight"] = rnd(lm_width, inner)
-        state[x + "attn_gate"], state[x + "ff_gate"] = torch.zeros(1), torch.zeros(1)
-        state[x + "ff.0.weight"], state[x + "ff.0.bias"] = torch.ones(lm_width), torch.zeros(lm_width)
-        state[x + "ff.1.weight"], state[x + "ff.3.weight"] = (
-            rnd(4 * lm_width, lm_width),
-            rnd(lm_width, 4 * lm_width),
-        )
-    state[lm + "transformer.norm_f.weight"] = torch.ones(lm_width)
-    meta = {
-        "format": "openflamingo",
-        "clip_vision_encoder_path": f"local-dir:{clip_dir}",
-        "clip_vision_encoder_pretrained": None,
-        "cross_attn_every_n_layers": 1,
-        "vis_dim": vis,
-        "note": "tiny test checkpoint: perceiver and language model are random (the language model is an "
-        "MPT-style state dict without an HF config of its own)",
-    }
-    return {k: v.contiguous() for k, v in state.items()}, meta

@@ -20,7 +20,8 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
 
-from mllm_swap.lmms.inputs import Prompter, load_mllm
+from mllm_swap.checkpoints import load_mllm
+from mllm_swap.families.base import to_model
 
 MODEL_ID = "mllm_swap"
 _HARNESS_KWARGS = {"max_batch_size"}  # passed by lmms-eval's CLI to every model; unused here
@@ -75,8 +76,9 @@ class MllmSwap(lmms):
             self.accelerator = state
             self._rank, self._world_size = state.process_index, state.num_processes
         self.pretrained = str(pretrained)
-        self._model, processor, self.family = load_mllm(self.pretrained, dtype=dtype, device=device)
-        self.prompter = Prompter(processor, self.family, image_aspect_ratio)
+        loaded = load_mllm(self.pretrained, dtype=dtype, device=device)
+        self._model, self.family = loaded.model, loaded.family.name
+        self.prompter = loaded.family.prompter(loaded.processor, image_aspect_ratio)
         self._device = next(self._model.parameters()).device
 
     @classmethod
@@ -109,14 +111,6 @@ class MllmSwap(lmms):
         visuals = doc_to_visual(doc) if callable(doc_to_visual) else doc_to_visual
         return _as_images(visuals, task, doc_id)
 
-    def _to_device(self, inputs: dict) -> dict:
-        dtype = self._model.dtype
-        return {
-            k: v.to(self._device, dtype=dtype if v.is_floating_point() else None)
-            for k, v in inputs.items()
-            if isinstance(v, torch.Tensor)
-        }
-
     def _batches(self, requests: list[Instance], key: Callable[[tuple], str]) -> list[list[int]]:
         """Indices of requests grouped by ``key``, longest context first, in batch_size chunks."""
         order = sorted(range(len(requests)), key=lambda i: -len(str(requests[i].args[0])))
@@ -147,7 +141,7 @@ class MllmSwap(lmms):
         if until:
             options.update(stop_strings=until, tokenizer=self.prompter.tokenizer)
         prompts = [self.prompter.prompt(c, len(ims)) for c, ims in zip(contexts, images, strict=True)]
-        inputs = self._to_device(self.prompter.encode(prompts, images, padding_side="left"))
+        inputs = to_model(self.prompter.encode(prompts, images, padding_side="left"), self._model)
         output = self._model.generate(**inputs, **options)
         texts = self.prompter.tokenizer.batch_decode(
             output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
@@ -233,7 +227,7 @@ class MllmSwap(lmms):
             for c, t, ims in zip(contexts, conts, images, strict=True)
         ]
         prompt_in = self.prompter.encode([p for p, _ in pairs], images, padding_side="right")
-        full_in = self._to_device(self.prompter.encode([f for _, f in pairs], images, padding_side="right"))
+        full_in = to_model(self.prompter.encode([f for _, f in pairs], images, padding_side="right"), self._model)
         ids, mask = full_in["input_ids"], full_in["attention_mask"]
         logits = self._model(**full_in).logits.float()
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1)

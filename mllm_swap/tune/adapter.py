@@ -15,18 +15,18 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mllm_swap.tiny import TINY_MLLM_BUILDERS
+from align.embedded import is_tiny_model
 
 if TYPE_CHECKING:
     from align.train.loop import TrainResult
-    from mllm_swap.tune.model import TuneConfig
+    from mllm_swap.tune.config import TuneConfig
 
 CARD_FILE = "README.md"
 
 
 def reference(name: str | Path, relative_to: str | Path) -> str:
     """How an output records ``name``: an id as given, an existing local path relative to ``relative_to``."""
-    if str(name) in TINY_MLLM_BUILDERS or not Path(name).exists():
+    if is_tiny_model(str(name)) or not Path(name).exists():
         return str(name)
     return Path(os.path.relpath(os.path.abspath(name), os.path.abspath(relative_to))).as_posix()
 
@@ -43,7 +43,7 @@ def locate(recorded: str, relative_to: str | Path) -> str:
 
 
 def _base_kind(base: str, out_dir: Path) -> str:
-    if base in TINY_MLLM_BUILDERS:
+    if is_tiny_model(base):
         return "tiny"
     return "local" if (out_dir / base).exists() else "hub"
 

@@ -14,12 +14,11 @@ from torch.utils.data import Dataset, Sampler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from mllm_swap.chat_templates import chat_template
+from mllm_swap.families.prompts import expand2square, pad_colour
 from mllm_swap.tune.conversations import (
     IGNORE_INDEX,
     encode,
-    expand2square,
     load_conversations,
-    pad_colour,
     to_messages,
 )
 

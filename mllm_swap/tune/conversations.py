@@ -133,25 +133,6 @@ def to_messages(turns: Sequence[dict], has_image: bool) -> list[dict]:
     return messages
 
 
-def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
-    """Pad to a square canvas of ``background`` colour, image centred (LLaVA-1.5's ``pad``)."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    canvas = Image.new(image.mode, (side, side), background)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
-
-
-def pad_colour(processor: Any) -> tuple[int, int, int]:
-    """The image processor's mean as an RGB colour (the padding LLaVA-1.5 uses)."""
-    mean = getattr(processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
-    if isinstance(mean, (int, float)):
-        mean = [mean] * 3
-    return tuple(int(x * 255) for x in mean)
-
-
 def _render(processor: Any, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
     return processor.apply_chat_template(
         messages, chat_template=template, add_generation_prompt=add_generation_prompt, tokenize=False

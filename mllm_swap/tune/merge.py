@@ -17,9 +17,10 @@ from typing import Any
 from align.integrity import record_checksums, verify_dir
 from align.io import read_json, write_json
 from align.rundir import OutDir, claims_out_dir
+from mllm_swap.checkpoints import DTYPES, load_mllm
 from mllm_swap.families.base import save_checkpoint
 from mllm_swap.tune.adapter import locate, reference
-from mllm_swap.tune.model import DTYPES, INFO_FILE, NON_LORA_FILE, load_non_lora, resolve_model
+from mllm_swap.tune.model import INFO_FILE, NON_LORA_FILE, load_non_lora
 
 MERGE_INFO = "merge_info.json"
 
@@ -37,13 +38,14 @@ def _base_of(adapter_dir: Path, base_model: str | None) -> str:
     )
 
 
-def _load_processor(adapter_dir: Path, base: str) -> Any:
+def _load_processor(adapter_dir: Path, base_processor: Any) -> Any:
+    """The adapter's own processor (saved by the tuning stage), else the base model's."""
     from transformers import AutoProcessor
 
     has_own = (adapter_dir / "processor_config.json").is_file() or (
         adapter_dir / "preprocessor_config.json"
     ).is_file()
-    return AutoProcessor.from_pretrained(str(adapter_dir) if has_own else base)
+    return AutoProcessor.from_pretrained(str(adapter_dir)) if has_own else base_processor
 
 
 @claims_out_dir("merge")
@@ -55,8 +57,6 @@ def merge_adapter(
     overwrite: bool = False,
 ) -> Path:
     """Write the merged checkpoint of ``adapter_dir`` to ``out_dir`` (atomically) and return it."""
-    from transformers import AutoModelForImageTextToText
-
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if not adapter_dir.is_dir():
         raise FileNotFoundError(f"{adapter_dir}: adapter directory not found")
@@ -78,14 +78,14 @@ def merge_adapter(
     claim = OutDir.current(out_dir)
     verify_dir(adapter_dir, "adapter", required=(adapter_dir / INFO_FILE).is_file())  # ours: recorded
     named = _base_of(adapter_dir, base_model)
-    base = resolve_model(named)
-    model = AutoModelForImageTextToText.from_pretrained(base, dtype=DTYPES[dtype])
+    base = load_mllm(named, dtype=dtype)
+    model = base.model
     copied = load_non_lora(model, non_lora) if non_lora.is_file() else []
     if has_adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    processor = _load_processor(adapter_dir, base)
+    processor = _load_processor(adapter_dir, base.processor)
     tmp = claim.temp_dir()
     save_checkpoint(model, processor, tmp)
     write_json(

@@ -21,7 +21,9 @@ from tqdm import tqdm
 
 from align.io import read_jsonl, write_json
 from align.paths import shipped
-from mllm_swap.tune.conversations import expand2square, generation_prompt, pad_colour
+from mllm_swap.checkpoints import load_mllm
+from mllm_swap.families.prompts import expand2square, pad_colour
+from mllm_swap.tune.conversations import generation_prompt
 
 # one answer normalisation for the shipped lmms-eval tasks and this evaluation
 normalize = runpy.run_path(str(shipped("eval_configs") / "tasks" / "shapes_answers.py"))["normalize"]
@@ -107,17 +109,6 @@ def evaluate_vqa(
     }
 
 
-def load_for_eval(model_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]:
-    """A plain ``from_pretrained`` load of a checkpoint directory (or tiny MLLM id) and its processor."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from mllm_swap.tune.model import resolve_model
-
-    source = resolve_model(str(model_dir))
-    model = AutoModelForImageTextToText.from_pretrained(source).to(device)
-    return model, AutoProcessor.from_pretrained(source)
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m mllm_swap.tune.quick_vqa MODEL VQA_JSONL [--limit N] [--out FILE]``: print/write the scores."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -127,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
-    model, processor = load_for_eval(args.model)
-    result = evaluate_vqa(model, processor, args.vqa, args.limit, args.batch_size)
+    loaded = load_mllm(args.model, device="cpu")
+    result = evaluate_vqa(loaded.model, loaded.processor, args.vqa, args.limit, args.batch_size)
     print(
         f"accuracy {result['accuracy']:.3f} on {result['n']} questions; per kind {result['per_kind']}; "
         f"chance {result['chance']}"

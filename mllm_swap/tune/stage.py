@@ -24,20 +24,19 @@ from align.io import read_json, write_json
 from align.recipes import TrainConfig
 from align.rundir import OutDir
 from align.train.checkpoints import RUN_FILES
+from mllm_swap.checkpoints import resolve_checkpoint
 from mllm_swap.towers import add_remote_code
 from mllm_swap.tune.adapter import reference, write_card
+from mllm_swap.tune.config import TuneConfig, check_qlora_available
 from mllm_swap.tune.conversations import IGNORE_INDEX
 from mllm_swap.tune.model import (
     INFO_FILE,
     NON_LORA_FILE,
-    TuneConfig,
     add_lora,
-    check_qlora_available,
     describe,
-    load_model,
+    load_for_tuning,
     load_non_lora,
     param_groups,
-    resolve_model,
     select_trainable,
 )
 
@@ -64,10 +63,11 @@ class TuneMethod:
         if cfg.qlora:
             check_qlora_available()
         # Build a tiny model now, before a ZeRO-3 config exists (it would partition the builder's models).
-        resolve_model(cfg.model)
+        resolve_checkpoint(cfg.model)
         self.data, self.image_folder = resolve_data(cfg)
         self.groups: dict[str, list[str]] = {}
         self.processor: Any = None
+        self.family: Any = None
         self.dataset: Any = None
         self.tokens_seen = 0
 
@@ -75,7 +75,8 @@ class TuneMethod:
         """Load, apply earlier trainables, wrap with LoRA for the lora stage, select what trains."""
         from mllm_swap.tune.batches import ConversationDataset
 
-        model, self.processor = load_model(self.cfg)
+        loaded = load_for_tuning(self.cfg)
+        model, self.processor, self.family = loaded.model, loaded.processor, loaded.family
         self.dataset = ConversationDataset(
             self.data,
             self.image_folder,
@@ -91,8 +92,8 @@ class TuneMethod:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
         if self.cfg.stage == "lora":
-            model = add_lora(model, self.cfg)
-        self.groups = select_trainable(model, self.cfg)
+            model = add_lora(model, self.cfg, self.family)
+        self.groups = select_trainable(model, self.cfg, self.family)
         return model
 
     def param_groups(self, model: nn.Module, train_cfg: TrainConfig) -> list[dict[str, Any]]:

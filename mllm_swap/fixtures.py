@@ -1,4 +1,7 @@
-"""Tiny multimodal LLMs for the embedded default, written in their real checkpoint formats.
+"""Tiny multimodal LLMs for the embedded default and the tests, written in their real checkpoint formats.
+
+Registered as ``mllm_swap.tiny_models`` entry points (``pyproject.toml``), so the library finds them by id
+through :mod:`align.embedded` without importing this module; only tests import it.
 
 ``tiny-llava`` (HF ``LlavaForConditionalGeneration`` + ``LlavaProcessor``), ``tiny-llava-original``
 (LLaVA-1.5's own layout: ``llava_llama`` config, ``mm_*`` keys, ``model.mm_projector.*``),
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -22,6 +26,7 @@ from align.embedded import tiny_model_dir as ensure_tiny
 from align.encoders.base import OPENAI_MEAN, OPENAI_STD
 from align.encoders.tokenizer import build_bpe_tokenizer
 from mllm_swap.chat_templates import DEFAULT_CHAT_TEMPLATE
+from mllm_swap.families.openflamingo import PREFIX
 
 TINY_MLLM_VERSION = 3  # 2: chat template renders string content; 3: tiny-llava records tiny-clip, not a path
 LLM = dict(
@@ -206,11 +211,84 @@ def build_tiny_idefics(out: Path) -> None:
     processor.save_pretrained(out)
 
 
+def tiny_openflamingo_state(
+    clip_dir: Path,
+    latents: int = 8,
+    depth: int = 1,
+    heads: int = 2,
+    dim_head: int = 16,
+    lm_width: int = 64,
+    lm_layers: int = 2,
+    vocab: int = 512,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A tiny OpenFlamingo state dict: tiny-openclip's visual + random perceiver and gated-xattn MPT-style LM,
+    with OpenFlamingo's key names and shapes (``PerceiverResampler``, ``GatedCrossAttentionBlock``)."""
+    from align.encoders.openclip import load_openclip
+
+    model, _, _ = load_openclip(clip_dir)
+    vis = model.visual.transformer.width
+    state = {PREFIX + k: v.detach().clone() for k, v in model.visual.state_dict().items()}
+    inner = heads * dim_head
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape) * 0.02
+
+    state["perceiver.latents"] = torch.randn(latents, vis)
+    for i in range(depth):
+        p = f"perceiver.layers.{i}."
+        for norm in ("0.norm_media", "0.norm_latents", "1.0"):
+            state[p + norm + ".weight"], state[p + norm + ".bias"] = torch.ones(vis), torch.zeros(vis)
+        state[p + "0.to_q.weight"], state[p + "0.to_kv.weight"] = rnd(inner, vis), rnd(2 * inner, vis)
+        state[p + "0.to_out.weight"], state[p + "1.1.weight"], state[p + "1.3.weight"] = (
+            rnd(vis, inner),
+            rnd(4 * vis, vis),
+            rnd(vis, 4 * vis),
+        )
+    state["perceiver.norm.weight"], state["perceiver.norm.bias"] = torch.ones(vis), torch.zeros(vis)
+    lm = "lang_encoder."
+    state[lm + "transformer.wte.weight"] = rnd(vocab, lm_width)
+    for i in range(lm_layers):
+        b, x = f"{lm}transformer.blocks.{i}.", f"{lm}gated_cross_attn_layers.{i}."
+        state[b + "norm_1.weight"], state[b + "norm_2.weight"] = torch.ones(lm_width), torch.ones(lm_width)
+        state[b + "attn.Wqkv.weight"], state[b + "attn.out_proj.weight"] = (
+            rnd(3 * lm_width, lm_width),
+            rnd(lm_width, lm_width),
+        )
+        state[b + "ffn.up_proj.weight"], state[b + "ffn.down_proj.weight"] = (
+            rnd(4 * lm_width, lm_width),
+            rnd(lm_width, 4 * lm_width),
+        )
+        state[x + "attn.norm.weight"], state[x + "attn.norm.bias"] = (
+            torch.ones(lm_width),
+            torch.zeros(lm_width),
+        )
+        state[x + "attn.to_q.weight"], state[x + "attn.to_kv.weight"] = (
+            rnd(inner, lm_width),
+            rnd(2 * inner, vis),
+        )
+        state[x + "attn.to_out.weight"] = rnd(lm_width, inner)
+        state[x + "attn_gate"], state[x + "ff_gate"] = torch.zeros(1), torch.zeros(1)
+        state[x + "ff.0.weight"], state[x + "ff.0.bias"] = torch.ones(lm_width), torch.zeros(lm_width)
+        state[x + "ff.1.weight"], state[x + "ff.3.weight"] = (
+            rnd(4 * lm_width, lm_width),
+            rnd(lm_width, 4 * lm_width),
+        )
+    state[lm + "transformer.norm_f.weight"] = torch.ones(lm_width)
+    meta = {
+        "format": "openflamingo",
+        "clip_vision_encoder_path": f"local-dir:{clip_dir}",
+        "clip_vision_encoder_pretrained": None,
+        "cross_attn_every_n_layers": 1,
+        "vis_dim": vis,
+        "note": "tiny test checkpoint: perceiver and language model are random (the language model is an "
+        "MPT-style state dict without an HF config of its own)",
+    }
+    return {k: v.contiguous() for k, v in state.items()}, meta
+
+
 def build_tiny_openflamingo(out: Path) -> None:
     """An OpenFlamingo-format checkpoint: tiny-openclip's visual as ``vision_encoder.*``, a random perceiver
     resampler and a random gated-cross-attention LM state dict (see ``families.openflamingo``)."""
-    from mllm_swap.families.openflamingo import tiny_openflamingo_state
-
     clip_dir = ensure_tiny("tiny-openclip")
     state, meta = tiny_openflamingo_state(clip_dir)
     out.mkdir(parents=True, exist_ok=True)
