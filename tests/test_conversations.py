@@ -13,12 +13,12 @@ from transformers import CLIPImageProcessor, LlavaProcessor
 
 from align.encoders.tokenizer import build_bpe_tokenizer
 from mllm_swap.chat_templates import DEFAULT_CHAT_TEMPLATE, LLAVA_HF_LIST_TEMPLATE, llava_chat_template
+from mllm_swap.families.prompts import expand2square
 from mllm_swap.tune.batches import ConversationCollator, ConversationDataset, LengthGroupedSampler
 from mllm_swap.tune.conversations import (
     IGNORE_INDEX,
     ROLES,
     encode,
-    expand2square,
     generation_prompt,
     load_conversations,
     to_messages,
