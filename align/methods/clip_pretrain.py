@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from align.losses import infonce_loss
-from align.recipes import TrainConfig
+from align.train.config import TrainConfig
 
 TINY_CLIP_SHAPES = "tiny-clip-shapes"
 BUILD_VERSION = 1
@@ -80,7 +80,7 @@ class ClipPretrain:
         return torch.utils.data.TensorDataset(self.pixels[index % n], self.input_ids, self.attention_mask)
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, Mapping[str, Any]]:
-        from align.train.loop import unwrap
+        from align.train.accelerator import unwrap
 
         pixels, ids, mask = batch
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from mllm_swap.tiny import TINY_MLLM_BUILDERS
 
 if TYPE_CHECKING:
-    from align.train.loop import TrainResult
+    from align.train.method import TrainResult
     from mllm_swap.tune.model import TuneConfig
 
 CARD_FILE = "README.md"

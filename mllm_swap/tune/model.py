@@ -27,7 +27,7 @@ from torch import nn
 import mllm_swap.towers  # noqa: F401  (registers the aligned tower with the Auto classes)
 from align.errors import UserError
 from align.hub import check_hub_id, looks_like_hub_id
-from align.recipes import TrainConfig
+from align.train.config import TrainConfig
 
 STAGES = ("connector", "lora", "full")
 NON_LORA_FILE = "non_lora_trainables.safetensors"
