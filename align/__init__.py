@@ -9,8 +9,11 @@ from align.heads import GLUHead, LinearHead, TextGlobalHead, TokenProjector
 from align.kernels import cosine_kernel, gaussian_kernel, polynomial_kernel
 from align.losses import anchor_loss, infonce_loss, kernel_alignment_loss, sigmoid_loss
 from align.metrics.cka import linear_cka, mutual_knn, rbf_cka
-from align.recipes import TrainConfig, load_config, save_config
-from align.train.loop import Method, NonFiniteLossError, TrainResult, train
+from align.recipes import load_config, save_config
+from align.train.config import TrainConfig
+from align.train.guard import NonFiniteLossError
+from align.train.loop import train
+from align.train.method import Method, TrainResult
 
 __all__ = [
     "GLUHead",

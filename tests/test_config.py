@@ -9,7 +9,8 @@ from typing import Literal
 import pytest
 import yaml
 
-from align.recipes import ConfigError, TrainConfig, config_to_dict, load_config, parse_overrides, save_config
+from align.recipes import ConfigError, config_to_dict, load_config, parse_overrides, save_config
+from align.train.config import TrainConfig
 
 
 @dataclasses.dataclass

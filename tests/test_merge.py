@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from align.integrity import CorruptFileError, record_checksums
-from align.recipes import TrainConfig
+from align.train.config import TrainConfig
 from mllm_swap.cli import main
 from mllm_swap.tune.config import TuneConfig
 from mllm_swap.tune.merge import merge_adapter

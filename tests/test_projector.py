@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from align.heads import FreezeAlignTextHead, FreezeAlignTokenHead
 from align.losses import Temperature
 from align.methods.freeze_align import ProjectorMethod, ProjectorModel, load_recipe
-from align.train.schedules import default_param_groups
+from align.train.optim import default_param_groups
 
 
 def heads(d_img: int, d_txt: int, out: int = 1024, prefix: int = 1) -> ProjectorModel:

@@ -28,10 +28,12 @@ from test_train import (
 
 from align.integrity import CHECKSUMS_FILE, CorruptFileError, record_checksums, verify_dir
 from align.io import read_json, read_jsonl
-from align.recipes import TrainConfig, load_config
+from align.recipes import load_config
 from align.rundir import FORMAT, LOCK_FILE, MARKER, OutDir
 from align.train.checkpoints import list_checkpoints
-from align.train.loop import NonFiniteLossError, train
+from align.train.config import TrainConfig
+from align.train.guard import NonFiniteLossError
+from align.train.loop import train
 from mllm_swap.cli import main
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from align.io import read_jsonl
-from align.recipes import TrainConfig
+from align.train.config import TrainConfig
 from align.train.loop import train
 
 

@@ -18,10 +18,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from align.io import read_json, read_jsonl
-from align.recipes import TrainConfig, load_config
-from align.train.checkpoints import epoch_seed, list_checkpoints
-from align.train.loop import NonFiniteLossError, train
-from align.train.schedules import check_param_groups, default_param_groups, lr_multiplier
+from align.recipes import load_config
+from align.train.batches import epoch_seed
+from align.train.checkpoints import list_checkpoints
+from align.train.config import TrainConfig
+from align.train.guard import NonFiniteLossError
+from align.train.loop import train
+from align.train.optim import check_param_groups, default_param_groups, lr_multiplier
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -14,7 +14,8 @@ from torch import nn
 
 from align.errors import UserError
 from align.io import read_json
-from align.recipes import TrainConfig, load_config
+from align.recipes import load_config
+from align.train.config import TrainConfig
 from mllm_swap.cli import main
 from mllm_swap.tune.config import QLORA_MESSAGE, TuneConfig
 from mllm_swap.tune.model import (

@@ -37,8 +37,9 @@ from align.methods.common import (
     training_record,
     zero_shot_scores,
 )
-from align.recipes import TrainConfig, load_config
+from align.recipes import load_config
 from align.rundir import OutDir
+from align.train.config import TrainConfig
 
 TRAIN_DEFAULTS = {
     "optimizer": "adamw",
@@ -101,7 +102,7 @@ class ProjectorModel(nn.Module):
 
 
 class ProjectorMethod:
-    """freeze-align as an ``align.train.loop.Method`` over paired token caches."""
+    """freeze-align as an ``align.train.method.Method`` over paired token caches."""
 
     def __init__(self, recipe: ProjectorRecipe, out_dir: str | os.PathLike) -> None:
         self.recipe, self.out_dir = recipe, Path(out_dir)

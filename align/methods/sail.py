@@ -37,8 +37,9 @@ from align.methods.common import (
     training_record,
     zero_shot_scores,
 )
-from align.recipes import TrainConfig, load_config
+from align.recipes import load_config
 from align.rundir import OutDir
+from align.train.config import TrainConfig
 
 SAIL_BACKBONES = ("dinov2", "dinov2_with_registers")
 TRAIN_DEFAULTS = {
@@ -101,7 +102,7 @@ class SailModel(nn.Module):
 
 
 class SailMethod:
-    """SAIL as an ``align.train.loop.Method`` over paired embedding caches."""
+    """SAIL as an ``align.train.method.Method`` over paired embedding caches."""
 
     def __init__(self, recipe: SailRecipe, out_dir: str | os.PathLike) -> None:
         self.recipe, self.out_dir = recipe, Path(out_dir)

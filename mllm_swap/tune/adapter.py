@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from align.embedded import is_tiny_model
 
 if TYPE_CHECKING:
-    from align.train.loop import TrainResult
+    from align.train.method import TrainResult
     from mllm_swap.tune.config import TuneConfig
 
 CARD_FILE = "README.md"

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 from align.errors import UserError
-from align.recipes import TrainConfig
+from align.train.config import TrainConfig
 
 STAGES = ("connector", "lora", "full")
 QLORA_MESSAGE = (

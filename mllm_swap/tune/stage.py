@@ -21,9 +21,9 @@ from torch import nn
 from align.distributed import launched_world_size, summed_over_processes
 from align.integrity import record_checksums
 from align.io import read_json, write_json
-from align.recipes import TrainConfig
 from align.rundir import OutDir
-from align.train.checkpoints import RUN_FILES
+from align.train.config import TrainConfig
+from align.train.resume import RUN_FILES
 from mllm_swap.checkpoints import resolve_checkpoint
 from mllm_swap.towers import add_remote_code
 from mllm_swap.tune.adapter import reference, write_card
@@ -108,7 +108,7 @@ class TuneMethod:
         """
         from torch.utils.data import DataLoader
 
-        from align.train.checkpoints import PermutationSampler
+        from align.train.batches import PermutationSampler
         from mllm_swap.tune.batches import ConversationCollator, LengthGroupedSampler
 
         if self.cfg.group_by_length:

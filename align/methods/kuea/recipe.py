@@ -42,8 +42,9 @@ from align.kernels import build_kernel
 from align.losses import anchor_loss, gather_features, kernel_alignment_loss
 from align.methods.common import EvalConfig, run_recipe
 from align.methods.kuea.data import KueaData, KueaImages, encode_student, load_student, load_target
-from align.recipes import TrainConfig, load_config
+from align.recipes import load_config
 from align.rundir import OutDir
+from align.train.config import TrainConfig
 
 TRAIN_DEFAULTS: dict[str, Any] = {
     "steps": 40000,
@@ -160,7 +161,7 @@ class KueaModel(nn.Module):
 
 
 class KueaMethod:
-    """KUEA as an ``align.train.loop.Method``."""
+    """KUEA as an ``align.train.method.Method``."""
 
     def __init__(self, recipe: KueaRecipe, out_dir: str | os.PathLike) -> None:
         self.recipe, self.out_dir = recipe, Path(out_dir)
@@ -205,7 +206,7 @@ class KueaMethod:
         return self.images
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
-        from align.train.loop import unwrap
+        from align.train.accelerator import unwrap
 
         out = model(batch["pixels"], batch.get("target"), batch.get("target_pixels"))
         metrics = {k: v.detach() for k, v in out.items() if k != "loss"}
