@@ -1,4 +1,4 @@
-"""align: produce language-compatible vision encoders (KUEA kernel alignment, SAIL, freeze-align).
+"""align: produce language-compatible vision encoders (KUEA kernel alignment, SAIL, freeze_align).
 
 The public building blocks: losses, kernels, encoder-pair metrics, heads, the config system and the one
 training loop. Encoders live in :mod:`align.encoders`, data in :mod:`align.data`, recipes in

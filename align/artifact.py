@@ -13,7 +13,7 @@ Interface (stable; :mod:`align.modeling_aligned_tower` wraps it as an HF vision 
     enc.image_head_config                        # JSON config that ``build_token_head`` rebuilds
 
 Token rules: with an image head the prefix tokens are folded in (``num_prefix_tokens == 0``): SAIL gives
-``head([CLS ; patch_i])``, freeze-align ``patch_proj(patch_i) + cls_proj(CLS)`` (see
+``head([CLS ; patch_i])``, freeze_align ``patch_proj(patch_i) + cls_proj(CLS)`` (see
 :mod:`align.heads`). Without a head (KUEA: a fine-tuned backbone) the rule is ``patch`` (prefix
 tokens dropped) or ``all`` (kept), and the global embedding is the backbone's ``image_pool`` pooling.
 
@@ -217,7 +217,7 @@ def patch_drift(encoder: AlignedEncoder, pixel_values: Tensor) -> dict[str, floa
     """How far per-patch outputs sit from the global (trained-on) output, averaged over images.
 
     ``mean_patch_cosine``: cosine of the mean per-patch output to the global output (SAIL trains the head
-    on ``[CLS ; mean(patches)]`` and applies it to ``[CLS ; patch_i]``; freeze-align gives exactly 1).
+    on ``[CLS ; mean(patches)]`` and applies it to ``[CLS ; patch_i]``; freeze_align gives exactly 1).
     ``patch_cosine``: the mean over patches of each patch output's cosine to the global output.
     """
     tokens = encoder(pixel_values).float()
@@ -374,7 +374,7 @@ def _load_part(module: nn.Module | None, state: dict[str, Tensor], prefix: str, 
     part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
     try:
         missing, unexpected = module.load_state_dict(part, strict=False)
-    except ValueError as err:  # a head refusing weights of an older formula (e.g. freeze-align's text head)
+    except ValueError as err:  # a head refusing weights of an older formula (e.g. freeze_align's text head)
         raise ValueError(f"{where}: {err}") from None
     if missing or unexpected:
         raise ValueError(

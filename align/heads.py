@@ -1,4 +1,4 @@
-"""Alignment heads: the blocks (SAIL's GLU and linear heads, freeze-align's projectors) and the aligned
+"""Alignment heads: the blocks (SAIL's GLU and linear heads, freeze_align's projectors) and the aligned
 heads built from them, one ``KINDS`` table naming each head kind's image head, text head and token rule.
 
 Blocks act on the last dimension, so they apply equally to pooled features ``[B, D]`` and to per-token
@@ -10,7 +10,7 @@ registers) and return aligned per-patch tokens ``[B, N, D_out]`` plus a global e
 * ``sail_glu`` / ``sail_linear`` (SAIL): per patch the head sees ``[CLS ; patch_i]``; the global embedding
   is the head on ``[CLS ; mean_i patch_i]`` (the ``concat`` feature it was trained on).
 * ``freeze_align``: per patch ``patch_proj(patch_i) + cls_proj(CLS)``; the global embedding is the mean of
-  those tokens (``mean_i patch_proj(patch_i) + cls_proj(CLS)``), which is exactly freeze-align's vision
+  those tokens (``mean_i patch_proj(patch_i) + cls_proj(CLS)``), which is exactly freeze_align's vision
   embedding before normalization.
 
 Text heads turn a text encoder's output into the joint space: ``sail_glu`` / ``sail_linear`` act on the
@@ -95,7 +95,7 @@ class LinearHead(nn.Module):
 
 
 class TokenProjector(nn.Module):
-    """freeze-align token projector.
+    """freeze_align token projector.
 
     ``y = Linear(x') + Linear(GELU(Linear(x')))`` with ``x' = Dropout(LayerNorm(x))``: a linear path
     plus a two-layer MLP path, both from ``d`` to ``d_out``.
@@ -116,7 +116,7 @@ class TokenProjector(nn.Module):
 
 
 class TextGlobalHead(nn.Module):
-    """freeze-align text global head, the authors' ``ProjectionHead``.
+    """freeze_align text global head, the authors' ``ProjectionHead``.
 
     ``p = projection(x); out = layer_norm(dropout(fc(GELU(p))) + p)``: the residual is on the projection
     ``p``, not on the input ``x``. Submodule names are the authors' (``projection``, ``fc``,
@@ -142,16 +142,16 @@ class TextGlobalHead(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
         if f"{prefix}mlp.0.weight" in state_dict:
             raise ValueError(
-                f"freeze-align text head '{prefix.rstrip('.')}': these weights were trained with the earlier "
+                f"freeze_align text head '{prefix.rstrip('.')}': these weights were trained with the earlier "
                 "head LayerNorm(x + fc(GELU(P x))) (keys 'mlp.*', 'norm.*'); the authors' head, used since "
                 "head version 2, is LayerNorm(fc(GELU(P x)) + P x). The two differ, so the weights cannot be "
-                "converted: retrain the projector (mllm-swap align projector)."
+                "converted: retrain the projector (mllm-swap align freeze_align)."
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def freeze_align_param_count(vision_dim: int, text_dim: int, d_out: int = 1024) -> int:
-    """Parameters of freeze-align's projectors, counted on the meta device (nothing is allocated).
+    """Parameters of freeze_align's projectors, counted on the meta device (nothing is allocated).
 
     Vision: a patch-token projector and a CLS projector (``TokenProjector(vision_dim, d_out)`` each);
     text: a token projector ``TokenProjector(text_dim, d_out)`` and ``TextGlobalHead(d_out)``.
@@ -221,11 +221,11 @@ class SailTokenHead(nn.Module):
 
 
 class FreezeAlignTokenHead(nn.Module):
-    """freeze-align vision head: a shared patch projector and a CLS projector, summed per patch."""
+    """freeze_align vision head: a shared patch projector and a CLS projector, summed per patch."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
-        _require(config, ("kind", "in_dim", "out_dim", "num_prefix_tokens"), "freeze-align image head")
+        _require(config, ("kind", "in_dim", "out_dim", "num_prefix_tokens"), "freeze_align image head")
         self.config = dict(config)
         d, d_out, p = int(config["in_dim"]), int(config["out_dim"]), float(config.get("dropout", 0.1))
         self.patch_proj = TokenProjector(d, d_out, p)
@@ -263,17 +263,17 @@ class SailTextHead(nn.Module):
 
 
 class FreezeAlignTextHead(nn.Module):
-    """freeze-align text head: token projector, attention-mask mean, global head (unnormalized)."""
+    """freeze_align text head: token projector, attention-mask mean, global head (unnormalized)."""
 
     uses_tokens = True
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()
-        _require(config, ("kind", "in_dim", "out_dim"), "freeze-align text head")
+        _require(config, ("kind", "in_dim", "out_dim"), "freeze_align text head")
         version = config.get("head_version", FREEZE_ALIGN_TEXT_HEAD_VERSION)
         if version != FREEZE_ALIGN_TEXT_HEAD_VERSION:
             raise ValueError(
-                f"freeze-align text head config {config}: head_version {version!r} is not supported "
+                f"freeze_align text head config {config}: head_version {version!r} is not supported "
                 f"(expected {FREEZE_ALIGN_TEXT_HEAD_VERSION}: the authors' ProjectionHead)"
             )
         self.config = {**config, "head_version": FREEZE_ALIGN_TEXT_HEAD_VERSION}

@@ -1,4 +1,4 @@
-"""Losses shared by the alignment methods: sigmoid (SAIL/SigLIP), InfoNCE (freeze-align), kernel
+"""Losses shared by the alignment methods: sigmoid (SAIL/SigLIP), InfoNCE (freeze_align), kernel
 alignment and L2 anchor (KUEA), learnable logit scales, and a cross-process feature gather.
 
 Convention: ``logit_scale`` is always the *multiplier* applied to cosine similarities (``exp(t)`` for
@@ -236,7 +236,7 @@ class LogitScale(_ScalarParameters):
 
 
 class Temperature(_ScalarParameters):
-    """freeze-align learnable temperature ``tau``: ``forward() -> 1 / tau`` (the logit multiplier).
+    """freeze_align learnable temperature ``tau``: ``forward() -> 1 / tau`` (the logit multiplier).
 
     Starts at ``init`` (0.07); ``clamp_()`` keeps it in ``[min_value, max_value]`` = [0.001, 0.5].
     Exclude it from weight decay.

@@ -17,7 +17,7 @@ and Llava's checkpoint key renaming for ``AlignedLlavaForConditionalGeneration``
 
 Token rule (what the tower hands the MLLM, per layer): ``"patch"`` removes every prefix token (CLS and
 registers) and keeps the ``(S/p)^2`` patch tokens; ``"all"`` keeps prefix and patch tokens. With a head, the
-head sees the full token sequence (SAIL uses ``[CLS ; patch_i]``, freeze-align ``cls_proj(CLS)``) and returns
+head sees the full token sequence (SAIL uses ``[CLS ; patch_i]``, freeze_align ``cls_proj(CLS)``) and returns
 per-patch outputs, so the rule only decides whether prefix tokens are fed through as well.
 
 Layer indexing follows the ``VisionEncoder`` contract: ``hidden_states[i]`` are the backbone's HF hidden

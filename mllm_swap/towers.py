@@ -243,7 +243,7 @@ def _backbone_config(config: Any) -> dict[str, Any]:
 
 def _aligned_tower(encoder: Any, prefix: str, source: str) -> NewTower:
     """An ``align.artifact.AlignedEncoder``: headless (KUEA) = its backbone with the artifact's token rule;
-    with an image head (SAIL, freeze-align) = an :class:`AlignedTower` applying the head per token on the
+    with an image head (SAIL, freeze_align) = an :class:`AlignedTower` applying the head per token on the
     layer the head was trained on (the backbone's final token output, ``hidden_states[-1]``)."""
     backbone = encoder.backbone
     if encoder.image_head is None:

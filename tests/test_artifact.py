@@ -113,7 +113,7 @@ def test_headless_fine_tuned_backbone_round_trip(text, tmp_path):
     with torch.no_grad():
         for p in clip.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    enc = AlignedEncoder(clip, load_text_encoder("tiny-clip"), method="kernel", token_rule="patch").eval()
+    enc = AlignedEncoder(clip, load_text_encoder("tiny-clip"), method="kuea", token_rule="patch").eval()
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(enc(x), clip(x)[:, 1:]) and enc.num_tokens == 64
@@ -123,7 +123,7 @@ def test_headless_fine_tuned_backbone_round_trip(text, tmp_path):
     with torch.no_grad():
         assert torch.equal(again(x), enc(x)) and torch.equal(again.encode_image(x), enc.encode_image(x))
     assert torch.equal(again.encode_text(["a red circle"]), enc.encode_text(["a red circle"]))
-    kept = AlignedEncoder(clip, None, method="kernel", token_rule="all")
+    kept = AlignedEncoder(clip, None, method="kuea", token_rule="all")
     assert kept.num_prefix_tokens == 1 and kept.num_tokens == 65
 
 

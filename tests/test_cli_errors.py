@@ -251,8 +251,8 @@ def test_verbosity_flags_set_the_log_level(tmp_path, shapes_dir, capsys):
 
 
 def test_align_help_names_each_methods_own_recipe(capsys):
-    for method, recipe in (("sail", "tiny_sail.yaml"), ("projector", "tiny_projector.yaml"),
-                           ("kernel", "tiny_kuea.yaml")):  # fmt: skip
+    for method, recipe in (("sail", "tiny_sail.yaml"), ("freeze_align", "tiny_freeze_align.yaml"),
+                           ("kuea", "tiny_kuea.yaml")):  # fmt: skip
         with pytest.raises(SystemExit):
             main(["align", method, "--help"])
         text = " ".join(capsys.readouterr().out.split())

@@ -58,7 +58,7 @@ def test_report_numbers_are_the_tools_own(demo: Path) -> None:
     for name in ("base", "base-tuned", "kuea-dropin", "sail-rebuild", "sail-connector", "sail-lora"):
         results = read_json(demo / "eval" / name / "results.json")["results"]  # lmms-eval's own output
         assert f"{results['shapes_vqa']['exact_match,none']:.4f}" in report
-    for model in ("clip", "kuea", "sail", "projector"):
+    for model in ("clip", "kuea", "sail", "freeze_align"):
         row = next(line for line in report.splitlines() if line.startswith(f"| {model} |"))
         for label in ("color", "shape"):
             result = read_json(demo / "zeroshot" / f"{model}-{label}" / f"zeroshot-classify-{label}.json")

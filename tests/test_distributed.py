@@ -147,7 +147,7 @@ def test_projector_two_processes_equal_one_process(shapes_dir: Path, tmp_path: P
     SAIL test) more than Lion's sign.
     """
     two, one, stdout = two_against_one(
-        "projector", "tiny_projector.yaml", shapes_dir, tmp_path, "head.dropout=0.0"
+        "freeze_align", "tiny_freeze_align.yaml", shapes_dir, tmp_path, "head.dropout=0.0"
     )
     check_two_process_run(two, one, stdout)
     rows, single = read_jsonl(two / "metrics.jsonl"), read_jsonl(one / "metrics.jsonl")
@@ -161,7 +161,7 @@ def test_kernel_two_processes_equal_one_process(shapes_dir: Path, tmp_path: Path
 
     Tolerance 1e-5 absolute, as for freeze-align (AdamW, all-reduce rounding).
     """
-    two, one, stdout = two_against_one("kernel", "tiny_kuea.yaml", shapes_dir, tmp_path, "student=tiny-clip")
+    two, one, stdout = two_against_one("kuea", "tiny_kuea.yaml", shapes_dir, tmp_path, "student=tiny-clip")
     check_two_process_run(two, one, stdout, caches=("image",))
     weights = [load_file(run / "artifact" / "model.safetensors") for run in (two, one)]
     assert_same_tensors(*weights, atol=1e-5)
@@ -249,7 +249,7 @@ def deepspeed_run_checks(out: Path, stdout: str, stage: int) -> None:
 def kuea_args(shapes_dir: Path) -> list[str]:
     """The tiny KUEA recipe for a short DeepSpeed run: tiny-clip student (tiny-clip-shapes needs a minute
     of pretraining on first use), 3 steps, a metrics row per step."""
-    args = ["align", "kernel", "--config", str(RECIPES / "tiny_kuea.yaml")]
+    args = ["align", "kuea", "--config", str(RECIPES / "tiny_kuea.yaml")]
     return args + sets(
         "student=tiny-clip",
         f"data.train={shapes_dir}",
@@ -317,8 +317,8 @@ def test_tune_under_shipped_zero2(shapes_dir: Path, tmp_path: Path) -> None:
     ("method", "recipe", "extra"),
     [
         ("sail", "tiny_sail.yaml", ()),
-        ("projector", "tiny_projector.yaml", ("head.dropout=0.0",)),
-        ("kernel", "tiny_kuea.yaml", ("student=tiny-clip",)),
+        ("freeze_align", "tiny_freeze_align.yaml", ("head.dropout=0.0",)),
+        ("kuea", "tiny_kuea.yaml", ("student=tiny-clip",)),
     ],
 )
 def test_align_under_shipped_zero3(

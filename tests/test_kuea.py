@@ -19,7 +19,8 @@ from align.encoders import load_vision_encoder
 from align.fixtures import ensure_tiny
 from align.io import read_json, read_jsonl
 from align.kernels import PolynomialKernel
-from align.methods.kuea.recipe import KueaMethod, load_recipe, run
+from align.methods import run_method
+from align.methods.kuea.recipe import KueaMethod, load_recipe
 from align.methods.kuea.report import compatibility_report, kernel_discrepancy, knn_accuracy, spread
 from align.recipes import ConfigError
 
@@ -228,7 +229,7 @@ def test_cached_and_live_targets_agree(shapes_dir: Path, live: KueaMethod, tmp_p
 @pytest.fixture(scope="module")
 def finished(shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("kuea") / "run"
-    run(None, _overrides(shapes_dir, "train.save_every=2"), out, resume=False)
+    run_method("kuea", None, _overrides(shapes_dir, "train.save_every=2"), out, resume=False)
     return out
 
 
@@ -261,9 +262,9 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(
 
     monkeypatch.setattr(KueaMethod, "loss", dying_loss)
     with pytest.raises(KeyboardInterrupt):
-        run(None, overrides, tmp_path / "run", resume=False)
+        run_method("kuea", None, overrides, tmp_path / "run", resume=False)
     monkeypatch.setattr(KueaMethod, "loss", original_loss)
-    run(None, overrides, tmp_path / "run", resume="auto")
+    run_method("kuea", None, overrides, tmp_path / "run", resume="auto")
     a = load_file(str(finished / "artifact" / "backbone" / "model.safetensors"))  # the fine-tuned CLIP
     b = load_file(str(tmp_path / "run" / "artifact" / "backbone" / "model.safetensors"))
     assert set(a) == set(b)
@@ -442,7 +443,7 @@ def test_recipes_load_with_the_paper_settings(name: str) -> None:
         assert recipe.kernel.student.get("trainable", True) and recipe.target.startswith("facebook/dinov2-")
 
 
-def test_cli_align_kernel_runs_the_tiny_recipe(shapes_dir: Path, tmp_path: Path, capsys) -> None:
+def test_cli_align_kuea_runs_the_tiny_recipe(shapes_dir: Path, tmp_path: Path, capsys) -> None:
     from mllm_swap.cli import main
 
     recipe = Path(__file__).parents[1] / "recipes" / "tiny_kuea.yaml"
@@ -453,14 +454,14 @@ def test_cli_align_kernel_runs_the_tiny_recipe(shapes_dir: Path, tmp_path: Path,
         "train.batch_size=8",
         "eval.limit=16",
     ]
-    argv = ["align", "kernel", "--config", str(recipe), "--out", str(tmp_path / "run")]
+    argv = ["align", "kuea", "--config", str(recipe), "--out", str(tmp_path / "run")]
     assert main(argv + [a for s in sets for a in ("--set", s)]) == 0
     out = capsys.readouterr().out
     assert "KUEA compatibility report" in out and "zero-shot color: acc1" in out
     assert (tmp_path / "run" / "hf_clip" / "config.json").is_file()
     assert (
         main(
-            ["align", "kernel", "--config", str(recipe), "--out", str(tmp_path / "x"), "--set", "target=nope"]
+            ["align", "kuea", "--config", str(recipe), "--out", str(tmp_path / "x"), "--set", "target=nope"]
         )
         == 2
     )

@@ -18,7 +18,7 @@ from align.artifact import AlignedEncoder, load_aligned, save_aligned
 from align.encoders import load_text_encoder, load_vision_encoder
 from align.fixtures import ensure_tiny
 from align.heads import build_text_head, build_token_head
-from align.methods.kuea.recipe import run
+from align.methods import run_method
 
 TEXTS = ["a red circle", "two blue squares"]
 
@@ -53,7 +53,7 @@ def kuea_run(shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     shutil.copytree(ensure_tiny("tiny-clip"), student)
     sets = [f"student={student}", "target=tiny-dinov2", f"data.train={shapes_dir}", "train.steps=2",
             "train.batch_size=8", "eval.limit=16"]  # fmt: skip
-    run(None, sets, root / "run", resume=False)
+    run_method("kuea", None, sets, root / "run", resume=False)
     before = load_aligned(root / "run" / "artifact")
     pixels = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
@@ -163,7 +163,7 @@ def test_open_clip_student_artifact_carries_its_export(tmp_path: Path) -> None:
         for p in student.parameters():
             p.add_(0.01 * torch.randn_like(p))
     paths = export_student(student, "tiny-openclip", tmp_path / "run", "kuea-tiny-oc")
-    enc = AlignedEncoder(student, "tiny-openclip", method="kernel", image_pool="projected", token_rule="patch")
+    enc = AlignedEncoder(student, "tiny-openclip", method="kuea", image_pool="projected", token_rule="patch")
     save_aligned(tmp_path / "run" / "artifact", enc, backbone_dir=paths["open_clip"])
     pixels = torch.rand(2, 3, 64, 64)
     with torch.no_grad():

@@ -305,7 +305,7 @@ def test_cli_align_at_lr_1e30_exits_non_zero_without_an_artifact(tmp_path, shape
     out = tmp_path / "run"
     sets = [f"data.train={shapes_dir}", "text=tiny-text", "train.batch_size=32", "train.report_to=[jsonl]"]
     sets += ["train.steps=1", "train.lr=1e30", "train.warmup=0"]
-    argv = ["align", "projector", "--config", str(RECIPES / "tiny_projector.yaml"), "--out", str(out)]
+    argv = ["align", "projector", "--config", str(RECIPES / "tiny_freeze_align.yaml"), "--out", str(out)]
     assert main([*argv, *(x for s in sets for x in ("--set", s))]) == 2
     err = capsys.readouterr().err
     assert "after the last step 1; stopped without saving the final weights" in err

@@ -1,4 +1,4 @@
-"""Concept-balanced curation (freeze-align): pick up to K image-text pairs per concept, rarest concept first.
+"""Concept-balanced curation (freeze_align): pick up to K image-text pairs per concept, rarest concept first.
 
 1. Prototypes: per concept, the mean of L2-normalized CLIP image embeddings of a few example images,
    renormalized (:func:`concept_prototypes`).

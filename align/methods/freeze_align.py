@@ -1,4 +1,4 @@
-"""freeze-align: token projectors on frozen DINOv2 and sentence-encoder tokens, trained with InfoNCE.
+"""freeze_align: token projectors on frozen DINOv2 and sentence-encoder tokens, trained with InfoNCE.
 
 The recipe, top to bottom:
 
@@ -18,27 +18,18 @@ The recipe, top to bottom:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
+from align.data.cache_read import EmbeddingCache
 from align.heads import FreezeAlignTextHead, FreezeAlignTokenHead
 from align.losses import Temperature, gather_features, infonce_loss
-from align.methods.common import (
-    DataConfig,
-    EvalConfig,
-    PairedCaches,
-    prepare_caches,
-    run_recipe,
-    training_record,
-    zero_shot_scores,
-)
+from align.methods.evaluation import EvalConfig
+from align.methods.frozen_pairs import DataConfig, FrozenPairsMethod
 from align.recipes import load_config
-from align.rundir import OutDir
 from align.train.config import TrainConfig
 
 TRAIN_DEFAULTS = {
@@ -54,37 +45,37 @@ TRAIN_DEFAULTS = {
 
 
 @dataclasses.dataclass
-class ProjectorHeadConfig:
+class FreezeAlignHeadConfig:
     out_dim: int = 1024
     dropout: float = 0.1
 
 
 @dataclasses.dataclass
-class ProjectorLossConfig:
+class FreezeAlignLossConfig:
     init_temperature: float = 0.07
     min_temperature: float = 0.001
     max_temperature: float = 0.5
 
 
 @dataclasses.dataclass
-class ProjectorRecipe:
-    """A freeze-align recipe file (YAML) with ``--set`` overrides; see ``recipes/freeze_align_*.yaml``."""
+class FreezeAlignRecipe:
+    """A freeze_align recipe file (YAML) with ``--set`` overrides; see ``recipes/freeze_align_*.yaml``."""
 
     vision: str = "facebook/dinov2-large"
     text: str = "sentence-transformers/all-roberta-large-v1"
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
-    head: ProjectorHeadConfig = dataclasses.field(default_factory=ProjectorHeadConfig)
-    loss: ProjectorLossConfig = dataclasses.field(default_factory=ProjectorLossConfig)
+    head: FreezeAlignHeadConfig = dataclasses.field(default_factory=FreezeAlignHeadConfig)
+    loss: FreezeAlignLossConfig = dataclasses.field(default_factory=FreezeAlignLossConfig)
     train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(epochs=1.0, **TRAIN_DEFAULTS))
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
-def load_recipe(path: str | os.PathLike | None, overrides: list[str] = ()) -> ProjectorRecipe:
-    """A :class:`ProjectorRecipe` from YAML + overrides, on top of the paper's training defaults."""
-    return load_config(ProjectorRecipe, path, overrides, base={"train": TRAIN_DEFAULTS})
+def load_recipe(path: str | os.PathLike | None, overrides: list[str] = ()) -> FreezeAlignRecipe:
+    """A :class:`FreezeAlignRecipe` from YAML + overrides, on top of the paper's training defaults."""
+    return load_config(FreezeAlignRecipe, path, overrides, base={"train": TRAIN_DEFAULTS})
 
 
-class ProjectorModel(nn.Module):
+class FreezeAlignModel(nn.Module):
     """The trainable part: vision token head, text head and temperature."""
 
     def __init__(
@@ -101,85 +92,32 @@ class ProjectorModel(nn.Module):
         return self.image_head.pool(tokens), self.text_head(*text), self.temperature()
 
 
-class ProjectorMethod:
-    """freeze-align as an ``align.train.method.Method`` over paired token caches."""
+class FreezeAlignMethod(FrozenPairsMethod):
+    """freeze_align as an ``align.train.loop.Method`` over paired token caches (the first caption column)."""
 
-    def __init__(self, recipe: ProjectorRecipe, out_dir: str | os.PathLike) -> None:
-        self.recipe, self.out_dir = recipe, Path(out_dir)
-        data = dataclasses.replace(recipe.data, captions=recipe.data.captions[:1])
-        data.text_caches = data.text_caches[:1]
-        image, texts = prepare_caches(recipe.vision, recipe.text, data, out_dir, "tokens", "tokens")
-        spec = image.manifest["encoder"]
+    method, image_pool, text_pool, positives = "freeze_align", "tokens", "tokens", 1
+
+    def check_backbone(self, image: EmbeddingCache, spec: dict[str, Any]) -> None:
         if spec.get("num_prefix_tokens", 0) < 1:
-            raise ValueError(f"{image.path}: freeze-align needs a CLS token; '{spec.get('source')}' has none")
-        self.backbone_spec, self.text_spec = spec, texts[0].manifest["encoder"]
-        self.dataset = PairedCaches(image, texts)
-        self.scores: dict[str, Any] = {}
+            raise ValueError(f"{image.path}: freeze_align needs a CLS token; '{spec.get('source')}' has none")
 
-    def head_configs(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    def head_settings(self) -> dict[str, Any]:
         h = self.recipe.head
-        common = {"kind": "freeze_align", "out_dim": h.out_dim, "dropout": h.dropout}
-        image = {
-            **common,
-            "in_dim": self.backbone_spec["embed_dim"],
-            "num_prefix_tokens": self.backbone_spec["num_prefix_tokens"],
-        }
-        return image, {**common, "in_dim": self.text_spec["embed_dim"]}
+        return {"kind": "freeze_align", "out_dim": h.out_dim, "dropout": h.dropout}
 
-    def build_model(self, cfg: TrainConfig) -> ProjectorModel:
+    def build_model(self, cfg: TrainConfig) -> FreezeAlignModel:
         image, text = self.head_configs()
         lc = self.recipe.loss
         temperature = Temperature(lc.init_temperature, lc.min_temperature, lc.max_temperature)
-        return ProjectorModel(FreezeAlignTokenHead(image), FreezeAlignTextHead(text), temperature)
-
-    def train_dataset(self) -> PairedCaches:
-        return self.dataset
-
-    def collate(self, indices: list[int]) -> dict[str, Any]:
-        return self.dataset.collate(indices)
+        return FreezeAlignModel(FreezeAlignTokenHead(image), FreezeAlignTextHead(text), temperature)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         image, text, scale = model(batch["image"], batch["texts"][0])
         loss = infonce_loss(gather_features(image), gather_features(text), scale)
         return loss, {"temperature": 1.0 / scale.detach()}
 
-    def after_step(self, model: ProjectorModel) -> None:
+    def after_step(self, model: FreezeAlignModel) -> None:
         model.temperature.clamp_()
 
-    def aligned(self, model: ProjectorModel) -> Any:
-        """The trained projectors on the (re-loaded) frozen encoders, as an ``AlignedEncoder``."""
-        from align.artifact import AlignedEncoder
-        from align.encoders.registry import load_text_encoder, load_vision_encoder
-
-        return AlignedEncoder(
-            load_vision_encoder(self.recipe.vision),
-            load_text_encoder(self.recipe.text),
-            copy.deepcopy(model.image_head).cpu().eval(),
-            copy.deepcopy(model.text_head).cpu().eval(),
-            method="freeze_align",
-            logit_scale=float(model.temperature().detach()),
-        )
-
-    def evaluate(self, model: ProjectorModel) -> dict[str, Any]:
-        self.scores = zero_shot_scores(self.aligned(model), self.recipe.eval, self.recipe.data)
-        return self.scores
-
-    def save(self, model: ProjectorModel, out_dir: Path, state_dict: dict[str, Tensor]) -> None:
-        from align.artifact import save_aligned
-
-        record = training_record(self.recipe, self.dataset, out_dir)
-        save_aligned(out_dir / "artifact", self.aligned(model), training=record, metrics=self.scores)
-
-
-def run(
-    config: str | os.PathLike | None,
-    overrides: list[str],
-    out_dir: str | os.PathLike,
-    resume: bool | str = "auto",
-    overwrite: bool = False,
-) -> Path:
-    """Train freeze-align from a recipe file into ``out_dir``; returns the artifact directory."""
-    recipe = load_recipe(config, overrides)
-    with OutDir(out_dir, "align projector", overwrite, collective=True):  # before its caches are written into out_dir
-        run_recipe(ProjectorMethod(recipe, out_dir), recipe, out_dir, resume, overwrite=overwrite)
-    return Path(out_dir) / "artifact"
+    def logit_params(self, model: FreezeAlignModel) -> dict[str, float]:
+        return {"logit_scale": float(model.temperature().detach())}

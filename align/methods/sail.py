@@ -18,27 +18,18 @@ The recipe, top to bottom:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from align.data.cache_read import EmbeddingCache
 from align.heads import SailTextHead, SailTokenHead
 from align.losses import LogitScale, gather_features, sigmoid_loss
-from align.methods.common import (
-    DataConfig,
-    EvalConfig,
-    PairedCaches,
-    prepare_caches,
-    run_recipe,
-    training_record,
-    zero_shot_scores,
-)
+from align.methods.evaluation import EvalConfig
+from align.methods.frozen_pairs import DataConfig, FrozenPairsMethod
 from align.recipes import load_config
-from align.rundir import OutDir
 from align.train.config import TrainConfig
 
 SAIL_BACKBONES = ("dinov2", "dinov2_with_registers")
@@ -101,32 +92,22 @@ class SailModel(nn.Module):
         return self.image_head.head(image), [self.text_head(t) for t in texts], scale, bias
 
 
-class SailMethod:
-    """SAIL as an ``align.train.method.Method`` over paired embedding caches."""
+class SailMethod(FrozenPairsMethod):
+    """SAIL as an ``align.train.loop.Method`` over paired embedding caches (all caption columns)."""
 
-    def __init__(self, recipe: SailRecipe, out_dir: str | os.PathLike) -> None:
-        self.recipe, self.out_dir = recipe, Path(out_dir)
-        image, texts = prepare_caches(recipe.vision, recipe.text, recipe.data, out_dir, "concat", "sentence")
-        spec = image.manifest["encoder"]
+    method, image_pool, text_pool = "sail", "concat", "sentence"
+
+    def check_backbone(self, image: EmbeddingCache, spec: dict[str, Any]) -> None:
         if spec.get("kind") not in SAIL_BACKBONES:
             raise ValueError(
                 f"{image.path}: SAIL takes CLS and patch tokens of a DINOv2 backbone ({SAIL_BACKBONES}); "
                 f"the cache was made with a '{spec.get('kind')}' model ({spec.get('source')})"
             )
-        self.backbone_spec, self.text_spec = spec, texts[0].manifest["encoder"]
-        self.dataset = PairedCaches(image, texts)
-        self.scores: dict[str, Any] = {}
 
-    def head_configs(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    def head_settings(self) -> dict[str, Any]:
         h = self.recipe.head
         kind = "sail_glu" if h.kind == "glu" else "sail_linear"
-        common = {"kind": kind, "out_dim": h.out_dim, "width_factor": h.width_factor}
-        image = {
-            **common,
-            "in_dim": self.backbone_spec["embed_dim"],
-            "num_prefix_tokens": self.backbone_spec["num_prefix_tokens"],
-        }
-        return image, {**common, "in_dim": self.text_spec["embed_dim"]}
+        return {"kind": kind, "out_dim": h.out_dim, "width_factor": h.width_factor}
 
     def build_model(self, cfg: TrainConfig) -> SailModel:
         image, text = self.head_configs()
@@ -136,12 +117,6 @@ class SailMethod:
             SailTextHead(text),
             LogitScale(lc.init_scale, lc.init_bias, lc.min_scale, lc.max_scale),
         )
-
-    def train_dataset(self) -> PairedCaches:
-        return self.dataset
-
-    def collate(self, indices: list[int]) -> dict[str, Any]:
-        return self.dataset.collate(indices)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         image, texts, scale, bias = model(batch["image"], batch["texts"])
@@ -154,42 +129,6 @@ class SailMethod:
     def after_step(self, model: SailModel) -> None:
         model.logit.clamp_()
 
-    def aligned(self, model: SailModel) -> Any:
-        """The trained heads on the (re-loaded) frozen encoders, as an ``AlignedEncoder``."""
-        from align.artifact import AlignedEncoder
-        from align.encoders.registry import load_text_encoder, load_vision_encoder
-
+    def logit_params(self, model: SailModel) -> dict[str, float]:
         scale, bias = (v.detach() for v in model.logit())
-        return AlignedEncoder(
-            load_vision_encoder(self.recipe.vision),
-            load_text_encoder(self.recipe.text),
-            copy.deepcopy(model.image_head).cpu().eval(),
-            copy.deepcopy(model.text_head).cpu().eval(),
-            method="sail",
-            logit_scale=float(scale),
-            logit_bias=float(bias),
-        )
-
-    def evaluate(self, model: SailModel) -> dict[str, Any]:
-        self.scores = zero_shot_scores(self.aligned(model), self.recipe.eval, self.recipe.data)
-        return self.scores
-
-    def save(self, model: SailModel, out_dir: Path, state_dict: dict[str, Tensor]) -> None:
-        from align.artifact import save_aligned
-
-        record = training_record(self.recipe, self.dataset, out_dir)
-        save_aligned(out_dir / "artifact", self.aligned(model), training=record, metrics=self.scores)
-
-
-def run(
-    config: str | os.PathLike | None,
-    overrides: list[str],
-    out_dir: str | os.PathLike,
-    resume: bool | str = "auto",
-    overwrite: bool = False,
-) -> Path:
-    """Train SAIL from a recipe file into ``out_dir``; returns the artifact directory."""
-    recipe = load_recipe(config, overrides)
-    with OutDir(out_dir, "align sail", overwrite, collective=True):  # before its caches are written into out_dir
-        run_recipe(SailMethod(recipe, out_dir), recipe, out_dir, resume, overwrite=overwrite)
-    return Path(out_dir) / "artifact"
+        return {"logit_scale": float(scale), "logit_bias": float(bias)}

@@ -56,7 +56,7 @@ def batched_linear_cka(x: Tensor, y: Tensor, debiased: bool = False) -> Tensor:
     """Linear CKA in feature space for a batch of independent problems.
 
     ``x [B, N, d_x]``, ``y [B, N, d_y]`` -> ``[B]`` (float64). Biased (the default here, as in the
-    freeze-align toy): ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centered
+    freeze_align toy): ``||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F)`` with column-centered
     ``Xc, Yc``; ``debiased=True``: the same ratio of unbiased HSIC estimates (needs N >= 4).
     """
     x = x.double()

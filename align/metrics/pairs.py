@@ -1,5 +1,5 @@
 """Rank vision/text encoder pairs by how alike their similarity structure is on the same samples
-(freeze-align section 4.1, SAIL's alignment probing).
+(freeze_align section 4.1, SAIL's alignment probing).
 
 Image feature = mean of all final-layer tokens of the vision encoder (prefix tokens included);
 text feature = the text model's own sentence embedding, averaged over a sample's captions. CKA is

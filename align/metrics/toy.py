@@ -1,4 +1,4 @@
-"""freeze-align's toy experiment: does linear CKA predict how well a CLIP loss can align two spaces?
+"""freeze_align's toy experiment: does linear CKA predict how well a CLIP loss can align two spaces?
 
 Each instance draws a latent ``Z ~ U[-1, 1]^{n x d}`` and two "modalities" ``A = T1(Z) + w1 eps_1``,
 ``B = T2(Z) + w2 eps_2`` where ``T1, T2`` are random 2-layer ReLU MLPs ``d -> hidden -> d`` (hidden
@@ -7,7 +7,7 @@ instance) and ``w1, w2 ~ U[0, max_noise]``. For each instance we record ``linear
 symmetric CLIP (InfoNCE) loss reached after ``steps`` full-batch SGD steps (lr 0.01, temperature
 0.07) of linear maps on the frozen features.
 
-Where the linear map sits: freeze-align trains a projector on *each* frozen encoder, so by default
+Where the linear map sits: freeze_align trains a projector on *each* frozen encoder, so by default
 (``side="both"``) each instance trains ``P_A, P_B: d -> d`` and scores ``norm(A P_A) . norm(B P_B)``;
 ``side="a"`` trains only ``P_A`` to map A into B's space. Maps start from a random Gaussian
 (std ``1/sqrt(d)``). Every instance is independent, so all instances train at once with batched
@@ -34,7 +34,7 @@ __all__ = ["ToyConfig", "pearson", "run_toy", "save_toy"]
 
 @dataclass
 class ToyConfig:
-    """Settings of the toy experiment (defaults follow freeze-align)."""
+    """Settings of the toy experiment (defaults follow freeze_align)."""
 
     instances: int = 200
     n: int = 32

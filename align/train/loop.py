@@ -1,4 +1,4 @@
-"""The one training loop every method uses (SAIL, freeze-align, KUEA, MLLM instruction tuning).
+"""The one training loop every method uses (SAIL, freeze_align, KUEA, MLLM instruction tuning).
 
 ``train(method, cfg, out_dir)`` runs on accelerate, so the same code runs on a CPU, on one GPU and
 under ``accelerate launch`` (DDP or DeepSpeed, configured by the launcher or ``accelerator_kwargs``).

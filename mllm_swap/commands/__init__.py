@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with the global flags and every sub-command registered."""
     parser = argparse.ArgumentParser(
         prog="mllm-swap",
-        description="Align vision encoders to language (KUEA, SAIL, freeze-align), swap them into "
+        description="Align vision encoders to language (KUEA, SAIL, freeze_align), swap them into "
         "multimodal LLMs, tune and score the result.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")

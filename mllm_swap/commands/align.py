@@ -1,55 +1,29 @@
-"""``mllm-swap align sail|projector|kernel``: train a language-aligned vision encoder from a recipe.
+"""``mllm-swap align kuea|sail|freeze_align``: train a language-aligned vision encoder from a recipe.
 
-Each method module exposes ``run(config, overrides, out_dir, resume) -> Path`` (the artifact directory)
-and is imported only when its sub-command runs.
+The methods and their older names (accepted as aliases) come from ``align.methods.METHODS``; a method's
+module is imported only when its sub-command runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 from pathlib import Path
 
 from align.errors import UserError
+from align.methods import METHODS, run_method
 from mllm_swap.commands.options import add_resume, resume_of
-
-# method -> (module, help, the embedded-default recipe in recipes/)
-METHODS = {
-    "sail": (
-        "align.methods.sail",
-        "SAIL: GLU heads on frozen DINOv2 + sentence-encoder embeddings, sigmoid loss",
-        "tiny_sail.yaml",
-    ),
-    "projector": (
-        "align.methods.freeze_align",
-        "freeze-align: token projectors on frozen encoders, InfoNCE",
-        "tiny_projector.yaml",
-    ),
-    "kernel": (
-        "align.methods.kuea.recipe",
-        "KUEA: fine-tune CLIP's image tower toward DINOv2's kernel",
-        "tiny_kuea.yaml",
-    ),
-}
-
-
-HELP = "train a language-aligned vision encoder (SAIL, freeze-align, KUEA)"
-DESCRIPTION = (
-    "Train an aligned vision encoder from a YAML recipe (see recipes/) with --set overrides; "
-    "writes checkpoints, metrics.jsonl, loss.png and the artifact in OUT/artifact (with zero-shot scores in "
-    "its model card). Rerunning the same command resumes from the newest checkpoint."
-)
 
 
 def run(args: argparse.Namespace) -> int:
     from align.distributed import global_rank
     from align.io import read_json
 
-    module = importlib.import_module(METHODS[args.method][0])
     if args.config is not None and not Path(args.config).is_file():
         raise FileNotFoundError(f"{args.config}: recipe file not found")
     try:
-        artifact = module.run(args.config, list(args.set or []), args.out, resume_of(args), args.overwrite)
+        artifact = run_method(
+            args.method, args.config, list(args.set or []), args.out, resume_of(args), args.overwrite
+        )
     except FileExistsError as err:
         raise UserError(str(err)) from None
     if global_rank() != 0:  # under `accelerate launch`, report once
@@ -67,12 +41,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+HELP = "train a language-aligned vision encoder (KUEA, SAIL, freeze_align)"
+DESCRIPTION = (
+    "Train an aligned vision encoder from a YAML recipe (see recipes/) with --set overrides; "
+    "writes checkpoints, metrics.jsonl, loss.png and the artifact in OUT/artifact (with zero-shot scores in "
+    "its model card). Rerunning the same command resumes from the newest checkpoint."
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``align``."""
+    """The flags of ``align``: one sub-command per method (older names as aliases)."""
     methods = parser.add_subparsers(dest="method", metavar="METHOD", required=True)
-    for name, (_, help_text, recipe) in METHODS.items():
-        sub = methods.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--config", help=f"recipe YAML (e.g. recipes/{recipe})")
+    for name, entry in METHODS.items():
+        sub = methods.add_parser(
+            name, aliases=list(entry.aliases), help=entry.summary, description=entry.summary
+        )
+        sub.add_argument("--config", help=f"recipe YAML (e.g. recipes/{entry.tiny_recipe})")
         sub.add_argument(
             "--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)"
         )

@@ -1,4 +1,4 @@
-"""``mllm-swap curate``: concept-balanced selection of image-text pairs (freeze-align's curation)."""
+"""``mllm-swap curate``: concept-balanced selection of image-text pairs (freeze_align's curation)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from align.errors import UserError
 from mllm_swap.commands.options import at_least
 
-HELP = "concept-balanced data curation with a CLIP model (freeze-align)"
+HELP = "concept-balanced data curation with a CLIP model (freeze_align)"
 DESCRIPTION = (
     "Prototypes = mean CLIP image embedding of a few example images per concept; every caption "
     "of --data is scored by its CLIP text embedding against them; concepts are filled rarest first with up to "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 HELP = "run the whole pipeline on the embedded default (tiny models, shapes world) and write report.md"
 DESCRIPTION = (
-    "Shapes world -> encoder-pair scores -> SAIL, freeze-align and KUEA -> zero-shot table -> "
+    "Shapes world -> encoder-pair scores -> SAIL, freeze_align and KUEA -> zero-shot table -> "
     "swap into a tuned tiny LLaVA (KUEA drop-in, SAIL rebuild) -> connector + LoRA tuning -> lmms-eval "
     "scores -> OUT/report.md. Offline, CPU, minutes. Rerunning skips stages whose outputs check out."
 )

@@ -1,5 +1,5 @@
 """``mllm-swap rank`` (formerly ``score``, still accepted): rank vision/text encoder pairs by how well they
-will align (:mod:`align.metrics.pairs`), or reproduce freeze-align's CKA toy experiment.
+will align (:mod:`align.metrics.pairs`), or reproduce freeze_align's CKA toy experiment.
 
 Two forms::
 
@@ -20,7 +20,7 @@ DESCRIPTION = (
     "Pairs form: encode --n samples of --data with every --vision and --text encoder (image "
     "feature: mean of all final-layer tokens; text: sentence embedding averaged over captions), score "
     "every pair with --metrics, write OUT/scores.json and OUT/heatmap_<metric>.png and print a ranked "
-    "table. `rank toy`: freeze-align's toy experiment (linear CKA vs the CLIP loss reached by linear "
+    "table. `rank toy`: freeze_align's toy experiment (linear CKA vs the CLIP loss reached by linear "
     "maps), writing OUT/toy.json and OUT/toy.png."
 )
 
@@ -76,7 +76,7 @@ def run_pairs(args: argparse.Namespace) -> int:
 
 
 def run_toy_command(args: argparse.Namespace) -> int:
-    """The freeze-align toy: toy.json and toy.png, and the correlation printed."""
+    """The freeze_align toy: toy.json and toy.png, and the correlation printed."""
     from align.metrics.toy import ToyConfig, run_toy, save_toy
 
     if any(getattr(args, f) for f in ("vision", "text", "data")):

@@ -1,6 +1,6 @@
 """The demo's pipeline: how big it runs and its stages, each a list of ``mllm-swap`` command lines.
 
-shapes world -> encoder-pair ranking -> SAIL, freeze-align and KUEA alignment -> zero-shot table ->
+shapes world -> encoder-pair ranking -> SAIL, freeze_align and KUEA alignment -> zero-shot table ->
 a tuned tiny LLaVA as the "existing MLLM" -> drop-in of the KUEA CLIP and rebuild with the SAIL tower ->
 connector + LoRA tuning -> lmms-eval scoring. The command lines use paths relative to the output
 directory they run in (see :func:`mllm_swap.demo.run.run_demo`) and are recorded in the report.
@@ -54,7 +54,7 @@ def _sets(*pairs: str) -> list[str]:
     return [arg for kv in pairs for arg in ("--set", kv)]
 
 
-RECIPES = ("tiny_sail.yaml", "tiny_projector.yaml", "tiny_kuea.yaml", "tiny_llava_connector.yaml",
+RECIPES = ("tiny_sail.yaml", "tiny_freeze_align.yaml", "tiny_kuea.yaml", "tiny_llava_connector.yaml",
            "tiny_llava_lora.yaml")  # fmt: skip
 
 
@@ -102,9 +102,9 @@ def build_stages(size: DemoSize, run_command: RunCommand) -> list[Stage]:
         return ["swap", "--mllm", str(mllm_in), "--encoder", str(encoder), "--mode", mode,
                 "--out", str(out), "--overwrite"]  # fmt: skip
 
-    artifact = {m: aligned / m / "artifact" for m in ("sail", "projector", "kernel")}
-    zeroshot_models = {"clip": size.clip, "kuea": artifact["kernel"], "sail": artifact["sail"],
-                       "projector": artifact["projector"]}  # fmt: skip
+    artifact = {m: aligned / m / "artifact" for m in ("sail", "freeze_align", "kuea")}
+    zeroshot_models = {"clip": size.clip, "kuea": artifact["kuea"], "sail": artifact["sail"],
+                       "freeze_align": artifact["freeze_align"]}  # fmt: skip
     base = mllm / "base-lora"
     models = {  # what the eval stage scores, by the name the report uses
         "base": base,
@@ -145,17 +145,17 @@ def build_stages(size: DemoSize, run_command: RunCommand) -> list[Stage]:
         ),
         stage("align-sail", "Align: SAIL", [align("sail", "tiny_sail.yaml")], [artifact["sail"]]),
         stage(
-            "align-projector",
-            "Align: freeze-align",
-            [align("projector", "tiny_projector.yaml")],
-            [artifact["projector"]],
+            "align-freeze_align",
+            "Align: freeze_align",
+            [align("freeze_align", "tiny_freeze_align.yaml")],
+            [artifact["freeze_align"]],
         ),
         # KUEA fine-tunes the very CLIP the LLaVA uses, so that it can drop in
         stage(
-            "align-kernel",
+            "align-kuea",
             "Align: KUEA",
-            [align("kernel", "tiny_kuea.yaml", f"student={size.clip}")],
-            [artifact["kernel"]],
+            [align("kuea", "tiny_kuea.yaml", f"student={size.clip}")],
+            [artifact["kuea"]],
         ),
         stage(
             "zeroshot",
@@ -192,7 +192,7 @@ def build_stages(size: DemoSize, run_command: RunCommand) -> list[Stage]:
             "swap",
             "Swap: KUEA CLIP drop-in, SAIL tower rebuild",
             [
-                swap(base, artifact["kernel"], "dropin", models["kuea-dropin"]),
+                swap(base, artifact["kuea"], "dropin", models["kuea-dropin"]),
                 swap(base, artifact["sail"], "rebuild", models["sail-rebuild"]),
             ],
             [models["kuea-dropin"] / "swap_report.json", models["sail-rebuild"] / "swap_report.json"],

@@ -18,8 +18,8 @@ from mllm_swap.demo.outputs import eval_scores, load_json, vqa_samples, zeroshot
 
 TRAINING_RUNS = {  # run folder -> panel title
     "align/sail": "SAIL (sigmoid)",
-    "align/projector": "freeze-align (InfoNCE)",
-    "align/kernel": "KUEA (kernel + anchor)",
+    "align/freeze_align": "freeze_align (InfoNCE)",
+    "align/kuea": "KUEA (kernel + anchor)",
     "tune/base-lora": "base LLaVA: LoRA",
     "tune/sail-connector": "SAIL rebuild: connector",
     "tune/sail-lora": "SAIL rebuild: LoRA",
@@ -69,7 +69,7 @@ def score_section(root: Path) -> str:
     plots = " ".join(image_link(root, root / "score" / f"heatmap_{m}.png", m) for m in metrics)
     return (
         "How alike each vision/text pair's similarity structure is on the same scenes (linear CKA, mutual "
-        "k-nearest neighbours; higher is more alike). freeze-align picks its pair from such a ranking.\n\n"
+        "k-nearest neighbours; higher is more alike). freeze_align picks its pair from such a ranking.\n\n"
         + markdown_table(["vision", "text", *columns], rows)
         + "\n\n"
         + null_note(scores)
@@ -214,8 +214,8 @@ SECTIONS = {
     "data": data_section,
     "score": score_section,
     "align-sail": _curves("align/sail"),
-    "align-projector": _curves("align/projector"),
-    "align-kernel": _curves("align/kernel"),
+    "align-freeze_align": _curves("align/freeze_align"),
+    "align-kuea": _curves("align/kuea"),
     "zeroshot": zeroshot_section,
     "base": _curves("tune/base-lora"),
     "swap": swap_section,

@@ -1,6 +1,7 @@
-"""KUEA outputs beyond the artifact: an HF ``CLIPModel`` directory and an open_clip checkpoint.
+"""KUEA's outputs: the artifact, an HF ``CLIPModel`` directory, an open_clip checkpoint and the
+compatibility report (:func:`save_outputs`).
 
-Both hold the *aligned* image tower and the *original* text tower, tokenizer and image processor, so
+The exports hold the *aligned* image tower and the *original* text tower, tokenizer and image processor, so
 the result is a drop-in replacement: ``CLIPVisionModel.from_pretrained(OUT/hf_clip)`` is what LLaVA
 loads, and ``open_clip.create_model_and_transforms("local-dir:OUT/open_clip")`` (or the named config,
 see :mod:`align.clip_convert`) what open_clip and OpenFlamingo users load.
@@ -8,6 +9,7 @@ see :mod:`align.clip_convert`) what open_clip and OpenFlamingo users load.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,10 @@ from align.clip_convert import (
 )
 from align.encoders.base import VisionEncoder
 from align.io import atomic_path
+from align.methods import training_record
+from align.methods.kuea.report import format_report, write_report
 
-__all__ = ["export_student"]
+__all__ = ["export_student", "save_outputs"]
 
 
 def _hf_parts(source: str | os.PathLike) -> tuple[Any, Any]:
@@ -89,3 +93,35 @@ def export_student(
     raise ValueError(
         f"{source}: cannot export a '{student.kind}' student as CLIP (HF CLIP or open_clip only)"
     )
+
+
+def save_outputs(method: Any, model: Any, out_dir: Path) -> dict[str, str]:
+    """Write the artifact, the HF CLIP and open_clip exports and the report; print the report table."""
+    from align.artifact import AlignedEncoder, save_aligned
+
+    recipe = method.recipe
+    student = copy.deepcopy(model.student).cpu().float().eval()
+    paths = export_student(student, method.student_source, out_dir, recipe.export_name)
+    target = {
+        "target": method.target_spec,
+        "target_pool": recipe.target_pool,
+        "live_target": recipe.live_target,
+    }
+    record = training_record(out_dir, recipe.data.train, {"images": len(method.images)}, target)
+    record["kernel"] = {
+        "name": recipe.kernel.name,
+        "initial": method.initial_kernel,
+        "final": model.student_kernel.values(),
+        "state": {k: v.tolist() for k, v in model.student_kernel.state_dict().items()},
+    }
+    record["exports"] = paths
+    encoder = AlignedEncoder(
+        student, method.student_source, method="kuea", image_pool="projected", token_rule="patch"
+    )
+    bundled = paths["hf_clip" if student.kind == "clip" else "open_clip"]  # the student's own format
+    paths["artifact"] = str(save_aligned(out_dir / "artifact", encoder, backbone_dir=bundled,
+                                         training=record, metrics=method.report))  # fmt: skip
+    if method.report:
+        paths["report"] = str(write_report(method.report, out_dir / "compat_report.json"))
+        print(format_report(method.report))
+    return paths

@@ -40,10 +40,9 @@ from align.distributed import whole_model
 from align.encoders.base import VisionEncoder
 from align.kernels import build_kernel
 from align.losses import anchor_loss, gather_features, kernel_alignment_loss
-from align.methods.common import EvalConfig, run_recipe
+from align.methods.evaluation import EvalConfig
 from align.methods.kuea.data import KueaData, KueaImages, encode_student, load_student, load_target
 from align.recipes import load_config
-from align.rundir import OutDir
 from align.train.config import TrainConfig
 
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -214,13 +213,13 @@ class KueaMethod:
         return out["loss"], metrics
 
     def evaluate(self, model: KueaModel) -> dict[str, Any]:
-        from align.methods.kuea.outputs import kuea_report
+        from align.methods.kuea.report import kuea_report
 
         self.report = kuea_report(self, model)
         return self.report
 
     def save(self, model: KueaModel, out_dir: Path, state_dict: dict[str, Tensor]) -> None:
-        from align.methods.kuea.outputs import save_outputs
+        from align.methods.kuea.export import save_outputs
 
         save_outputs(self, model, out_dir)
 
@@ -241,17 +240,3 @@ def freeze_early_blocks(student: VisionEncoder, blocks: int) -> None:
         v.positional_embedding.requires_grad_(False)
     for module in frozen:
         module.requires_grad_(False)
-
-
-def run(
-    config: str | os.PathLike | None,
-    overrides: list[str],
-    out_dir: str | os.PathLike,
-    resume: bool | str = "auto",
-    overwrite: bool = False,
-) -> Path:
-    """Train KUEA from a recipe file into ``out_dir``; returns the artifact directory."""
-    recipe = load_recipe(config, overrides)
-    with OutDir(out_dir, "align kernel", overwrite, collective=True):  # before its caches are written into out_dir
-        run_recipe(KueaMethod(recipe, out_dir), recipe, out_dir, resume, overwrite=overwrite)
-    return Path(out_dir) / "artifact"

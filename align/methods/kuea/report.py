@@ -1,4 +1,5 @@
-"""Compatibility report of a kernel-aligned (KUEA) CLIP against its original, on held-out images.
+"""Compatibility report of a kernel-aligned (KUEA) CLIP against its original, on held-out images, and the
+evaluation record of a run built from it (:func:`kuea_report`).
 
 What it answers: did the image tower move toward the target's geometry (kernel discrepancy and
 linear CKA to the target, before/after), and is it still the same CLIP for everything that consumed
@@ -24,8 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from align.encoders.base import VisionEncoder
 from align.io import write_json
 from align.losses import kernel_alignment_loss
+from align.methods.evaluation import eval_data
+from align.methods.kuea.data import encode_student, load_target
 from align.metrics.cka import linear_cka
 from align.metrics.zeroshot import classification_metrics
 from align.paths import portable_tree
@@ -35,6 +39,7 @@ __all__ = [
     "format_report",
     "kernel_discrepancy",
     "knn_accuracy",
+    "kuea_report",
     "write_report",
     "zeroshot_tasks",
 ]
@@ -135,7 +140,7 @@ def _row(name: str, before: Any, after: Any, note: str = "") -> str:
 
 
 def format_report(report: Mapping[str, Any]) -> str:
-    """A Markdown table of the report (what ``mllm-swap align kernel`` prints at the end)."""
+    """A Markdown table of the report (what ``mllm-swap align kuea`` prints at the end)."""
     kd, cka, cos = report["kernel_discrepancy"], report["linear_cka_to_target"], report["cosine_to_original"]
     change = kd.get("relative_change")
     lines = [
@@ -219,3 +224,80 @@ def imagenet_names(classes: list[str]) -> tuple[list[str], list[str]]:
 
         return list(IMAGENET_CLASSNAMES), [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
     return [c.replace("_", " ") for c in classes], ["a photo of a {}."]
+
+
+PROBE_ATTRIBUTES = ("color", "shape", "count", "position")
+
+
+@torch.no_grad()
+def _batched(fn: Any, pixels: Tensor, device: torch.device, dtype: torch.dtype, batch: int = 64) -> Tensor:
+    parts = [fn(pixels[i : i + batch].to(device, dtype)).float().cpu() for i in range(0, len(pixels), batch)]
+    return torch.cat(parts)
+
+
+def _probe_labels(samples: list[Any]) -> dict[str, Tensor]:
+    """Per attribute, integer labels of the held-out images (shapes attributes, or the class label)."""
+    out = {}
+    attrs = [s.meta.get("attributes") for s in samples]
+    names = PROBE_ATTRIBUTES if all(isinstance(a, dict) for a in attrs) else ()
+    for name in names:
+        values = [a[name] for a in attrs]
+        vocab = sorted(set(values), key=str)
+        out[name] = torch.tensor([vocab.index(v) for v in values])
+    if not out and all(s.label is not None for s in samples):
+        vocab = sorted({s.label for s in samples})
+        out["label"] = torch.tensor([vocab.index(s.label) for s in samples])
+    return out
+
+
+@torch.no_grad()
+def kuea_report(method: Any, model: Any) -> dict[str, Any]:
+    """The evaluation record of a run: the compatibility report of the trained student on the held-out
+    images, plus kernel parameters and a k-NN probe of what the target's embedding encodes; ``{}`` when no
+    held-out data is configured."""
+    from align.data.images import open_image
+    from align.encoders import load_text_encoder
+    from align.metrics.zeroshot import zeroshot_classifier
+
+    recipe = method.recipe
+    path = eval_data(recipe.eval, recipe.data)
+    if path is None:
+        return {}
+    samples, tasks = zeroshot_tasks(path, recipe.eval.split, list(recipe.eval.labels), recipe.eval.limit)
+    images = [open_image(s.image) for s in samples]
+    student: VisionEncoder = model.student
+    param = next(student.parameters())
+    device, dtype = param.device, param.dtype
+    pixels = student.preprocess(images)
+    aligned = _batched(lambda x: encode_student(student, x, None)[0], pixels, device, dtype)
+    original = _batched(lambda x: encode_student(model.frozen["original"], x, None)[0], pixels, device, dtype)
+    target = model.frozen.get("target") or load_target(recipe.target, recipe.target_pool).to(device, dtype)
+    target_emb = _batched(
+        lambda x: target.pooled(x, recipe.target_pool), target.preprocess(images), device, dtype
+    )
+    if "target" not in model.frozen:
+        target.cpu()
+    zeroshot = {}
+    if tasks:
+        text = load_text_encoder(method.student_source).to(device).eval()
+        for name, (classes, templates, labels) in tasks.items():
+            weights = zeroshot_classifier(lambda t, text=text: text.encode(t), classes, templates)
+            zeroshot[name] = (weights, torch.tensor(labels))
+        text.cpu()
+    kernels = (method.initial_kernel_module.to(device), model.student_kernel, model.target_kernel)
+    report = compatibility_report(original, aligned, target_emb, *kernels, zeroshot=zeroshot)
+    method.initial_kernel_module.cpu()
+    report["kernel_params"] = {"initial": method.initial_kernel, "final": model.student_kernel.values()}
+    report["target"] = {"source": recipe.target, "pool": recipe.target_pool, "dim": int(target_emb.shape[1])}
+    probes = _probe_labels(samples)
+    if probes and len(samples) > 5:
+        report["knn_probe"] = {
+            name: {
+                "target": knn_accuracy(target_emb, labels),
+                "original": knn_accuracy(original, labels),
+                "aligned": knn_accuracy(aligned, labels),
+            }
+            for name, labels in probes.items()
+        }
+    report["eval_data"], report["eval_split"] = str(path), recipe.eval.split
+    return report

@@ -1,37 +1,35 @@
-"""Pieces SAIL and freeze-align share: recipe sections for data and evaluation, paired embedding caches,
-zero-shot scoring of the result, and running a recipe through the shared loop.
+"""What SAIL and freeze_align share: frozen encoders, encoded once into paired embedding caches, and
+trainable heads on top; the recipe's ``data`` section, the caches, and the :class:`FrozenPairsMethod` base
+(data, evaluation and the artifact), so that ``sail.py`` and ``freeze_align.py`` hold only their
+config, heads and loss.
 
 Data flow: ``prepare_caches`` encodes the training pairs once with the frozen encoders into
 ``OUT/cache/`` (``align.data.cache.write_cache``; resumable, skipped when caches are given), and
 :class:`PairedCaches` serves row-aligned batches ``{"image": ..., "texts": [...]}`` from the
-memory-mapped caches (token caches give ``(tokens, mask)`` pairs).
+memory-mapped caches (token caches give ``(tokens, mask)`` pairs). The result is an ``AlignedEncoder``:
+the trained heads on the re-loaded frozen encoders, saved in ``OUT/artifact`` with zero-shot scores.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
-import torch
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from align.data.cache import write_cache
 from align.data.cache_read import EmbeddingCache
 from align.errors import UserError
+from align.methods import training_record
+from align.methods.evaluation import zero_shot_scores
 
-__all__ = [
-    "DataConfig",
-    "EvalConfig",
-    "PairedCaches",
-    "prepare_caches",
-    "run_recipe",
-    "training_record",
-    "zero_shot_scores",
-]
+__all__ = ["DataConfig", "FrozenPairsMethod", "PairedCaches", "prepare_caches"]
 
 
 @dataclasses.dataclass
@@ -39,7 +37,7 @@ class DataConfig:
     """Training pairs. ``train``: any source ``open_data`` reads (shapes dir, pairs file, ...).
 
     ``captions``: caption columns; the first is the positive text, further ones are extra positives
-    (SAIL multi-positive; freeze-align uses only the first). ``image_cache`` / ``text_caches``: caches
+    (SAIL multi-positive; freeze_align uses only the first). ``image_cache`` / ``text_caches``: caches
     built beforehand (``mllm-swap encode``), one text cache per caption column; otherwise they are
     built into ``OUT/cache``.
     """
@@ -53,19 +51,6 @@ class DataConfig:
     encode_batch_size: int = 64
     max_tokens: int = 77
     on_error: Literal["raise", "skip"] = "raise"
-
-
-@dataclasses.dataclass
-class EvalConfig:
-    """Zero-shot evaluation after training: classification of ``data`` (a shapes world or an image
-    folder; default: ``data.train`` when it is a shapes world) on ``split``: a shapes world by each of
-    ``labels`` (its class sets), an image folder by its sub-directories (reported as ``class``)."""
-
-    data: str | None = None
-    split: str | None = "test"
-    labels: list[str] = dataclasses.field(default_factory=lambda: ["color", "shape"])
-    limit: int | None = None
-    drift_images: int = 256
 
 
 def prepare_caches(
@@ -199,74 +184,83 @@ class PairedCaches(Dataset):
         }
 
 
-def eval_data(eval_cfg: EvalConfig, data: DataConfig) -> str | None:
-    """The zero-shot data path: ``eval.data``, else ``data.train`` when it is a shapes world."""
-    if eval_cfg.data:
-        return eval_cfg.data
-    if data.train and (Path(data.train) / "classes.json").is_file():
-        return data.train
-    return None
+class FrozenPairsMethod:
+    """An ``align.train.loop.Method`` training heads over paired caches of two frozen encoders.
 
+    A subclass names its ``method`` (recorded in the artifact), the cache poolings ``image_pool`` and
+    ``text_pool``, how many caption columns it reads (``positives``; ``None``: all), and defines
+    ``check_backbone``, ``head_settings``, ``build_model``, ``loss``, ``after_step`` and ``logit_params``.
+    Its model holds the heads as ``image_head`` and ``text_head``.
+    """
 
-@torch.no_grad()
-def zero_shot_scores(encoder: Any, eval_cfg: EvalConfig, data: DataConfig) -> dict[str, Any]:
-    """Zero-shot classification per label and per-patch drift of an ``AlignedEncoder`` (empty without data)."""
-    from align.artifact import patch_drift
-    from align.data.images import open_image
-    from align.data.readers import open_data
-    from align.encoders.dual import DualEncoder
-    from align.zeroshot_tasks import run_classify
+    method: ClassVar[str]
+    image_pool: ClassVar[str]
+    text_pool: ClassVar[str]
+    positives: ClassVar[int | None] = None
 
-    path = eval_data(eval_cfg, data)
-    if path is None:
-        return {}
-    dual = DualEncoder(encoder.eval(), name="trained")
-    scores: dict[str, Any] = {"zeroshot": {}, "eval_data": str(path), "eval_split": eval_cfg.split}
-    shapes = (Path(path) / "classes.json").is_file()
-    for label in eval_cfg.labels if shapes else ["class"]:  # an image folder has one class set
-        result = run_classify(dual, path, label=label, split=eval_cfg.split, limit=eval_cfg.limit)
-        keep = ("acc1", "acc5", "mean_per_class_recall", "chance", "majority", "n")
-        scores["zeroshot"][label] = {k: result[k] for k in keep if k in result}
-    tabular = Path(path).is_file() or (Path(path) / "pairs.jsonl").is_file()
-    samples = open_data(path, split=eval_cfg.split if tabular else None).samples[: eval_cfg.drift_images]
-    pixels = encoder.preprocess([open_image(s.image) for s in samples])
-    param = next(encoder.parameters())
-    scores["patch_drift"] = patch_drift(encoder, pixels.to(param.device, param.dtype))
-    return scores
+    def __init__(self, recipe: Any, out_dir: str | os.PathLike) -> None:
+        self.recipe, self.out_dir = recipe, Path(out_dir)
+        data = recipe.data
+        if self.positives is not None:
+            data = dataclasses.replace(data, captions=data.captions[: self.positives])
+            data.text_caches = data.text_caches[: self.positives]
+        image, texts = prepare_caches(
+            recipe.vision, recipe.text, data, out_dir, self.image_pool, self.text_pool
+        )
+        spec = image.manifest["encoder"]
+        self.check_backbone(image, spec)
+        self.backbone_spec, self.text_spec = spec, texts[0].manifest["encoder"]
+        self.dataset = PairedCaches(image, texts)
+        self.scores: dict[str, Any] = {}
 
+    def check_backbone(self, image: EmbeddingCache, spec: dict[str, Any]) -> None:
+        """Refuse an image cache whose encoder (``spec``) the method cannot train on."""
 
-def training_record(recipe: Any, dataset: PairedCaches, out_dir: Path) -> dict[str, Any]:
-    """What the model card says about training: data, steps, samples, batch and the final loss."""
-    from align.io import read_jsonl
+    def head_settings(self) -> dict[str, Any]:
+        """What both head configs share (``kind``, ``out_dim``, ...), from the recipe's ``head`` section."""
+        raise NotImplementedError
 
-    rows = read_jsonl(out_dir / "metrics.jsonl") if (out_dir / "metrics.jsonl").is_file() else []
-    last = rows[-1] if rows else {}
-    steps = int(last.get("step", 0))
-    world = max(1, torch.distributed.get_world_size()) if torch.distributed.is_initialized() else 1
-    used = recipe_as_run(out_dir)
-    batch = used["train"]["batch_size"] * used["train"]["grad_accum"] * world
-    return {
-        "data": recipe.data.train or recipe.data.image_cache,
-        "pairs": len(dataset),
-        "steps": steps,
-        "batch_size": batch,
-        "samples_seen": steps * batch,
-        "final_loss": last.get("loss"),
-        "recipe": used,
-    }
+    def logit_params(self, model: nn.Module) -> dict[str, float]:
+        """The trained logit scale (and bias) as ``AlignedEncoder`` keyword arguments."""
+        raise NotImplementedError
 
+    def head_configs(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Image and text head configs: the shared settings plus each encoder's width (and prefix tokens)."""
+        common = self.head_settings()
+        image = {
+            **common,
+            "in_dim": self.backbone_spec["embed_dim"],
+            "num_prefix_tokens": self.backbone_spec["num_prefix_tokens"],
+        }
+        return image, {**common, "in_dim": self.text_spec["embed_dim"]}
 
-def recipe_as_run(out_dir: Path) -> dict[str, Any]:
-    """The recipe a run really used: its ``config.yaml`` (restored settings, ``resumed`` record)."""
-    import yaml
+    def train_dataset(self) -> PairedCaches:
+        return self.dataset
 
-    return yaml.safe_load((Path(out_dir) / "config.yaml").read_text())
+    def collate(self, indices: list[int]) -> dict[str, Any]:
+        return self.dataset.collate(indices)
 
+    def aligned(self, model: nn.Module) -> Any:
+        """The trained heads on the (re-loaded) frozen encoders, as an ``AlignedEncoder``."""
+        from align.artifact import AlignedEncoder
+        from align.encoders.registry import load_text_encoder, load_vision_encoder
 
-def run_recipe(
-    method: Any, recipe: Any, out_dir: str | os.PathLike, resume: bool | str = "auto", **kwargs: Any
-):
-    """Train ``method`` with ``recipe.train`` into ``out_dir`` (the full recipe saved as ``config.yaml``)."""
-    from align.train.loop import train
+        return AlignedEncoder(
+            load_vision_encoder(self.recipe.vision),
+            load_text_encoder(self.recipe.text),
+            copy.deepcopy(model.image_head).cpu().eval(),
+            copy.deepcopy(model.text_head).cpu().eval(),
+            method=self.method,
+            **self.logit_params(model),
+        )
 
-    return train(method, recipe.train, out_dir, resume, config_to_save=recipe, **kwargs)
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        self.scores = zero_shot_scores(self.aligned(model), self.recipe.eval, self.recipe.data)
+        return self.scores
+
+    def save(self, model: nn.Module, out_dir: Path, state_dict: dict[str, Tensor]) -> None:
+        from align.artifact import save_aligned
+
+        data = self.recipe.data
+        record = training_record(out_dir, data.train or data.image_cache, {"pairs": len(self.dataset)})
+        save_aligned(out_dir / "artifact", self.aligned(model), training=record, metrics=self.scores)

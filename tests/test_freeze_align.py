@@ -1,4 +1,4 @@
-"""freeze-align: paper defaults, ~11.5M parameters, weight-decay groups, masking, InfoNCE, a short run."""
+"""freeze_align: paper defaults, ~11.5M parameters, weight-decay groups, masking, InfoNCE, a short run."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ import torch.nn.functional as F
 
 from align.heads import FreezeAlignTextHead, FreezeAlignTokenHead
 from align.losses import Temperature
-from align.methods.freeze_align import ProjectorMethod, ProjectorModel, load_recipe
+from align.methods.freeze_align import FreezeAlignMethod, FreezeAlignModel, load_recipe
 from align.train.optim import default_param_groups
 
 
-def heads(d_img: int, d_txt: int, out: int = 1024, prefix: int = 1) -> ProjectorModel:
+def heads(d_img: int, d_txt: int, out: int = 1024, prefix: int = 1) -> FreezeAlignModel:
     image = FreezeAlignTokenHead(
         {"kind": "freeze_align", "in_dim": d_img, "out_dim": out, "num_prefix_tokens": prefix}
     )
     text = FreezeAlignTextHead({"kind": "freeze_align", "in_dim": d_txt, "out_dim": out})
-    return ProjectorModel(image, text, Temperature())
+    return FreezeAlignModel(image, text, Temperature())
 
 
 def test_paper_defaults():
@@ -77,7 +77,7 @@ def test_text_head_ignores_padding_and_vision_pools_patches():
 
 def test_method_loss_is_symmetric_infonce_and_clamps():
     torch.manual_seed(0)
-    method = ProjectorMethod.__new__(ProjectorMethod)
+    method = FreezeAlignMethod.__new__(FreezeAlignMethod)
     model = heads(8, 6, out=4).eval()
     batch = {"image": (torch.randn(5, 4, 8), torch.ones(5, 4, dtype=torch.bool)),
              "texts": [(torch.randn(5, 3, 6), torch.ones(5, 3, dtype=torch.long))]}  # fmt: skip
@@ -103,7 +103,7 @@ def test_short_run_learns_and_writes_a_loadable_artifact(tmp_path, capsys):
     shapes = tmp_path / "shapes"
     generate_shapes(shapes, 100, seed=4, progress=False)
     out = tmp_path / "run"
-    args = ["align", "projector", "--config", "recipes/tiny_projector.yaml", "--out", str(out),
+    args = ["align", "freeze_align", "--config", "recipes/tiny_freeze_align.yaml", "--out", str(out),
             "--set", f"data.train={shapes}", "--set", "text=tiny-text", "--set", "eval.drift_images=16",
             "--set", "train.steps=30", "--set", "train.batch_size=32",
             "--set", "train.log_every=5", "--set", "train.save_every=15", "--set", "train.report_to=[jsonl]"]  # fmt: skip
