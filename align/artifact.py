@@ -2,7 +2,7 @@
 
 Interface (stable; :mod:`align.modeling_aligned_tower` wraps it as an HF vision tower)::
 
-    enc = load_aligned(dir)                      # or align.encoders.load_vision_encoder(dir)
+    enc = load_aligned(dir)                      # or align.load.load_vision_encoder(dir)
     enc(pixel_values, layer=-1) -> [B, N, D_out] # aligned per-patch tokens by the token rule
     enc.tokens(pixel_values, layer=-1)           # the same
     enc.encode_image(pixel_values) -> [B, D]     # global embedding, L2-normalized
@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from align.artifact_card import model_card
 from align.encoders.base import TextEncoder, VisionEncoder
+from align.encoders.registry import load_text_backbone, load_vision_backbone, resolve
 from align.heads import TOKEN_RULES, build_text_head, build_token_head
 from align.integrity import record_checksums, verify_dir
 from align.io import atomic_path, read_json, read_tensors, write_json
@@ -157,10 +158,8 @@ class AlignedEncoder(VisionEncoder):
         if self.text_encoder is None:
             if not self._text_source:
                 raise ValueError(f"{self.source}: this aligned encoder has no text side")
-            from align.encoders.registry import load_text_encoder
-
             pooling = (self._text_spec or {}).get("pooling")
-            loaded = load_text_encoder(self._text_source, pooling=pooling if pooling != "projected" else None)
+            loaded = load_text_backbone(self._text_source, pooling=pooling if pooling != "projected" else None)
             self.text_encoder = loaded.to(self._device()).eval().requires_grad_(False)
         return self.text_encoder
 
@@ -258,8 +257,6 @@ def save_aligned(
         raise ValueError(
             "save_aligned: the backbone has no source to reload it from (backbone.source is empty)"
         )
-    from align.encoders.registry import resolve
-
     own = f"./{BACKBONE_DIR}"
     backbone_ref = own if backbone_dir is not None else portable(encoder.backbone.source, out)
     text_ref = None
@@ -308,8 +305,6 @@ def save_aligned(
 
 def load_aligned(path: str | os.PathLike, device: str | torch.device | None = None) -> AlignedEncoder:
     """Load an artifact written by :func:`save_aligned` (eval mode, frozen, fp32)."""
-    from align.encoders.registry import load_vision_encoder
-
     root = Path(path)
     config = read_json(root / CONFIG_FILE)
     verify_dir(root, "artifact")
@@ -322,7 +317,7 @@ def load_aligned(path: str | os.PathLike, device: str | torch.device | None = No
     if not weights_file.is_file():
         raise FileNotFoundError(f"{weights_file}: artifact weights not found")
     state = read_tensors(weights_file)
-    backbone = load_vision_encoder(_source(root, "backbone", config["backbone"]))
+    backbone = load_vision_backbone(_source(root, "backbone", config["backbone"]))
     want = config["backbone"]["spec"]
     for key in ("embed_dim", "num_prefix_tokens", "num_patches"):
         if want.get(key) != backbone.spec.get(key):

@@ -21,7 +21,7 @@ def model_card(config: dict[str, Any]) -> str:
         "",
         f"Made with mllm-swap's `{config['method']}` method: a language-aligned vision encoder whose image "
         "embeddings share a space with its text encoder's, loadable with "
-        "`align.artifact.load_aligned(<this dir>)` or `align.encoders.load_vision_encoder(<this dir>)`.",
+        "`align.artifact.load_aligned(<this dir>)` or `align.load.load_vision_encoder(<this dir>)`.",
         "",
         "| | |",
         "|---|---|",

@@ -34,7 +34,7 @@ def main() -> None:
     from align.data.images import open_image
     from align.data.readers import open_data
     from align.data.shapes import generate_shapes
-    from align.encoders import load_vision_encoder
+    from align.load import load_vision_encoder
 
     work = Path(tempfile.mkdtemp(prefix="bench-cache-"))
     try:

@@ -201,7 +201,7 @@ def swap(
     if isinstance(encoder, torch.nn.Module):
         enc = encoder
     else:
-        from align.encoders import load_vision_encoder
+        from align.load import load_vision_encoder
 
         enc = load_vision_encoder(encoder)
     check_select_layer(select_layer, getattr(enc, "num_layers", None), encoder)

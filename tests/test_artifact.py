@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from align.artifact import AlignedEncoder, load_aligned, patch_drift, save_aligned
-from align.encoders.registry import load_text_encoder, load_vision_encoder
 from align.heads import build_text_head, build_token_head
 from align.integrity import CorruptFileError, record_checksums
+from align.load import load_text_encoder, load_vision_encoder
 
 
 @pytest.fixture(scope="module")

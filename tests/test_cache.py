@@ -12,8 +12,8 @@ from align.data.cache import write_cache
 from align.data.cache_read import EmbeddingCache
 from align.data.images import open_image
 from align.data.readers import open_data
-from align.encoders import load_text_encoder, load_vision_encoder
 from align.integrity import CorruptFileError
+from align.load import load_text_encoder, load_vision_encoder
 from mllm_swap.cli import main
 
 

@@ -60,8 +60,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved aligned artifact whose weights file is then cut in half (a truncated download/copy)."""
     from align.artifact import AlignedEncoder, save_aligned
-    from align.encoders.registry import load_text_encoder, load_vision_encoder
     from align.heads import build_text_head, build_token_head
+    from align.load import load_text_encoder, load_vision_encoder
 
     vision, text = load_vision_encoder("tiny-dinov2"), load_text_encoder("tiny-text")
     kind = "sail_linear"

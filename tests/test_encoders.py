@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from align.encoders import TINY_VISION, load_text_encoder, load_vision_encoder
+from align.encoders import TINY_VISION
 from align.fixtures import ensure_tiny
+from align.load import load_text_encoder, load_vision_encoder
 
 EXPECTED_PREFIX = {
     "tiny-clip": 1,

@@ -15,8 +15,8 @@ from align.clip_state_dict import (
     hf_to_openclip_state_dict,
     openclip_to_hf_state_dict,
 )
-from align.encoders import load_vision_encoder
 from align.fixtures import ensure_tiny
+from align.load import load_vision_encoder
 
 TEXTS = ["a red circle.", "a photo of a blue square on a plain background.", "two shapes: a green cross"]
 

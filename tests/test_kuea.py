@@ -15,10 +15,10 @@ from torch import nn
 from transformers import CLIPModel, CLIPVisionModelWithProjection
 
 from align.data.shapes import load_shapes
-from align.encoders import load_vision_encoder
 from align.fixtures import ensure_tiny
 from align.io import read_json, read_jsonl
 from align.kernels import PolynomialKernel
+from align.load import load_vision_encoder
 from align.methods import run_method
 from align.methods.kuea.recipe import KueaMethod, load_recipe
 from align.methods.kuea.report import compatibility_report, kernel_discrepancy, knn_accuracy, spread
@@ -469,8 +469,8 @@ def test_cli_align_kuea_runs_the_tiny_recipe(shapes_dir: Path, tmp_path: Path, c
 
 
 def test_clip_pretraining_builds_a_loadable_clip(tmp_path: Path) -> None:
-    from align.encoders import load_text_encoder
     from align.fixtures.clip_shapes import PretrainSettings, pretrain_clip_on_shapes
+    from align.load import load_text_encoder
 
     record = pretrain_clip_on_shapes(
         tmp_path / "clip", PretrainSettings(shapes=80, steps=3, batch_size=16, warmup=1)

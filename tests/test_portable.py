@@ -15,9 +15,9 @@ import torch
 from transformers import CLIPModel
 
 from align.artifact import AlignedEncoder, load_aligned, save_aligned
-from align.encoders import load_text_encoder, load_vision_encoder
 from align.fixtures import ensure_tiny
 from align.heads import build_text_head, build_token_head
+from align.load import load_text_encoder, load_vision_encoder
 from align.methods import run_method
 
 TEXTS = ["a red circle", "two blue squares"]

@@ -64,7 +64,7 @@ def _mean_token_features(vision_id: str, text_id: str, shapes_dir: Path, ids: li
     """The features the command should use, computed directly from the encoders and the files."""
     from PIL import Image
 
-    from align.encoders.registry import load_text_encoder, load_vision_encoder
+    from align.load import load_text_encoder, load_vision_encoder
 
     rows = {}
     for line in (shapes_dir / "pairs.jsonl").read_text().splitlines():
@@ -101,7 +101,7 @@ def test_rank_pairs_cli_on_tiny_encoders(shapes_dir, tmp_path, capsys):
     )
 
     from align.data.readers import open_data
-    from align.metrics.pairs import load_samples
+    from align.evals.pairs import load_samples
 
     ids = [s.id for s in load_samples(str(shapes_dir), 60, 0, "raise")]
     assert len(ids) == 60 and len({s.id for s in open_data(shapes_dir)}) == 96

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align.encoders import load_vision_encoder
 from align.fixtures import ensure_tiny
+from align.load import load_vision_encoder
 from mllm_swap.families.openflamingo import PREFIX
 from mllm_swap.fixtures import ensure_tiny_mllm
 from mllm_swap.swap import sample_images, swap

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from align.encoders import load_vision_encoder
+from align.load import load_vision_encoder
 from mllm_swap.cli import main
 from mllm_swap.fixtures import ensure_tiny_mllm
 from mllm_swap.swap import read_report, sample_images, swap

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align.encoders import load_vision_encoder
+from align.load import load_vision_encoder
 from mllm_swap.towers import AlignedTower, AlignedTowerConfig, new_tower
 
 

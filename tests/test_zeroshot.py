@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from align.evals.zeroshot import shapes_minimal_pairs
 from align.metrics.zeroshot import (
     class_embeddings,
     classification_metrics,
@@ -16,7 +17,6 @@ from align.metrics.zeroshot import (
     segmentation_miou,
     zeroshot_classifier,
 )
-from align.zeroshot_tasks import shapes_minimal_pairs
 
 
 def one_hot(i: int, d: int = 4) -> torch.Tensor:
@@ -132,8 +132,8 @@ def shapes(tmp_path_factory):
 
 
 def test_dual_encoder_clip_matches_hf_and_tasks_run(shapes):
-    from align.encoders.dual import load_dual_encoder
-    from align.zeroshot_tasks import run_task
+    from align.evals.zeroshot import run_task
+    from align.load import load_dual_encoder
 
     dual = load_dual_encoder("tiny-clip")
     pixels = torch.rand(2, 3, 64, 64)

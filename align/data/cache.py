@@ -44,7 +44,7 @@ def shard_name(k: int) -> str:
 def _load_encoder(encoder: str | VisionEncoder | TextEncoder, modality: str) -> VisionEncoder | TextEncoder:
     if not isinstance(encoder, str | os.PathLike):
         return encoder
-    from align.encoders import load_text_encoder, load_vision_encoder
+    from align.load import load_text_encoder, load_vision_encoder
 
     return load_vision_encoder(encoder) if modality == "image" else load_text_encoder(encoder)
 

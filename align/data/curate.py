@@ -125,7 +125,7 @@ def curate(
     from PIL import Image
 
     from align.data.readers import open_data
-    from align.encoders.dual import load_dual_encoder
+    from align.load import load_dual_encoder
 
     if not concepts:
         raise ValueError("no concepts given: need at least one concept with example images")

@@ -1,7 +1,10 @@
-"""Frozen backbones behind one interface, and the registry that loads them by id or path."""
+"""Frozen backbones behind one interface, and the registry that finds them by id or path.
+
+The public way to load an encoder (backbones and aligned artifacts alike) is :mod:`align.load`.
+"""
 
 from align.encoders.base import POOLINGS, ImagePreprocess, TextEncoder, VisionEncoder, pool_tokens
-from align.encoders.registry import TINY_TEXT, TINY_VISION, load_text_encoder, load_vision_encoder, resolve
+from align.encoders.registry import TINY_TEXT, TINY_VISION, resolve
 
 __all__ = [
     "POOLINGS",
@@ -10,8 +13,6 @@ __all__ = [
     "VisionEncoder",
     "TINY_TEXT",
     "TINY_VISION",
-    "load_text_encoder",
-    "load_vision_encoder",
     "pool_tokens",
     "resolve",
 ]

@@ -1,10 +1,9 @@
-"""Dual encoders (an image tower and a text tower sharing a space) behind one interface, and their loader."""
+"""Dual encoders (an image tower and a text tower sharing a space) behind one interface (loaded by
+:func:`align.load.load_dual_encoder`)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -12,9 +11,8 @@ from PIL import Image
 from torch import Tensor
 
 from align.encoders.base import TextEncoder, VisionEncoder
-from align.encoders.registry import load_text_encoder, load_vision_encoder
 
-__all__ = ["DualEncoder", "load_dual_encoder"]
+__all__ = ["DualEncoder"]
 
 
 class DualEncoder:
@@ -80,18 +78,3 @@ class DualEncoder:
 
     def _dtype(self) -> torch.dtype:
         return next(self.vision.parameters()).dtype
-
-
-def load_dual_encoder(spec: str | os.PathLike) -> DualEncoder:
-    """An aligned artifact directory, or a CLIP-like id/path (HF CLIP/SigLIP, ``openclip:...``, tiny-clip)."""
-    vision = load_vision_encoder(spec)
-    if hasattr(vision, "encode_text"):
-        return DualEncoder(vision, name=str(spec))
-    if "projected" not in vision.poolings:
-        raise ValueError(
-            f"{spec}: not a dual encoder (a '{vision.kind}' vision model without a joint image-text space); "
-            "expected an aligned artifact directory, an HF CLIP/SigLIP model or an open_clip model"
-        )
-    if isinstance(spec, Path) or Path(str(spec)).is_dir():
-        spec = str(spec)
-    return DualEncoder(vision, load_text_encoder(spec), name=str(spec))

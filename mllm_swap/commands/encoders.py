@@ -13,7 +13,7 @@ DESCRIPTION = (
 
 
 def _vision_rows(ids: list[str]) -> list[list[str]]:
-    from align.encoders import load_vision_encoder
+    from align.load import load_vision_encoder
 
     rows = []
     for spec in ids:
@@ -35,7 +35,7 @@ def _vision_rows(ids: list[str]) -> list[list[str]]:
 
 def _text_rows(ids: list[str], optional: tuple[str, ...] = ()) -> list[list[str]]:
     """Rows of the text encoders ``ids``; one in ``optional`` whose package is not installed is left out."""
-    from align.encoders import load_text_encoder
+    from align.load import load_text_encoder
 
     rows = []
     for spec in ids:

@@ -1,5 +1,5 @@
 """``mllm-swap rank`` (formerly ``score``, still accepted): rank vision/text encoder pairs by how well they
-will align (:mod:`align.metrics.pairs`), or reproduce freeze_align's CKA toy experiment.
+will align (:mod:`align.evals.pairs`), or reproduce freeze_align's CKA toy experiment.
 
 Two forms::
 
@@ -34,7 +34,7 @@ def _split_ids(value: str | None, flag: str) -> list[str]:
 
 def run_pairs(args: argparse.Namespace) -> int:
     """Score every vision x text pair on the data and write scores.json, heatmaps and a table."""
-    from align.metrics.pairs import (
+    from align.evals.pairs import (
         format_table,
         load_samples,
         null_note,
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``rank``."""
-    from align.metrics.pairs import METRICS
+    from align.evals.pairs import METRICS
 
     parser.add_argument(
         "mode", nargs="?", choices=["pairs", "toy"], default="pairs", help="pairs (default) or toy"

@@ -17,10 +17,10 @@ DESCRIPTION = (
 
 
 def run(args: argparse.Namespace) -> int:
-    from align.encoders.dual import load_dual_encoder
+    from align.evals.zeroshot import format_table, run_task
     from align.io import write_json
+    from align.load import load_dual_encoder
     from align.paths import portable_tree
-    from align.zeroshot_tasks import format_table, run_task
 
     if not Path(args.data).exists():
         raise FileNotFoundError(f"{args.data}: data not found")

@@ -10,8 +10,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from align.evals.pairs import null_note, score_cell, table_columns
 from align.io import read_jsonl
-from align.metrics.pairs import null_note, score_cell, table_columns
 from align.paths import locate
 from align.plots import pyplot, save_figure
 from mllm_swap.demo.outputs import eval_scores, load_json, vqa_samples, zeroshot_results

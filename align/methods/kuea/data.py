@@ -48,7 +48,7 @@ def resolve_student(spec: str) -> str:
 
 def load_student(spec: str) -> tuple[str, VisionEncoder]:
     """(source to reload it from, encoder) for a CLIP student; clear errors otherwise."""
-    from align.encoders import load_vision_encoder
+    from align.load import load_vision_encoder
 
     source = resolve_student(spec)
     try:
@@ -66,7 +66,7 @@ def load_student(spec: str) -> tuple[str, VisionEncoder]:
 
 def load_target(spec: str, pool: str) -> VisionEncoder:
     """The frozen target encoder, checked to offer pooling ``pool``."""
-    from align.encoders import load_vision_encoder
+    from align.load import load_vision_encoder
 
     try:
         encoder = load_vision_encoder(spec)

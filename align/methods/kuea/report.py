@@ -256,7 +256,7 @@ def kuea_report(method: Any, model: Any) -> dict[str, Any]:
     images, plus kernel parameters and a k-NN probe of what the target's embedding encodes; ``{}`` when no
     held-out data is configured."""
     from align.data.images import open_image
-    from align.encoders import load_text_encoder
+    from align.load import load_text_encoder
     from align.metrics.zeroshot import zeroshot_classifier
 
     recipe = method.recipe

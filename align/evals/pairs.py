@@ -124,7 +124,7 @@ def rank_pairs(
 ) -> dict:
     """Score every vision x text pair on ``samples``: the ``scores.json`` dict, pairs ranked by the first
     metric and a ``grid`` per metric (vision rows, text columns)."""
-    from align.encoders.registry import load_text_encoder, load_vision_encoder
+    from align.load import load_text_encoder, load_vision_encoder
 
     text_feats = {tid: text_features(load_text_encoder(tid), samples, batch_size, device) for tid in text_ids}
     rows = []
