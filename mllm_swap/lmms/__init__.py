@@ -1,1 +1,1 @@
-"""lmms-eval: the ``mllm_swap`` model, its inputs, and the shipped suites."""
+"""lmms-eval: the ``mllm_swap`` model plugin, and running the shipped suites."""

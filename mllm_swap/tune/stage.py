@@ -1,4 +1,4 @@
-"""Run one tuning stage on the shared training loop: the stage as a ``Method`` of ``align.train.loop``.
+"""Run one tuning stage on the shared training loop: the stage as a ``Method`` (``align.train.method``).
 
 ``run_tune(cfg, out_dir)`` loads the model, wraps it for the stage (:mod:`mllm_swap.tune.model`), streams
 length-grouped LLaVA conversations (:mod:`mllm_swap.tune.batches`) and writes the stage's outputs:
