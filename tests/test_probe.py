@@ -19,15 +19,7 @@ from align.metrics.probe import standardize
 from mllm_swap.cli import main
 
 L2 = 1e-3
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small matmuls on a shared 2-core machine: a second intra-op thread only adds spin-waits."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
