@@ -23,6 +23,17 @@ else:
     atexit.register(shutil.rmtree, _home, ignore_errors=True)
 
 
+@pytest.fixture
+def one_thread():
+    """Small matmuls on a shared 2-core machine: a second intra-op thread only adds spin-waits."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small shapes world shared by the whole session (read-only for tests)."""

@@ -47,6 +47,14 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "latin.csv").write_bytes(b"image,caption\n\xe9t\xe9.png,x\n")
     (root / "latin.yaml").write_bytes(b"vision: tiny-dinov2\n# caf\xe9\n")
     (root / "afile").write_text("not a directory\n")
+    from PIL import Image  # a pairs file whose 'color' attribute has one class in its train split
+
+    Image.new("RGB", (8, 8), "red").save(root / "red.png")
+    (root / "onecolor.jsonl").write_text("".join(
+        f'{{"image": "red.png", "split": "{split}", "attributes": {{"color": "red", "shape": "{shape}"}}}}\n'
+        for split in ("train", "test") for shape in ("circle", "square")
+    ))  # fmt: skip
+    (root / "nosplit.jsonl").write_text('{"image": "red.png", "attributes": {"color": "red"}}\n')
     (root / "adapter").mkdir()  # an adapter whose base model was moved away
     (root / "adapter" / "adapter_config.json").write_text(
         f'{{"base_model_name_or_path": "{root}/gone-base"}}'
@@ -139,6 +147,14 @@ CASES = [
      ["--limit"]),
     ("rank knn 0", ["rank", "--vision", "tiny-clip", "--text", "tiny-text", "--data", "{shapes}", "--out",
                      "{tmp}/sc", "--knn", "0"], ["--knn"]),
+    ("probe unknown label", ["probe", "--encoder", "tiny-clip", "--data", "{shapes}", "--labels", "color,size",
+                             "--out", "{tmp}/p"], ["'size'", "attributes found: color, count, position, shape"]),
+    ("probe one class", ["probe", "--encoder", "tiny-clip", "--data", "{files}/onecolor.jsonl", "--labels", "color",
+                         "--out", "{tmp}/p"], ["onecolor.jsonl", "'color' has one class ('red')", "'train'"]),
+    ("probe missing split", ["probe", "--encoder", "tiny-clip", "--data", "{shapes}", "--test-split", "val",
+                             "--out", "{tmp}/p"], ["'val'", "--test-split"]),
+    ("probe no split column", ["probe", "--encoder", "tiny-clip", "--data", "{files}/nosplit.jsonl", "--out",
+                               "{tmp}/p"], ["nosplit.jsonl", "split 'train' requested", "no 'split' column"]),
     ("curate k 0", ["curate", "--data", "{shapes}", "--shapes-concepts", "color", "--out", "{tmp}/cu", "--k", "0"],
      ["--k"]),
 ]  # fmt: skip

@@ -15,7 +15,7 @@ from torch import Tensor
 from align.heads import LinearHead
 from align.losses import LogitScale, Temperature, infonce_loss, sigmoid_loss
 
-__all__ = ["alignment_probe", "retrieval_recall"]
+__all__ = ["alignment_probe", "retrieval_recall", "standardize"]
 
 
 def retrieval_recall(sim: Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
@@ -36,7 +36,8 @@ def retrieval_recall(sim: Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str,
     return out
 
 
-def _standardize(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
+def standardize(train: Tensor, test: Tensor) -> tuple[Tensor, Tensor]:
+    """Both sets standardized with the training rows' mean and std (std floored at 1e-6)."""
     mean = train.mean(dim=0, keepdim=True)
     std = train.std(dim=0, keepdim=True).clamp_min(1e-6)
     return (train - mean) / std, (test - mean) / std
@@ -77,8 +78,8 @@ def alignment_probe(
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=gen)
     tr, te = perm[:n_train], perm[n_train:]
-    img_tr, img_te = _standardize(image_feats[tr].float(), image_feats[te].float())
-    txt_tr, txt_te = _standardize(text_feats[tr].float(), text_feats[te].float())
+    img_tr, img_te = standardize(image_feats[tr].float(), image_feats[te].float())
+    txt_tr, txt_te = standardize(text_feats[tr].float(), text_feats[te].float())
 
     torch.manual_seed(seed)
     img_head = LinearHead(img_tr.shape[1], out_dim)
