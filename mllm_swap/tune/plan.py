@@ -1,0 +1,80 @@
+"""The cost stage of a tuning recipe (:mod:`align.cost`): the HF Llava model at its real config on the meta
+device, with exactly what the stage trains (:func:`mllm_swap.tune.model.add_lora` and
+:func:`~mllm_swap.tune.model.select_trainable`, the same calls ``tune`` makes).
+
+The model is the recipe's ``model``: a hub id with a shipped config (:mod:`align.model_configs`) or a local
+checkpoint directory (its ``config.json``). Text tokens per sample are not in a recipe: known LLaVA data
+files carry an assumed average (:data:`DATASETS`), else ``max_length`` bounds them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from align.cost import Part, Stage
+from align.errors import UserError
+from align.model_configs import build_meta, config_dir, shipped_config
+from mllm_swap.families import family_by_name
+from mllm_swap.tune.config import TuneConfig
+from mllm_swap.tune.model import add_lora, select_trainable
+
+__all__ = ["DATASETS", "tune_stage"]
+
+# data file name -> (samples, assumed average text tokens per sample: an estimate, not a measurement)
+DATASETS: dict[str, tuple[int, int]] = {
+    "blip_laion_cc_sbu_558k.json": (558_128, 64),  # one short caption + the chat template
+    "llava_v1_5_mix665k.json": (665_298, 320),  # multi-turn conversations
+}
+
+
+def _config(model: str) -> Any:
+    from transformers import AutoConfig
+
+    if Path(model, "config.json").is_file():
+        return AutoConfig.from_pretrained(model)
+    try:
+        config_dir(model)
+    except UserError as err:
+        raise UserError(
+            f"model '{model}': no checkpoint directory there and {err}; plan a swapped model by its base "
+            "with --set model=llava-hf/llava-1.5-7b-hf"
+        ) from None
+    return shipped_config(model)
+
+
+def tune_stage(cfg: TuneConfig, text_tokens: int | None = None, dataset_size: int | None = None) -> Stage:
+    """The :class:`~align.cost.Stage` of tuning recipe ``cfg`` (``text_tokens``/``dataset_size`` override
+    :data:`DATASETS`)."""
+    from transformers import LlavaForConditionalGeneration
+
+    config = _config(cfg.model)
+    if config.model_type != "llava":
+        raise UserError(f"model '{cfg.model}': plan knows HF Llava models (model_type llava), found {config.model_type!r}")
+    family = family_by_name("llava_hf")
+    model = build_meta(config, LlavaForConditionalGeneration)
+    if cfg.stage == "lora":
+        model = add_lora(model, cfg, family)
+    select_trainable(model, cfg, family)
+    paths = family.trainable_parts(model)
+    vision, text = config.vision_config, config.text_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    image_tokens = patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+    known = DATASETS.get(Path(str(cfg.data)).name) if cfg.data else None
+    notes = []
+    if text_tokens is None:
+        text_tokens = known[1] if known else cfg.max_length - image_tokens
+        notes.append(f"{text_tokens} text tokens per sample ({'assumed average' if known else 'max_length bound'}; --text-tokens)")
+    dataset_size = dataset_size or (known[0] if known else None)
+    seq = min(cfg.max_length, image_tokens + text_tokens)
+    tower = model.get_submodule(paths["tower"])
+    trains = {name: any(p.requires_grad for p in model.get_submodule(paths[name]).parameters()) for name in paths}
+    parts = [
+        Part("vision tower", tower, patches + 1, vision.num_hidden_layers, vision.hidden_size, trains["tower"]),
+        Part("connector", model.get_submodule(paths["connector"]), image_tokens, grad_flows=True),
+        Part("language model", model.get_submodule(paths["llm"]), seq, text.num_hidden_layers, text.hidden_size, True),
+        Part("lm_head", model.get_submodule(paths["lm_head"]), seq, grad_flows=True, vocab=text.vocab_size),
+    ]
+    t = cfg.train
+    return Stage(f"tune {cfg.stage}", parts, t.batch_size, t.grad_accum, t.steps, t.epochs, dataset_size,
+                 t.optimizer, t.gradient_checkpointing, image_tokens=image_tokens, notes=notes)  # fmt: skip
