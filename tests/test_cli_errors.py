@@ -157,6 +157,9 @@ CASES = [
                                "{tmp}/p"], ["nosplit.jsonl", "split 'train' requested", "no 'split' column"]),
     ("curate k 0", ["curate", "--data", "{shapes}", "--shapes-concepts", "color", "--out", "{tmp}/cu", "--k", "0"],
      ["--k"]),
+    ("plan-hardware", ["plan", str(RECIPES / "kuea_vitl14.yaml"), "--hardware", "8xV100"], ["--hardware '8xV100'", "A100-80GB"]),
+    ("plan-zero", ["plan", str(RECIPES / "kuea_vitl14.yaml"), "--zero", "4"], ["--zero '4'", "3-offload"]),
+    ("plan-recipe", ["plan", "{tmp}/nope.yaml"], ["nope.yaml: recipe file not found"]),
 ]  # fmt: skip
 
 
