@@ -1,4 +1,4 @@
-"""A wheel install carries the recipes, lmms-eval task/suite configs and DeepSpeed configs the code uses."""
+"""A wheel install carries the recipes, lmms-eval task/suite configs, DeepSpeed configs and model configs the code uses."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = ("recipes", "eval_configs", "deepspeed_configs")
+SHIPPED = ("recipes", "eval_configs", "deepspeed_configs", "model_configs")
 
 
 def test_wheel_ships_every_config_file(tmp_path: Path) -> None:
