@@ -154,3 +154,43 @@ def test_plan_command_json_for_kuea(capsys: pytest.CaptureFixture[str]) -> None:
 def test_plan_rejects_bad_flags(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", str(RECIPES / "kuea_vitl14.yaml"), *argv]) == 2
     assert needle in capsys.readouterr().err
+
+
+def glu_params(d_in: int, d_out: int, width: int) -> int:
+    """LayerNorm + W1, W2 (d_in -> width * d_in) + W3 (-> d_out), with biases: the SAIL head by hand."""
+    hidden = width * d_in
+    return 2 * d_in + 2 * (d_in * hidden + hidden) + hidden * d_out + d_out
+
+
+def test_sail_and_freeze_align_heads() -> None:
+    from align.methods.plan import align_stages, read_align_recipe
+
+    sail = align_stages(*read_align_recipe(RECIPES / "sail_dinov2l_nv2.yaml", []), dataset_size=23_000_000)
+    heads = {p.name: p for p in sail[-1].parts}
+    assert heads["image head"].trainable == glu_params(2 * 1024, 1024, 8)  # [CLS ; mean] of DINOv2-L
+    assert heads["text head"].trainable == glu_params(4096, 1024, 8)  # NV-Embed-v2 sentence embedding
+    assert sail[-1].optimizer == "lion" and sail[-1].samples(1) == 10 * 23_000_000
+    encode = {p.name: p for p in sail[0].parts}
+    assert 7.0e9 < encode["text nvidia/NV-Embed-v2"].frozen < 7.2e9  # its Mistral-7B text model
+    fa = align_stages(*read_align_recipe(RECIPES / "freeze_align_dinov2l_arl.yaml", []))
+    assert sum(p.trainable for p in fa[-1].parts) == 11_553_792  # the paper's ~11.5M projectors
+    gte = align_stages(*read_align_recipe(RECIPES / "sail_dinov2l_gte.yaml", []))
+    assert any("model type 'new'" in n for n in gte[0].notes)  # custom code: recorded, not built
+    assert {p.name: p for p in gte[-1].parts}["text head"].trainable == glu_params(1024, 1024, 8)
+
+
+@pytest.mark.parametrize(
+    ("encoder", "image_tokens", "tower_tokens"),
+    [("facebook/dinov2-large", 256, 257), ("facebook/dinov2-with-registers-large", 256, 261)],
+)
+def test_swap_plan_follows_the_swap_rules(encoder: str, image_tokens: int, tower_tokens: int) -> None:
+    from align.recipes import load_config
+    from mllm_swap.tune.config import TuneConfig
+    from mllm_swap.tune.plan import tune_stage
+
+    cfg = load_config(TuneConfig, RECIPES / "sail_llava_stage1.yaml", ["model=llava-hf/llava-1.5-7b-hf"])
+    stage = tune_stage(cfg, encoder=encoder)
+    parts = {p.name: p for p in stage.parts}
+    assert (stage.image_tokens, parts["vision tower"].tokens) == (image_tokens, tower_tokens)
+    assert 304e6 < parts["vision tower"].frozen < 305e6
+    assert parts["connector"].trainable == 1024 * 4096 + 4096 + 4096 * 4096 + 4096  # linear_1 from 1024

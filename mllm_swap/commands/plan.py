@@ -57,14 +57,16 @@ def read_stages(args: argparse.Namespace) -> tuple[list[Any], str]:
     path = Path(args.recipe)
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
-    overrides = list(args.set or [])
+    overrides = list(args.set or []) + ([f"model={args.mllm}"] if args.mllm else [])
     if "model" in (yaml.safe_load(path.read_text()) or {}):
         cfg = load_config(TuneConfig, path, overrides)
         zero = "0"
         if cfg.deepspeed is not None:
             ds = cfg.deepspeed if cfg.deepspeed.is_file() else shipped("deepspeed_configs") / cfg.deepspeed.name
             zero = _recipe_zero(ds)
-        return [tune_stage(cfg, args.text_tokens, args.samples)], zero
+        return [tune_stage(cfg, args.text_tokens, args.samples, args.encoder)], zero
+    if args.mllm or args.encoder:
+        raise UserError(f"{path}: --mllm and --encoder apply to tune recipes (the ones with a 'model' key)")
     found = read_align_recipe(path, overrides)
     if found is None:
         raise UserError(f"{path}: not a recipe of tune nor of exactly one alignment method (kuea, sail, freeze_align)")
@@ -146,4 +148,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=at_least(1), help="samples per epoch, where the recipe's data does not say")
     parser.add_argument("--text-tokens", type=at_least(1), help="text tokens per sample (tune recipes)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    parser.add_argument("--mllm", help="tune recipes: plan this MLLM (hub id or checkpoint dir) instead of the recipe's model")
+    parser.add_argument("--encoder", help="tune recipes: plan the MLLM swapped with this vision encoder (a hub id)")
     parser.add_argument("--json", action="store_true", help="print the JSON record instead of the table")

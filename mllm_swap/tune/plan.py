@@ -3,7 +3,10 @@ device, with exactly what the stage trains (:func:`mllm_swap.tune.model.add_lora
 :func:`~mllm_swap.tune.model.select_trainable`, the same calls ``tune`` makes).
 
 The model is the recipe's ``model``: a hub id with a shipped config (:mod:`align.model_configs`) or a local
-checkpoint directory (its ``config.json``). Text tokens per sample are not in a recipe: known LLaVA data
+checkpoint directory (its ``config.json``); ``encoder`` plans it as swapped with that vision encoder (a
+shipped hub id), under the swap's own rules (:func:`mllm_swap.towers.new_tower`: prefix tokens, tower
+kind; :func:`mllm_swap.families.llava_hf.strategy_for`; the connector's input follows the new width).
+Text tokens per sample are not in a recipe: known LLaVA data
 files carry an assumed average (:data:`DATASETS`), else ``max_length`` bounds them.
 """
 
@@ -16,6 +19,8 @@ from align.cost import Part, Stage
 from align.errors import UserError
 from align.model_configs import build_meta, config_dir, shipped_config
 from mllm_swap.families import family_by_name
+from mllm_swap.families.llava_hf import feed_view, strategy_for
+from mllm_swap.towers import prefix_tokens_of
 from mllm_swap.tune.config import TuneConfig
 from mllm_swap.tune.model import add_lora, select_trainable
 
@@ -43,14 +48,32 @@ def _config(model: str) -> Any:
     return shipped_config(model)
 
 
-def tune_stage(cfg: TuneConfig, text_tokens: int | None = None, dataset_size: int | None = None) -> Stage:
+def swapped(config: Any, encoder: str) -> tuple[Any, Any]:
+    """``config`` (an HF Llava config) with its tower replaced by ``encoder``'s, as ``swap`` builds it, and
+    the :class:`~mllm_swap.towers.NewTower` (its ``num_tokens`` at the encoder's own image size)."""
+    from align.model_configs import meta_vision_encoder
+    from mllm_swap.towers import new_tower
+
+    tower = new_tower(meta_vision_encoder(encoder))
+    config.vision_config = tower.config
+    config.vision_feature_select_strategy = strategy_for(tower)[0]
+    config.image_seq_length = tower.num_tokens
+    return config, tower
+
+
+def tune_stage(
+    cfg: TuneConfig, text_tokens: int | None = None, dataset_size: int | None = None, encoder: str | None = None
+) -> Stage:
     """The :class:`~align.cost.Stage` of tuning recipe ``cfg`` (``text_tokens``/``dataset_size`` override
-    :data:`DATASETS`)."""
+    :data:`DATASETS`; ``encoder``: swapped with that tower)."""
     from transformers import LlavaForConditionalGeneration
 
     config = _config(cfg.model)
     if config.model_type != "llava":
         raise UserError(f"model '{cfg.model}': plan knows HF Llava models (model_type llava), found {config.model_type!r}")
+    new = None
+    if encoder is not None:
+        config, new = swapped(config, encoder)
     family = family_by_name("llava_hf")
     model = build_meta(config, LlavaForConditionalGeneration)
     if cfg.stage == "lora":
@@ -58,8 +81,12 @@ def tune_stage(cfg: TuneConfig, text_tokens: int | None = None, dataset_size: in
     select_trainable(model, cfg, family)
     paths = family.trainable_parts(model)
     vision, text = config.vision_config, config.text_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    image_tokens = patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+    if new is not None:  # the encoder's processor sets the image size (DINOv2: 224, its config 518)
+        image_tokens, tower_tokens = new.num_tokens, new.num_patches + new.num_prefix_tokens
+    else:
+        strategy, layer = config.vision_feature_select_strategy, config.vision_feature_layer
+        image_tokens = feed_view(vision, strategy, layer, cfg.model).num_tokens  # what the connector receives
+        tower_tokens = (vision.image_size // vision.patch_size) ** 2 + prefix_tokens_of(vision)
     known = DATASETS.get(Path(str(cfg.data)).name) if cfg.data else None
     notes = []
     if text_tokens is None:
@@ -70,7 +97,7 @@ def tune_stage(cfg: TuneConfig, text_tokens: int | None = None, dataset_size: in
     tower = model.get_submodule(paths["tower"])
     trains = {name: any(p.requires_grad for p in model.get_submodule(paths[name]).parameters()) for name in paths}
     parts = [
-        Part("vision tower", tower, patches + 1, vision.num_hidden_layers, vision.hidden_size, trains["tower"]),
+        Part("vision tower", tower, tower_tokens, vision.num_hidden_layers, vision.hidden_size, trains["tower"]),
         Part("connector", model.get_submodule(paths["connector"]), image_tokens, grad_flows=True),
         Part("language model", model.get_submodule(paths["llm"]), seq, text.num_hidden_layers, text.hidden_size, True),
         Part("lm_head", model.get_submodule(paths["lm_head"]), seq, grad_flows=True, vocab=text.vocab_size),
