@@ -20,8 +20,9 @@ import torch
 
 from align.cost import Part, Stage
 from align.errors import UserError
+from align.io import read_json
 from align.methods import METHODS
-from align.model_configs import build_meta, meta_vision_encoder, shipped_config
+from align.model_configs import build_meta, config_dir, meta_vision_encoder, shipped_config
 
 __all__ = ["align_stages", "read_align_recipe"]
 
@@ -47,17 +48,19 @@ def _vision_part(name: str, encoder: Any, grad_flows: bool = False) -> Part:
     return Part(name, encoder, _image_tokens(encoder), encoder.num_layers, encoder.embed_dim, grad_flows)
 
 
-def _text_part(hub_id: str, notes: list[str]) -> Part | None:
+def _text_part(hub_id: str, captions: int, notes: list[str]) -> Part | None:
+    """The frozen text encoder encoding ``captions`` captions per sample (``None``, with a note, when its
+    shipped config is custom code transformers cannot build)."""
     try:
         config = shipped_config(hub_id)
     except UserError as err:
         notes.append(f"text encoder not built: {err}")
         return None
     model = build_meta(config).requires_grad_(False)
-    return Part(f"text {hub_id}", model, TEXT_TOKENS, config.num_hidden_layers, config.hidden_size)
+    return Part(f"text {hub_id}", model, TEXT_TOKENS * captions, config.num_hidden_layers, config.hidden_size)
 
 
-def _kuea(recipe: Any) -> list[Stage]:
+def _kuea(recipe: Any, dataset_size: int | None) -> list[Stage]:
     from align.kernels import build_kernel
     from align.methods.kuea.recipe import freeze_early_blocks
 
@@ -79,12 +82,12 @@ def _kuea(recipe: Any) -> list[Stage]:
     else:
         notes.append(f"target {recipe.target} cached once per image: see the 'encode target' stage")
     stages = [
-        Stage("train", parts, t.batch_size, t.grad_accum, t.steps, t.epochs, None, t.optimizer,
+        Stage("train", parts, t.batch_size, t.grad_accum, t.steps, t.epochs, dataset_size, t.optimizer,
               t.gradient_checkpointing, image_tokens=parts[0].tokens, notes=notes)
     ]  # fmt: skip
     if not recipe.live_target:
         stages.insert(0, Stage("encode target", [_vision_part(f"target {recipe.target}", target)],
-                               recipe.data.encode_batch_size, trains=False, epochs=1.0,
+                               recipe.data.encode_batch_size, trains=False, epochs=1.0, dataset_size=dataset_size,
                                image_tokens=_image_tokens(target), notes=["one pass over the images"]))  # fmt: skip
     return stages
 
@@ -94,27 +97,25 @@ def _frozen_pairs(name: str, recipe: Any, dataset_size: int | None) -> list[Stag
 
     entry = METHODS[name]
     method_class = getattr(importlib.import_module(entry.module), entry.method)
-    method = method_class.__new__(method_class)  # only to read its head settings off the recipe
+    method = method_class.__new__(method_class)  # not set up (no caches): only its head_settings() is read
     method.recipe = recipe
+    captions = len(recipe.data.captions) if name == "sail" else 1
     vision = meta_vision_encoder(recipe.vision).requires_grad_(False)
     notes: list[str] = []
-    text = _text_part(recipe.text, notes)
-    text_dim = text.width if text else shipped_config_width(recipe.text)
+    text = _text_part(recipe.text, captions, notes)
+    text_dim = text.width if text else int(read_json(config_dir(recipe.text) / "config.json")["hidden_size"])
     settings = method.head_settings()
     with torch.device("meta"):
         image_head = build_token_head(
             {**settings, "in_dim": vision.embed_dim, "num_prefix_tokens": vision.num_prefix_tokens}
         )
         text_head = build_text_head({**settings, "in_dim": text_dim})
-    captions = len(recipe.data.captions) if name == "sail" else 1
     tokens = _image_tokens(vision)
     image_head_tokens = 1 if name == "sail" else tokens  # SAIL: the pooled [CLS ; mean] feature
     text_head_tokens = captions if name == "sail" else recipe.data.max_tokens * captions
     t = recipe.train
     encode = [_vision_part(f"vision {recipe.vision}", vision)] + ([text] if text else [])
     encode_notes = [f"{captions} caption(s) per sample, {TEXT_TOKENS} text tokens each (assumed)"]
-    if text:
-        text.tokens = TEXT_TOKENS * captions
     heads = [
         Part("image head", image_head, image_head_tokens, grad_flows=True),
         Part("text head", text_head, text_head_tokens, grad_flows=True),
@@ -127,19 +128,6 @@ def _frozen_pairs(name: str, recipe: Any, dataset_size: int | None) -> list[Stag
     ]  # fmt: skip
 
 
-def shipped_config_width(hub_id: str) -> int:
-    """The hidden width recorded in a shipped config that cannot be built (custom model types)."""
-    from align.io import read_json
-    from align.model_configs import config_dir
-
-    return int(read_json(config_dir(hub_id) / "config.json")["hidden_size"])
-
-
 def align_stages(name: str, recipe: Any, dataset_size: int | None = None) -> list[Stage]:
     """The cost stages of alignment method ``name``'s ``recipe`` (``dataset_size``: samples per epoch)."""
-    if name == "kuea":
-        stages = _kuea(recipe)
-        for stage in stages:
-            stage.dataset_size = dataset_size
-        return stages
-    return _frozen_pairs(name, recipe, dataset_size)
+    return _kuea(recipe, dataset_size) if name == "kuea" else _frozen_pairs(name, recipe, dataset_size)
