@@ -219,6 +219,7 @@ def estimate(stage: Stage, hw: Hardware, zero: str, mfu: float) -> dict[str, Any
     fits = mem["total"] <= USABLE * hw.memory
     return {
         "stage": stage.name,
+        "trains": stage.trains,
         "parts": {
             p.name: {"trainable": p.trainable, "frozen": p.frozen, "tokens": p.tokens, "forward_flops": p.forward_flops()}
             for p in stage.parts

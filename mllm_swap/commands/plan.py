@@ -89,14 +89,17 @@ def format_plan(result: dict[str, Any]) -> str:
         mem = s["memory"]
         other = s.get("activations_checkpointing", s.get("activations_no_checkpointing"))
         lines += [
-            f"\n[{s['stage']}]  micro-batch {s['micro_batch']}/GPU, image tokens {s['image_tokens']}",
+            f"\n[{s['stage']}]  "
+            + (f"micro-batch {s['micro_batch']}/GPU" if s["trains"] else "forward only")
+            + f", image tokens {s['image_tokens']}",
             f"  {'part':<44}{'trainable':>16}{'frozen':>16}{'tokens':>8}{'fwd FLOPs':>14}",
         ]
         for name, p in s["parts"].items():
             lines.append(f"  {name:<44}{p['trainable']:>16,}{p['frozen']:>16,}{p['tokens']:>8}{_fmt(p['forward_flops']):>14}")
         lines += [
             f"  {'total':<44}{s['trainable']:>16,}{s['frozen']:>16,}",
-            f"  FLOPs per sample: forward {_fmt(s['forward_flops'])}, training {_fmt(s['train_flops'])}",
+            f"  FLOPs per sample: forward {_fmt(s['forward_flops'])}"
+            + (f", training {_fmt(s['train_flops'])}" if s["trains"] else ""),
             "  memory per GPU (GiB): " + ", ".join(f"{k} {mem[k] / GIB:.1f}" for k in
                 ("weights", "gradients", "optimizer", "activations", "total"))  # fmt: skip
             + f"; activations {'without' if s['checkpointing'] else 'with'} checkpointing {other / GIB:.1f}"
