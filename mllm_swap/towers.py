@@ -187,10 +187,6 @@ def new_tower(encoder: Any, prefix: str = "drop") -> NewTower:
         patch_size=int(encoder.patch_size),
         num_prefix_tokens=prefix_n,
     )
-    if encoder.image_size % encoder.patch_size:
-        raise ValueError(
-            f"{source}: image size {encoder.image_size} is not a multiple of patch size {encoder.patch_size}"
-        )
     if getattr(encoder, "kind", "") == "openclip":
         visual = encoder.visual
         state = {k: v.detach().clone() for k, v in visual.state_dict().items()}

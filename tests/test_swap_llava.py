@@ -251,6 +251,42 @@ def test_image_token_accounting(swapped, name) -> None:
     assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
 
 
+@torch.no_grad()
+def test_image_size_not_a_multiple_of_the_patch_size(tmp_path) -> None:
+    """SigLIP-so400m's case (384 px, patch 14: its conv floors to 27x27 = 729 tokens) at tiny size: 68 px,
+    patch 8 -> 8x8 = 64 patches; the processor's expansion, the report and the tower's features agree."""
+    from transformers import (
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+
+    import mllm_swap.towers  # noqa: F401
+    from align.embedded import tiny_model_dir
+
+    config = SiglipVisionConfig.from_pretrained(tiny_model_dir("tiny-siglip"))
+    config.image_size = 68
+    encoder_dir = tmp_path / "siglip-68"
+    torch.manual_seed(0)
+    SiglipVisionModel(config).save_pretrained(encoder_dir)
+    SiglipImageProcessor(size={"height": 68, "width": 68}).save_pretrained(encoder_dir)
+    report = swap("tiny-llava", str(encoder_dir), tmp_path / "out", mode="rebuild", num_images=1, verbose=False)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
+    proc = AutoProcessor.from_pretrained(tmp_path / "out")
+    text = proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
+        add_generation_prompt=True,
+    )
+    inputs = proc(images=sample_images(1, size=68)[0], text=text, return_tensors="pt")
+    assert inputs["pixel_values"].shape[-1] == 68
+    expanded = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    feats = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output[0]
+    assert expanded == feats.shape[0] == report.new_tower["image_tokens"] == (68 // 8) ** 2
+    assert model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
+
+
 def test_rebuild_reports_untrained_connector(swapped) -> None:
     from transformers import AutoModelForImageTextToText
 
