@@ -8,13 +8,14 @@ it once and returns its directory; see ``pyproject.toml``). :func:`tiny_model_di
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 
 import torch
@@ -26,22 +27,27 @@ TINY_VERSION = 1
 BUILD_WAIT_S = 3600  # how long other processes of a launch wait for a first-use build
 
 
+@functools.cache
+def _registered() -> dict[str, EntryPoint]:
+    """The group's entry points by id, read once per process (nothing is imported or built)."""
+    return {ep.name: ep for ep in entry_points(group=TINY_GROUP)}
+
+
 def tiny_model_names() -> list[str]:
-    """The ids of every registered tiny model (nothing is imported or built)."""
-    return sorted({ep.name for ep in entry_points(group=TINY_GROUP)})
+    """The ids of every registered tiny model."""
+    return sorted(_registered())
 
 
 def is_tiny_model(name: str) -> bool:
     """Whether ``name`` is a registered tiny model id."""
-    return bool(entry_points(group=TINY_GROUP, name=str(name)))
+    return str(name) in _registered()
 
 
 def tiny_model_dir(name: str) -> Path:
     """Directory of the registered tiny model ``name``, built on first use."""
-    found = entry_points(group=TINY_GROUP, name=name)
-    if not found:
+    if name not in _registered():
         raise KeyError(f"unknown tiny model '{name}'; expected one of {tiny_model_names()}")
-    ensure: Callable[[str], Path] = next(iter(found)).load()
+    ensure: Callable[[str], Path] = _registered()[name].load()
     return Path(ensure(name))
 
 

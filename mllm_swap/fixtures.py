@@ -21,8 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from align.embedded import build_once
-from align.embedded import tiny_model_dir as ensure_tiny
+from align.embedded import build_once, tiny_model_dir
 from align.encoders.base import OPENAI_MEAN, OPENAI_STD
 from align.encoders.tokenizer import build_bpe_tokenizer
 from mllm_swap.chat_templates import DEFAULT_CHAT_TEMPLATE
@@ -73,7 +72,7 @@ def build_tiny_llava(out: Path) -> None:
 
     from mllm_swap.families.base import save_checkpoint
 
-    clip_dir = ensure_tiny("tiny-clip")
+    clip_dir = tiny_model_dir("tiny-clip")
     vision_config, tower_state = _clip_tower_state(clip_dir)
     tok = build_bpe_tokenizer(extra_special_tokens={"image_token": "<image>"})
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
@@ -110,7 +109,7 @@ def build_tiny_llava_original(out: Path) -> None:
     """
     from transformers import CLIPImageProcessor, LlamaForCausalLM
 
-    clip_dir = ensure_tiny("tiny-clip")
+    clip_dir = tiny_model_dir("tiny-clip")
     vision_config, tower_state = _clip_tower_state(clip_dir)
     tok = build_bpe_tokenizer()
     llama_config = _llama_config(tok)
@@ -159,7 +158,7 @@ def build_tiny_idefics(out: Path) -> None:
         IdeficsProcessor,
     )
 
-    clip_dir = ensure_tiny("tiny-clip")
+    clip_dir = tiny_model_dir("tiny-clip")
     clip_config, tower_state = _clip_tower_state(clip_dir)
     tok = build_bpe_tokenizer(extra_special_tokens=IDEFICS_TOKENS)
     vision = dict(
@@ -289,7 +288,7 @@ def tiny_openflamingo_state(
 def build_tiny_openflamingo(out: Path) -> None:
     """An OpenFlamingo-format checkpoint: tiny-openclip's visual as ``vision_encoder.*``, a random perceiver
     resampler and a random gated-cross-attention LM state dict (see ``families.openflamingo``)."""
-    clip_dir = ensure_tiny("tiny-openclip")
+    clip_dir = tiny_model_dir("tiny-openclip")
     state, meta = tiny_openflamingo_state(clip_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / "checkpoint.safetensors"), {"format": "pt"})

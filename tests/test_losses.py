@@ -23,14 +23,7 @@ from align.losses import (
     sigmoid_loss,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors on a shared 2-core machine: a second intra-op thread only adds spin-waits."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _pair(n=12, d=6, dtype=torch.float64, seed=0):

@@ -12,14 +12,7 @@ from align.metrics.cka import cka_null, linear_cka
 from align.metrics.probe import alignment_probe, retrieval_recall
 from mllm_swap.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small matmuls on a shared 2-core machine: a second intra-op thread only adds spin-waits."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_retrieval_recall_hand_built():

@@ -15,6 +15,7 @@ from mllm_swap.commands.options import add_resume, resume_of
 
 
 def run(args: argparse.Namespace) -> int:
+    from align.artifact import CONFIG_FILE
     from align.distributed import global_rank
     from align.io import read_json
 
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     if global_rank() != 0:  # under `accelerate launch`, report once
         return 0
     print(f"artifact: {artifact}")
-    config = read_json(Path(artifact) / "aligned_encoder.json")
+    config = read_json(Path(artifact) / CONFIG_FILE)
     for label, scores in (config.get("metrics") or {}).get("zeroshot", {}).items():
         print(
             f"zero-shot {label}: acc1 {scores['acc1']:.4f} (chance {scores['chance']:.4f}, "
