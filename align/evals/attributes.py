@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from align.errors import UserError
 from align.rundir import OutDir, claims_out_dir
@@ -150,7 +151,8 @@ def encoder_features(encoder, samples: Sequence, batch_size: int = 64, device: s
     encoder.to(device).eval()
     pool, layer, prefix = global_pool(encoder), consumer_layer(encoder), encoder.num_prefix_tokens
     out: dict[str, list[torch.Tensor]] = {name: [] for name in FEATURES}
-    for start in range(0, len(samples), batch_size):
+    desc = f"probe features {encoder.source or type(encoder).__name__}"
+    for start in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch"):
         pixels = encoder.preprocess([open_image(s.image) for s in samples[start : start + batch_size]]).to(device)
         out["cls"].append(encoder.pooled(pixels, pool).float().cpu())
         out["patch_mean"].append(encoder(pixels, layer=layer)[:, prefix:].float().mean(dim=1).cpu())
