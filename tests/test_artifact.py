@@ -16,7 +16,7 @@ from align.load import load_text_encoder, load_vision_encoder
 
 @pytest.fixture(scope="module")
 def dino_reg():
-    return load_vision_encoder("tiny-dinov2-reg")  # 5 prefix tokens: CLS + 4 registers
+    return load_vision_encoder("tiny-dinov2-reg-random")  # 5 prefix tokens: CLS + 4 registers
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_round_trip_identical_outputs(kind, dino_reg, text, tmp_path):
     assert again.token_rule == enc.token_rule and again.logit_scale == 10.0
     assert again.image_head_config == enc.image_head_config
     card = (out / "README.md").read_text()
-    assert f"({kind})" in card and "tiny-dinov2-reg" in card and "zeroshot.color.acc1 | 0.5000" in card
+    assert f"({kind})" in card and "tiny-dinov2-reg-random" in card and "zeroshot.color.acc1 | 0.5000" in card
     assert json.loads((out / "preprocess.json").read_text())["image_size"] == 64
     assert (out / "preprocessor_config.json").is_file()
     assert not any(p.requires_grad for p in again.parameters())
@@ -144,7 +144,7 @@ def test_errors_name_the_problem(dino_reg, text, tmp_path):
         load_aligned(out)
     weights.write_bytes(clean)
     config = json.loads((out / "aligned_encoder.json").read_text())
-    config["backbone"]["source"] = "tiny-dinov2"  # 1 prefix token instead of 5
+    config["backbone"]["source"] = "tiny-dinov2-random"  # 1 prefix token instead of 5
     (out / "aligned_encoder.json").write_text(json.dumps(config))
     with pytest.raises(CorruptFileError, match="aligned_encoder.json: artifact file is (corrupt|truncated)"):
         load_aligned(out)

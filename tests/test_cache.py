@@ -18,7 +18,7 @@ from mllm_swap.cli import main
 
 
 def test_round_trip_equals_direct_encoding(shapes_dir, tmp_path) -> None:
-    enc = load_vision_encoder("tiny-dinov2")
+    enc = load_vision_encoder("tiny-dinov2-random")
     out = write_cache(
         enc, shapes_dir, tmp_path / "c", pool="concat", dtype="fp32", shard_size=40, batch_size=16
     )
@@ -28,7 +28,7 @@ def test_round_trip_equals_direct_encoding(shapes_dir, tmp_path) -> None:
     rows = [95, 0, 41, 40, 7]
     direct = enc.encode_images([open_image(data[r].image) for r in rows], pool="concat")
     torch.testing.assert_close(cache.get(rows), direct, rtol=1e-5, atol=1e-5)
-    assert cache.manifest["encoder"]["source"] == "tiny-dinov2" and len(cache.manifest["shards"]) == 3
+    assert cache.manifest["encoder"]["source"] == "tiny-dinov2-random" and len(cache.manifest["shards"]) == 3
 
 
 def test_text_caches_pair_with_image_caches(shapes_dir, tmp_path) -> None:
@@ -149,7 +149,7 @@ def test_cli_encode_and_errors(shapes_dir, tmp_path, capsys) -> None:
             [
                 "encode",
                 "--encoder",
-                "tiny-dinov2-reg",
+                "tiny-dinov2-reg-random",
                 "--data",
                 str(shapes_dir),
                 "--pool",
@@ -168,7 +168,7 @@ def test_cli_encode_and_errors(shapes_dir, tmp_path, capsys) -> None:
             [
                 "encode",
                 "--encoder",
-                "tiny-dinov2",
+                "tiny-dinov2-random",
                 "--data",
                 str(tmp_path / "missing.jsonl"),
                 "--out",

@@ -45,7 +45,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "wrong.jsonl").write_text('{"x": 1}\n')
     (root / "latin.jsonl").write_bytes(b'{"image": "a.png", "caption": "caf\xe9"}\n')
     (root / "latin.csv").write_bytes(b"image,caption\n\xe9t\xe9.png,x\n")
-    (root / "latin.yaml").write_bytes(b"vision: tiny-dinov2\n# caf\xe9\n")
+    (root / "latin.yaml").write_bytes(b"vision: tiny-dinov2-random\n# caf\xe9\n")
     (root / "afile").write_text("not a directory\n")
     from PIL import Image  # a pairs file whose 'color' attribute has one class in its train split
 
@@ -71,7 +71,7 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from align.heads import build_text_head, build_token_head
     from align.load import load_text_encoder, load_vision_encoder
 
-    vision, text = load_vision_encoder("tiny-dinov2"), load_text_encoder("tiny-text")
+    vision, text = load_vision_encoder("tiny-dinov2-random"), load_text_encoder("tiny-text")
     kind = "sail_linear"
     image_head = build_token_head(
         {"kind": kind, "in_dim": vision.embed_dim, "out_dim": 16, "num_prefix_tokens": 1}
@@ -335,7 +335,7 @@ def test_cache_manifest_with_a_wrong_embed_dim_is_named(shapes_dir, tmp_path, ca
     from align.data.cache import write_cache
     from align.io import read_json, write_json
 
-    image = write_cache("tiny-dinov2", shapes_dir, tmp_path / "img", pool="concat", dtype="fp32")
+    image = write_cache("tiny-dinov2-random", shapes_dir, tmp_path / "img", pool="concat", dtype="fp32")
     text = write_cache(
         "tiny-text", shapes_dir, tmp_path / "txt", modality="text", pool="sentence", dtype="fp32"
     )

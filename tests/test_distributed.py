@@ -169,7 +169,7 @@ def test_kernel_two_processes_equal_one_process(shapes_dir: Path, tmp_path: Path
 
 def test_encode_two_processes_split_the_shards(shapes_dir: Path, tmp_path: Path) -> None:
     """``encode`` under 2 processes: rank r encodes shards r, r+2, ...; the cache equals one process's."""
-    args = ["encode", "--encoder", "tiny-dinov2", "--data", str(shapes_dir), "--shard-size", "20"]
+    args = ["encode", "--encoder", "tiny-dinov2-random", "--data", str(shapes_dir), "--shard-size", "20"]
     args += ["--dtype", "fp32"]
     stdout = launch([*args, "--out", str(tmp_path / "two")])
     found = dict(re.findall(r"encode image two: process (\d) of 2 encodes shards (\[[\d, ]*\])", stdout))

@@ -30,7 +30,7 @@ SMALL = ["train.batch_size=8", "train.warmup=1", "train.lr=1e-3", "train.log_eve
 def _overrides(shapes_dir: Path, *extra: str) -> list[str]:
     return [
         "student=tiny-clip",
-        "target=tiny-dinov2",
+        "target=tiny-dinov2-random",
         f"data.train={shapes_dir}",
         "train.steps=4",
         *SMALL,
@@ -78,7 +78,7 @@ def test_step0_anchor_is_zero_and_loss_matches_direct_formula(live: KueaMethod) 
     with torch.no_grad():
         student = CLIPVisionModelWithProjection.from_pretrained(ensure_tiny("tiny-clip"))
         emb = student(pixel_values=batch["pixels"]).image_embeds
-        target = load_vision_encoder("tiny-dinov2").model(pixel_values=batch["target_pixels"])
+        target = load_vision_encoder("tiny-dinov2-random").model(pixel_values=batch["target_pixels"])
         cls = target.last_hidden_state[:, 0]  # HF Dinov2: final LayerNorm already applied
     k_student = _poly(emb, 0.0032, 0.191623)
     k_target = _poly(cls, 1.0 / cls.shape[1], 1.0)
@@ -130,7 +130,7 @@ def test_loss_terms_after_real_steps_match_an_independent_computation(live: Kuea
         original = CLIPVisionModelWithProjection.from_pretrained(ensure_tiny("tiny-clip")).eval()
         emb0 = original(pixel_values=batch["pixels"]).image_embeds
         cls = (
-            load_vision_encoder("tiny-dinov2")
+            load_vision_encoder("tiny-dinov2-random")
             .model(pixel_values=batch["target_pixels"])
             .last_hidden_state[:, 0]
         )
@@ -314,7 +314,7 @@ def test_report_before_equals_a_direct_recomputation(finished: Path, shapes_dir:
     report = read_json(finished / "compat_report.json")
     rows = spread(load_shapes(shapes_dir, split="test"), report["n_images"])
     images = [open_image(Path(r["image"])) for r in rows]
-    clip, dino = load_vision_encoder("tiny-clip"), load_vision_encoder("tiny-dinov2")
+    clip, dino = load_vision_encoder("tiny-clip"), load_vision_encoder("tiny-dinov2-random")
     with torch.no_grad():
         emb = clip.pooled(clip.preprocess(images), "projected")
         cls = dino.pooled(dino.preprocess(images), "cls")
@@ -395,8 +395,8 @@ def test_open_clip_student_trains_and_exports(shapes_dir: Path, tmp_path: Path) 
     [
         (["student=no-such-model"], KeyError, "student 'no-such-model'"),
         (["target=no-such-model"], KeyError, "target 'no-such-model'"),
-        (["target_pool=projected"], ValueError, "target 'tiny-dinov2' has no pooling 'projected'"),
-        (["student=tiny-dinov2"], ValueError, "student 'tiny-dinov2' is a 'dinov2' model"),
+        (["target_pool=projected"], ValueError, "target 'tiny-dinov2-random' has no pooling 'projected'"),
+        (["student=tiny-dinov2-random"], ValueError, "student 'tiny-dinov2-random' is a 'dinov2' model"),
         (["loss.anchor_weight=-1"], ValueError, "loss weights must be >= 0"),
         (["data.train=''"], ValueError, "data.train: no training images"),
         (["kernel.name=laplace"], ConfigError, "kernel.name"),
@@ -415,7 +415,7 @@ def test_target_cache_of_other_settings_is_refused(shapes_dir: Path, tmp_path: P
     from align.data.cache import write_cache
     from align.data.readers import open_data
 
-    cache = write_cache("tiny-dinov2", open_data(shapes_dir, split="train"), tmp_path / "c", "image", "mean")
+    cache = write_cache("tiny-dinov2-random", open_data(shapes_dir, split="train"), tmp_path / "c", "image", "mean")
     with pytest.raises(ValueError, match="target cache made with"):
         KueaMethod(_recipe(shapes_dir, f"data.target_cache={cache}"), tmp_path / "run")
 

@@ -51,7 +51,7 @@ def kuea_run(shapes_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     root = tmp_path_factory.mktemp("kuea")
     student = root / "student-clip"
     shutil.copytree(ensure_tiny("tiny-clip"), student)
-    sets = [f"student={student}", "target=tiny-dinov2", f"data.train={shapes_dir}", "train.steps=2",
+    sets = [f"student={student}", "target=tiny-dinov2-random", f"data.train={shapes_dir}", "train.steps=2",
             "train.batch_size=8", "eval.limit=16"]  # fmt: skip
     run_method("kuea", None, sets, root / "run", resume=False)
     before = load_aligned(root / "run" / "artifact")
@@ -115,7 +115,7 @@ def test_headed_artifact_travels_with_its_local_models(kind: str, tmp_path: Path
     """SAIL / freeze-align artifacts over local model folders record them relative to the artifact: moved
     together they load; moved alone they fail naming what to provide."""
     models = tmp_path / "a" / "models"
-    shutil.copytree(ensure_tiny("tiny-dinov2"), models / "dino")
+    shutil.copytree(ensure_tiny("tiny-dinov2-random"), models / "dino")
     shutil.copytree(ensure_tiny("tiny-text"), models / "text")
     backbone, text = load_vision_encoder(models / "dino"), load_text_encoder(models / "text")
     torch.manual_seed(0)

@@ -79,7 +79,7 @@ def test_probe_reaches_scikit_learns_optimum():
     assert torch.allclose(w, coef, atol=1e-3), (w - coef).abs().max()
 
 
-@pytest.mark.parametrize("name", ["tiny-clip", "tiny-dinov2-reg"])
+@pytest.mark.parametrize("name", ["tiny-clip", "tiny-dinov2-reg-random"])
 def test_features_are_what_plain_transformers_gives(name, world):
     """CLS after the final norm, and layer -2 patch tokens without the prefix (CLS + 4 registers)."""
     from PIL import Image
@@ -100,7 +100,7 @@ def test_features_are_what_plain_transformers_gives(name, world):
     with torch.no_grad():
         out = model(pixel_values=pixels, output_hidden_states=True)
     prefix = 1 + getattr(model.config, "num_register_tokens", 0)
-    assert prefix == (5 if name == "tiny-dinov2-reg" else 1)
+    assert prefix == (5 if name == "tiny-dinov2-reg-random" else 1)
     torch.testing.assert_close(ours["cls"], out.pooler_output, atol=1e-4, rtol=1e-4)  # the normed CLS
     patch_mean = out.hidden_states[-2][:, prefix:].mean(dim=1)
     torch.testing.assert_close(ours["patch_mean"], patch_mean, atol=1e-4, rtol=1e-4)
@@ -116,7 +116,7 @@ def test_probe_command_on_a_shapes_world(world, tmp_path, capsys):
     from align.load import load_vision_encoder
 
     out = tmp_path / "probe"
-    argv = ["probe", "--encoder", "tiny-clip,tiny-dinov2", "--data", str(world), "--out", str(out)]
+    argv = ["probe", "--encoder", "tiny-clip,tiny-dinov2-random", "--data", str(world), "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert {p.name for p in out.iterdir()} >= {"probe.json", "probe.md", "probe.png", "run.json"}
@@ -141,7 +141,7 @@ def test_probe_command_on_a_shapes_world(world, tmp_path, capsys):
     # each number again, independently: scikit-learn fitted on the train split's features
     data = read_probe_data(world)
     by_key = {(r["encoder"], r["feature"], r["attribute"]): r for r in result["results"]}
-    for name in ("tiny-clip", "tiny-dinov2"):
+    for name in ("tiny-clip", "tiny-dinov2-random"):
         encoder = load_vision_encoder(name)
         train, test = encoder_features(encoder, data.train), encoder_features(encoder, data.test)
         for feature in ("cls", "patch_mean"):

@@ -100,7 +100,7 @@ def test_idefics_dropin_of_changed_clip_reports_small_drift(tmp_path) -> None:
 
 def test_idefics_refuses_other_towers(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"refusing .* width 64 vs 96"):
-        swap("tiny-idefics", "tiny-dinov2", tmp_path / "a", verbose=False)
+        swap("tiny-idefics", "tiny-dinov2-random", tmp_path / "a", verbose=False)
     with pytest.raises(ValueError, match="tower type clip_vision_model vs siglip_vision_model"):
         swap("tiny-idefics", "tiny-siglip", tmp_path / "b", verbose=False)
     with pytest.raises(ValueError, match="drop-in only"):

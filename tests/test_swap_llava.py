@@ -45,7 +45,7 @@ def sail_artifact(root):
     from align.artifact import AlignedEncoder, save_aligned
     from align.heads import build_token_head
 
-    backbone = load_vision_encoder("tiny-dinov2")
+    backbone = load_vision_encoder("tiny-dinov2-random")
     torch.manual_seed(0)
     head = build_token_head({"kind": "sail_glu", "in_dim": 96, "out_dim": 48, "num_prefix_tokens": 1})
     return save_aligned(
@@ -59,10 +59,10 @@ def swapped(tmp_path_factory) -> dict:
     jobs = {
         "clip": ("tiny-clip", {}),
         "near": (perturbed_clip(), {"mode": "dropin"}),
-        "dinov2": ("tiny-dinov2", {}),
+        "dinov2": ("tiny-dinov2-random", {}),
         "siglip": ("tiny-siglip", {}),
-        "reg": ("tiny-dinov2-reg", {}),
-        "reg_keep": ("tiny-dinov2-reg", {"prefix": "keep"}),
+        "reg": ("tiny-dinov2-reg-random", {}),
+        "reg_keep": ("tiny-dinov2-reg-random", {"prefix": "keep"}),
         "sail": (str(sail_artifact(root)), {}),
     }
     return {
@@ -349,9 +349,9 @@ def test_reported_next_token_kl_is_torchs_kl_div(swapped) -> None:
 
 def test_swap_errors(tmp_path, swapped) -> None:
     with pytest.raises(ValueError, match=r"width 64 vs 96"):
-        swap("tiny-llava", "tiny-dinov2", tmp_path / "a", mode="dropin", verbose=False)
+        swap("tiny-llava", "tiny-dinov2-random", tmp_path / "a", mode="dropin", verbose=False)
     with pytest.raises(ValueError, match=r"image tokens 64 vs 69"):
-        swap("tiny-llava", "tiny-dinov2-reg", tmp_path / "a", mode="dropin", prefix="keep", verbose=False)
+        swap("tiny-llava", "tiny-dinov2-reg-random", tmp_path / "a", mode="dropin", prefix="keep", verbose=False)
     with pytest.raises(ValueError, match="holds a finished run of `mllm-swap swap`.*--overwrite"):
         swap("tiny-llava", "tiny-clip", swapped["clip"][0], verbose=False)
     with pytest.raises(ValueError, match="mode 'swap'"):
@@ -388,7 +388,7 @@ def test_cli_swap(tmp_path, capsys) -> None:
                 "--mllm",
                 "tiny-llava",
                 "--encoder",
-                "tiny-dinov2",
+                "tiny-dinov2-random",
                 "--out",
                 str(tmp_path / "x"),
                 "--mode",

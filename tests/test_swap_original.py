@@ -55,7 +55,7 @@ def swaps(tmp_path_factory) -> dict:
         "dinov2": (
             root / "dinov2",
             swap(
-                "tiny-llava-original", "tiny-dinov2", root / "dinov2", to_hf=True, num_images=2, verbose=False
+                "tiny-llava-original", "tiny-dinov2-random", root / "dinov2", to_hf=True, num_images=2, verbose=False
             ),
         ),
     }

@@ -34,7 +34,7 @@ def _artifact(tmp_path, kind: str, backbone_id: str):
 
 
 @pytest.mark.parametrize(
-    ("kind", "backbone"), [("sail_glu", "tiny-dinov2"), ("freeze_align", "tiny-dinov2-reg")]
+    ("kind", "backbone"), [("sail_glu", "tiny-dinov2-random"), ("freeze_align", "tiny-dinov2-reg-random")]
 )
 @torch.no_grad()
 def test_aligned_tower_reproduces_artifact_tokens(tmp_path, pixels, kind, backbone) -> None:
@@ -56,7 +56,7 @@ def test_output_hidden_states_as_index_bool_or_list(pixels) -> None:
     from transformers import Dinov2WithRegistersModel
 
     backbone = Dinov2WithRegistersModel.from_pretrained(
-        load_vision_encoder("tiny-dinov2-reg").model.name_or_path
+        load_vision_encoder("tiny-dinov2-reg-random").model.name_or_path
     )
     tower = AlignedTower(
         AlignedTowerConfig(vision_backbone=backbone.config.to_dict(), token_rule="patch")
@@ -88,7 +88,7 @@ def test_output_hidden_states_as_index_bool_or_list(pixels) -> None:
 def test_tower_saves_and_reloads_through_auto_classes(tmp_path, pixels) -> None:
     from transformers import AutoConfig, AutoModel
 
-    encoder = _artifact(tmp_path, "sail_glu", "tiny-dinov2")
+    encoder = _artifact(tmp_path, "sail_glu", "tiny-dinov2-random")
     module = new_tower(encoder).module()
     module.save_pretrained(tmp_path / "tower")
     config = AutoConfig.from_pretrained(tmp_path / "tower")
@@ -105,7 +105,7 @@ def test_llava_get_image_features_with_aligned_tower(tmp_path, pixels) -> None:
     """Llava passes the layer index as ``output_hidden_states`` and indexes ``hidden_states`` with it."""
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    encoder = _artifact(tmp_path, "freeze_align", "tiny-dinov2-reg")
+    encoder = _artifact(tmp_path, "freeze_align", "tiny-dinov2-reg-random")
     tower = new_tower(encoder)
     text = LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=40

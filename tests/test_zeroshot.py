@@ -155,5 +155,5 @@ def test_zeroshot_cli_writes_json_and_rejects_non_dual(shapes, tmp_path, capsys)
                  "--data", str(shapes), "--out", str(tmp_path)]) == 0  # fmt: skip
     result = json.loads((tmp_path / "zeroshot-classify-color.json").read_text())
     assert result["classes"][0] == "red" and "acc1" in capsys.readouterr().out
-    code = main(["zeroshot", "--model", "tiny-dinov2", "--data", str(shapes), "--out", str(tmp_path)])
+    code = main(["zeroshot", "--model", "tiny-dinov2-random", "--data", str(shapes), "--out", str(tmp_path)])
     assert code == 2 and "not a dual encoder" in capsys.readouterr().err
