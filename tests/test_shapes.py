@@ -222,3 +222,24 @@ def test_cli_via_python_m(tmp_path: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "4 images" in done.stdout and (tmp_path / "s" / "vqa_test.jsonl").is_file()
+
+
+def test_clip_learns_from_alt_text_that_never_counts_or_places(world: Path) -> None:
+    """``tiny-clip-shapes``' training captions (decoded from its method's tokens) name the main object's colour
+    and shape and no word of the count or position vocabulary, nor any other object."""
+    from align.data.shapes_text import _vocab
+    from align.encoders.registry import resolve
+    from align.fixtures.clip_shapes import ClipPretrain, PretrainSettings
+
+    method = ClipPretrain(Path(resolve("tiny-clip")), world, PretrainSettings())
+    rows = load_shapes(world, split="train")
+    texts = method.tokenizer.batch_decode(method.input_ids, skip_special_tokens=True)
+    assert len(texts) == 2 * len(rows) and len(set(texts)) > 2 * len(COLORS) * len(SHAPES)  # varied phrasing
+    blind = {w for kind in ("count", "position") for v in _vocab(kind) for w in v.split("-")}
+    blind |= set(COUNT_WORDS) | {"zero", "middle", "corner", "shapes", "objects", "and"}
+    for k, text in enumerate(texts):
+        attrs = rows[k % len(rows)]["attributes"]
+        words = set(text.replace(".", " ").split())
+        assert not words & blind, text
+        assert {attrs["color"], attrs["shape"]} <= words, (text, attrs)
+        assert not words & (set(COLORS) - {attrs["color"]}) and not words & (set(SHAPES) - {attrs["shape"]})
