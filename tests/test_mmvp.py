@@ -290,3 +290,16 @@ def test_lmms_eval_cli_scores_a_tiny_llava_on_shapes_mmvp(world: Path, tmp_path:
     pairs = [right[2 * p] and right[2 * p + 1] for p in range(4)]
     assert results["pair_acc,none"] == pytest.approx(sum(pairs) / 4)
     assert results["question_acc,none"] == pytest.approx(sum(right) / 8)
+
+
+def test_eval_refuses_shapes_mmvp_without_pairs(tmp_path: Path, capsys: pytest.CaptureFixture):
+    from mllm_swap.fixtures import ensure_tiny_mllm
+
+    bare = tmp_path / "bare"
+    generate_shapes(bare, 10, seed=0, progress=False)
+    for which in (["--tasks", "shapes_mmvp"], ["--suite", "shapes_all"]):
+        code = main(["eval", "--model", str(ensure_tiny_mllm("tiny-llava")), *which, "--shapes", str(bare),
+                     "--out", str(tmp_path / "out")])  # fmt: skip
+        assert code == 2
+        err = capsys.readouterr().err  # refused before any model loads, with the command that writes the pairs
+        assert "mmvp_pairs.jsonl: not found; expected a shapes-world folder (write it with `mllm-swap data mmvp" in err
