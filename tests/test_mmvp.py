@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from align.data.shapes import generate_shapes, load_shapes
+from align.data.shapes import MMVP_PAIRS, generate_shapes, load_shapes
 from align.data.shapes_text import answer
-from align.evals.mmvp import PAIRS_FILE, load_mmvp_pairs, mmvp_vlm_score, select_pairs
+from align.evals.mmvp import load_mmvp_pairs, mmvp_vlm_score, select_pairs
 from align.io import read_json, read_jsonl
 from mllm_swap.cli import main
 
@@ -207,8 +207,8 @@ def test_bad_input_is_refused(world: Path, tmp_path: Path, capsys: pytest.Captur
         == 2
     )
     assert "quantiles must lie in [0, 1]" in capsys.readouterr().err
-    broken = tmp_path / PAIRS_FILE
-    row = read_jsonl(world / PAIRS_FILE)[0]
+    broken = tmp_path / MMVP_PAIRS
+    row = read_jsonl(world / MMVP_PAIRS)[0]
     broken.write_text(json.dumps({**row, "answers": row["answers"][:1]}) + "\n")
     with pytest.raises(Exception, match=r"'answers' must be a list of 2"):
         load_mmvp_pairs(broken)
@@ -252,7 +252,7 @@ def _answering(rule):
 def test_lmms_task_scores_pairs_only_when_both_answers_are_right(
     world: Path, monkeypatch: pytest.MonkeyPatch, name: str, rule, pair_acc: float, question_acc: float
 ):
-    n = len(read_jsonl(world / PAIRS_FILE))
+    n = len(read_jsonl(world / MMVP_PAIRS))
     results = _evaluate(_answering(rule), world, monkeypatch)["results"]["shapes_mmvp"]
     assert results["pair_acc,none"] == pair_acc and results["question_acc,none"] == question_acc
     assert results["pair_acc_stderr,none"] == 0.0  # lmms-eval's acc_all_stderr over the n pairs
@@ -260,7 +260,7 @@ def test_lmms_task_scores_pairs_only_when_both_answers_are_right(
 
 
 def test_lmms_task_pair_stderr_is_over_pairs(world: Path, monkeypatch: pytest.MonkeyPatch):
-    rows = read_jsonl(world / PAIRS_FILE)
+    rows = read_jsonl(world / MMVP_PAIRS)
     right = {r["id"] for k, r in enumerate(rows) if k % 2 == 0}  # every other pair answered right
     rule = lambda doc: doc["answer"] if doc["id"].rsplit("-", 1)[0] in right else "zero"  # noqa: E731
     results = _evaluate(_answering(rule), world, monkeypatch)["results"]["shapes_mmvp"]

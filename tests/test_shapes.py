@@ -165,11 +165,13 @@ def test_reuse_overwrite_and_refusal(tmp_path: Path) -> None:
     assert (out / "pairs.jsonl").stat().st_mtime_ns == stamp
     assert not generate_shapes(out, 5, seed=3, size=32, overwrite=True, progress=False)["reused"]
     (out / "my-notes.txt").write_text("mine")  # a user's file inside the dataset survives a rebuild
+    (out / shapes_mod.MMVP_PAIRS).write_text("{}\n")  # pairs mined from this world go stale with it
     with pytest.raises(FileExistsError, match=r"other arguments \(\{'n': 5\}\).*--overwrite"):
         generate_shapes(out, 6, seed=3, size=32, progress=False)
     assert len(load_shapes(out)) == 5
     assert not generate_shapes(out, 6, seed=3, size=32, overwrite=True, progress=False)["reused"]
     assert len(load_shapes(out)) == 6 and (out / "my-notes.txt").read_text() == "mine"
+    assert not (out / shapes_mod.MMVP_PAIRS).exists()
     other = tmp_path / "precious"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")

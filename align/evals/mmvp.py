@@ -29,10 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from align.data.shapes import MMVP_META, MMVP_PAIRS
 from align.errors import UserError
 
-PAIRS_FILE = "mmvp_pairs.jsonl"
-META_FILE = "mmvp_meta.json"
 QUESTION_ORDER = ("count", "position", "color", "shape")  # the question asks about the first that differs
 # The thresholds are quantiles of each tower's cosines over all pairs of held-out scenes: MMVP's absolute
 # 0.95 / 0.6 fit ViT-L/14 towers, but a tower's cosines live on its own scale (a random tiny DINOv2 puts
@@ -195,9 +194,9 @@ def mine_mmvp_pairs(
         "clip_cos_quantiles": _quantiles(clip_all),
         "dino_cos_quantiles": _quantiles(dino_all),
     }
-    with atomic_path(out / PAIRS_FILE) as tmp:
+    with atomic_path(out / MMVP_PAIRS) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    write_json(out / META_FILE, meta)
+    write_json(out / MMVP_META, meta)
     return meta
 
 
@@ -214,7 +213,7 @@ def load_mmvp_pairs(path: str | os.PathLike) -> list[dict]:
     from align.io import read_jsonl
 
     path = Path(path)
-    path = path / PAIRS_FILE if path.is_dir() else path
+    path = path / MMVP_PAIRS if path.is_dir() else path
     if not path.is_file():
         raise UserError(f"{path}: not found; write it with `mllm-swap data mmvp --data SHAPES_DIR`")
     rows = read_jsonl(path)

@@ -129,12 +129,12 @@ def shapes_minimal_pairs(rows: Sequence[dict], n_pairs: int, seed: int = 0) -> l
 
 def _pair_rows(data: str | os.PathLike, split: str | None, n_pairs: int, seed: int) -> tuple[str, list[dict]]:
     """``(source, rows)``: each row has two ``images`` (paths) and two ``texts`` (and maybe a ``kind``)."""
-    from align.data.shapes import load_shapes
-    from align.evals.mmvp import PAIRS_FILE, load_mmvp_pairs
+    from align.data.shapes import MMVP_PAIRS, load_shapes
+    from align.evals.mmvp import load_mmvp_pairs
     from align.io import read_jsonl
 
     path = Path(data)
-    if (path / PAIRS_FILE).is_file() or path.name == PAIRS_FILE:
+    if (path / MMVP_PAIRS).is_file() or path.name == MMVP_PAIRS:
         return "shapes-mmvp", load_mmvp_pairs(path)
     if _is_shapes(data):
         pairs = shapes_minimal_pairs(load_shapes(data, split), n_pairs, seed)

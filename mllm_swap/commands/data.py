@@ -121,7 +121,8 @@ def run_shapes(args: argparse.Namespace) -> int:
 
 def run_mmvp(args: argparse.Namespace) -> int:
     """Mine the Shapes-MMVP pairs and print how many of each kind."""
-    from align.evals.mmvp import PAIRS_FILE, mine_mmvp_pairs
+    from align.data.shapes import MMVP_PAIRS
+    from align.evals.mmvp import mine_mmvp_pairs
 
     meta = mine_mmvp_pairs(
         args.data, args.clip, args.dino, args.out, split=args.split, clip_quantile=args.clip_quantile,
@@ -132,7 +133,7 @@ def run_mmvp(args: argparse.Namespace) -> int:
         f"{meta['pairs']} CLIP-blind pairs among {meta['scenes']} {meta['split']} scenes "
         f"(CLIP cosine >= {meta['clip_min']:.4f}, DINOv2 cosine <= {meta['dino_max']:.4f}; {kinds})"
     )
-    print(f"wrote {Path(args.out or args.data) / PAIRS_FILE}")
+    print(f"wrote {Path(args.out or args.data) / MMVP_PAIRS}")
     return 0
 
 
