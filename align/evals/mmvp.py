@@ -5,9 +5,11 @@ MMVP (Tong et al. 2024, "Eyes Wide Shut? Exploring the Visual Shortcomings of Mu
 while a vision-only self-supervised model tells them apart (DINOv2 ViT-L/14 cosine < 0.6), then asks a
 question whose answer differs between the two. :func:`mine_mmvp_pairs` does the same on a shapes world:
 among the held-out scenes, every two whose CLIP cosine (projected image embeddings) is at least
-``clip_min`` and whose DINOv2 cosine (CLS token) is at most ``dino_max`` and whose main-object answers
-differ in at least one question kind; the most CLIP-blind first (largest CLIP-minus-DINOv2 gap), each image in
-at most one pair (so pairs are independent and a binomial standard error holds). The question asks
+``clip_min`` and whose DINOv2 cosine (CLS token) is at most ``dino_max`` (quantiles of each tower's
+cosines over all pairs, see ``CLIP_QUANTILE``) and whose main-object answers differ in at least one
+question kind; the most CLIP-blind first (largest CLIP-minus-DINOv2 gap), each image in at most one pair
+(so pairs are independent and a binomial standard error holds). On a 2,000-scene world (seed 0, 400
+held out) ``tiny-clip-shapes`` against ``tiny-dinov2-random`` gives 21 pairs (17 count, 4 position). The question asks
 about the first differing kind in ``QUESTION_ORDER`` with the two images' answers as its two options
 (same order for both images, as in MMVP); each image also gets an MMVP-VLM statement about that kind.
 
