@@ -351,6 +351,7 @@ def bridge_swap(
         bridge={
             "settings": asdict(settings),
             "layer": layer,
+            "head": head_config,
             "train": {"steps": result["steps"], "final_loss": result["final_loss"], "eval": result["eval"]},
             "compare": compared,
             "vqa_zero_tuning": {**vqa_table, "n": vqa_limit if vqa else None},

@@ -15,13 +15,10 @@ from safetensors.torch import load_file
 
 from align.heads import build_token_head
 from align.io import read_json
-from align.rundir import OutDir
 from align.train.config import TrainConfig
-from align.train.loop import train
-from mllm_swap.bridge import HEAD_FILE, TRAIN_DIR, BridgeMethod, BridgeSettings, bridge_swap, prepare_bridge
+from mllm_swap.bridge import HEAD_FILE, TRAIN_DIR, BridgeMethod, BridgeSettings, bridge_swap
 from mllm_swap.checkpoints import resolve_checkpoint
 from mllm_swap.cli import main
-from mllm_swap.families import detect_family
 from mllm_swap.swap import read_report, swap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -97,39 +94,40 @@ class _Interrupt(Exception):
     pass
 
 
-def test_adapter_training_resumes_to_the_same_weights(shapes_dir: Path, tmp_path: Path) -> None:
-    settings = BridgeSettings(steps=4, batch_size=8, save_every=2)
-    src = resolve_checkpoint("tiny-llava")
-    family = detect_family(src)
-    from align.load import load_vision_encoder
+def test_a_killed_bridge_swap_resumes_to_the_same_weights(
+    shapes_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = BridgeSettings(steps=4, batch_size=8, lr=1e-2, save_every=2)
+    run = {"data": shapes_dir, "settings": settings, "compare": False, "verbose": False}
+    bridge_swap("tiny-llava", "tiny-dinov2-random", tmp_path / "a", **run)
+    calls = {"n": 0}
+    loss = BridgeMethod.loss
 
-    enc = load_vision_encoder("tiny-dinov2-random")
-    method = prepare_bridge(family, src, enc, tmp_path, shapes_dir, None, settings, None)
-    cfg = TrainConfig(steps=4, batch_size=8, lr=1e-2, save_every=2, log_every=1, report_to=["jsonl"])
-    train(method, cfg, tmp_path / "a")
+    def interrupted(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:  # during step 3, after the step-2 checkpoint
+            raise _Interrupt
+        return loss(self, model, batch)
 
-    class Interrupted(BridgeMethod):
-        calls = 0
-
-        def loss(self, model, batch):
-            Interrupted.calls += 1
-            if Interrupted.calls == 3:  # during step 3, after the step-2 checkpoint
-                raise _Interrupt
-            return super().loss(model, batch)
-
-    again = Interrupted(method.family, method.loaded, method.plain, method.head_config, method.layer,
-                        method.train_images, method.held_images, settings)  # fmt: skip
-    with pytest.raises(_Interrupt), OutDir(tmp_path / "b", "train"):
-        train(again, cfg, tmp_path / "b")
-    assert (tmp_path / "b/checkpoints/step-2").is_dir() and not (tmp_path / "b/result.json").exists()
-    resumed = train(method, cfg, tmp_path / "b")
-    assert resumed.resumed_from == tmp_path / "b/checkpoints/step-2" and resumed.steps == 4
-    a, b = (load_file(tmp_path / run / HEAD_FILE) for run in ("a", "b"))
+    monkeypatch.setattr(BridgeMethod, "loss", interrupted)
+    with pytest.raises(_Interrupt):
+        bridge_swap("tiny-llava", "tiny-dinov2-random", tmp_path / "b", **run)
+    assert (tmp_path / "b" / TRAIN_DIR / "checkpoints/step-2").is_dir()
+    assert not (tmp_path / "b" / "config.json").exists()  # nothing published
+    bridge_swap("tiny-llava", "tiny-dinov2-random", tmp_path / "b", **run)  # the same command again
+    result = read_json(tmp_path / "b" / TRAIN_DIR / "result.json")
+    assert result["resumed_from"] == "./checkpoints/step-2" and result["steps"] == 4
+    a, b = (load_file(tmp_path / run / TRAIN_DIR / HEAD_FILE) for run in ("a", "b"))
     assert a.keys() == b.keys() and a
-    start = build_token_head(method.head_config).state_dict()
+    start = build_token_head(read_report(tmp_path / "a")["bridge"]["head"]).state_dict()
     assert any(not torch.equal(a[k], start[k]) for k in a)  # it trained
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    tower = load_file(tmp_path / "b" / "model.safetensors")
+    assert any(
+        k.endswith("vision_tower.head.skip.weight") and torch.equal(v, b["skip.weight"])
+        for k, v in tower.items()
+    )
 
 
 def dinov2_48(root: Path) -> Path:
