@@ -199,3 +199,14 @@ def test_bridge_refuses_other_families(tmp_path: Path, capsys) -> None:
     assert main(argv) == 2
     assert "supported for HF Llava checkpoints" in capsys.readouterr().err
     assert not (tmp_path / "o" / TRAIN_DIR).exists()
+
+
+def test_an_image_folder_is_split_into_training_and_held_out_images(shapes_dir: Path) -> None:
+    from mllm_swap.bridge import bridge_images
+
+    train, held, vqa = bridge_images(None, shapes_dir / "images", BridgeSettings(held_out=0.25))
+    names = sorted(p.name for p in (shapes_dir / "images").iterdir())
+    assert [Path(str(r)).name for r in train + held] == names and len(held) == round(len(names) * 0.25)
+    assert vqa is None
+    with pytest.raises(ValueError, match="not both"):
+        bridge_images(shapes_dir, shapes_dir / "images", BridgeSettings())
