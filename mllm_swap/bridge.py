@@ -251,7 +251,8 @@ def compare_swaps(
         try:
             plan = family.plan(loaded, plain, mode, select_layer)
         except ValueError as err:
-            out[mode] = {"available": False, "reason": str(err).split(". Use")[0]}
+            found = str(err).split(". Use")[0].split(" needs ", 1)[-1]  # without the machine's path
+            out[mode] = {"available": False, "reason": f"{mode} needs {found}"}
             continue
         family.apply(loaded, plain, plan)
         out[mode] = {

@@ -87,7 +87,10 @@ print(json.dumps({{"bridge": cos(bridge, old), "rebuild": cos(rebuild, old), "to
         "rebuild",
         "unswapped",
     }
-    assert saved["bridge"]["compare"]["dropin"]["available"] is False  # DINOv2 into a CLIP tower: no drop-in
+    dropin = saved["bridge"]["compare"]["dropin"]  # DINOv2 into a CLIP tower: no drop-in
+    assert dropin["available"] is False and dropin["reason"].startswith("dropin needs the same tower")
+    text = (root / "bridge" / "swap_report.json").read_text()
+    assert str(root) not in text and str(resolve_checkpoint("tiny-llava")) not in text  # the report travels
 
 
 class _Interrupt(Exception):
