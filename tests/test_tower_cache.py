@@ -55,15 +55,28 @@ def test_cached_stage_losses_equal_the_live_towers(
         assert got != expected
     a, b = (load_mllm(run).model.state_dict() for run in (live, tmp_path / "cached"))
     assert a.keys() == b.keys()  # the tower is saved back in place
-    for key in a:
-        close = torch.allclose(a[key], b[key], rtol=rtol * 10, atol=1e-6)
-        assert close if ".multi_modal_projector." in key else torch.equal(a[key], b[key]), key
+    for key in a:  # fp32 tokens: the same weights; fp16: the connector within what its gradients saw
+        same = torch.equal(a[key], b[key])
+        near = torch.allclose(a[key], b[key], rtol=0, atol=1e-3)
+        assert same or (dtype == "fp16" and ".multi_modal_projector." in key and near), key
 
 
 def _perturbed_clip():
     enc = load_vision_encoder("tiny-clip")
     with torch.no_grad():
         enc.model.vision_model.encoder.layers[0].mlp.fc1.weight.mul_(1.5)
+    return enc
+
+
+def _mirroring_clip():
+    """tiny-clip whose preprocessing mirrors the images: the same model, other preprocessing."""
+    from PIL import Image
+
+    enc = load_vision_encoder("tiny-clip")
+    transform = enc.preprocess.transform
+    enc.preprocess.transform = lambda images: transform(
+        [im.transpose(Image.FLIP_LEFT_RIGHT) for im in images]
+    )
     return enc
 
 
@@ -74,6 +87,7 @@ def _perturbed_clip():
         ("tiny-clip", -2, "keep", "65 tokens of width 64 per image in the cache, the model consumes 64 of width 64"),
         ("tiny-dinov2-random", -2, "drop", "64 tokens of width 96 per image in the cache, the model consumes 64 of width 64"),
         (_perturbed_clip, -2, "drop", "model fingerprint differs"),
+        (_mirroring_clip, -2, "drop", "written with other preprocessing or other images"),
     ],
 )  # fmt: skip
 def test_a_cache_of_something_else_is_refused(

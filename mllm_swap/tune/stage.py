@@ -91,6 +91,8 @@ class TuneMethod:
             on_error=self.cfg.on_error,
             tower_cache=cache,
         )
+        if cache is not None:
+            cache.check_images(self.dataset, model)
         logger.info("tune data: %s", self.dataset.summary.describe())
         if self.cfg.init_trainables is not None:
             load_non_lora(model, self.cfg.init_trainables)

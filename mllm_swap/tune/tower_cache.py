@@ -27,6 +27,8 @@ from align.errors import UserError
 
 # how far a fingerprint may drift (relative to the tokens' scale) between two runs of the same weights
 FINGERPRINT_RTOL = 1e-3
+# how far stored tokens may be from the live tower's (relative to their scale), by storage dtype
+CACHE_RTOL = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 1e-2}
 
 
 class CachedTokens(nn.Module):
@@ -52,6 +54,18 @@ def _layer_index(layer: int, num_states: int) -> int:
     return layer % num_states
 
 
+def consumed(model: nn.Module, tower: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(tokens ``[B, N, D]`` the Llava ``model`` feeds its connector from ``tower`` for ``pixels``, hidden states)."""
+    param = next(tower.parameters())
+    states = tower(
+        pixels.to(param.device, param.dtype), output_hidden_states=True, return_dict=True
+    ).hidden_states
+    tokens = states[model.config.vision_feature_layer]
+    return (tokens[:, 1:] if model.config.vision_feature_select_strategy == "default" else tokens), len(
+        states
+    )
+
+
 @torch.no_grad()
 def check_cache(cache: EmbeddingCache, model: nn.Module, tower: nn.Module, where: str) -> int:
     """Refuse ``cache`` unless it holds what ``model`` (an HF Llava) consumes from ``tower``: the same layer,
@@ -66,11 +80,7 @@ def check_cache(cache: EmbeddingCache, model: nn.Module, tower: nn.Module, where
         )
     if not isinstance(layer, int):
         raise UserError(f"{where}: the model concatenates layers {layer}; a tower cache holds one layer")
-    image_size = int(cfg.vision_config.image_size)
-    probe = probe_pixels(image_size).to(next(tower.parameters()).device, next(tower.parameters()).dtype)
-    states = tower(probe, output_hidden_states=True, return_dict=True).hidden_states
-    live = states[layer][:, 1:] if strategy == "default" else states[layer]
-    n = len(states)
+    live, n = consumed(model, tower, probe_pixels(int(cfg.vision_config.image_size)))
     problems = []
     if _layer_index(m["layer"], n) != _layer_index(layer, n):
         problems.append(f"layer {m['layer']} in the cache, the model consumes layer {layer}")
@@ -106,7 +116,28 @@ class TowerCache:
         self.path = Path(path)
         self.cache = EmbeddingCache(self.path)
         self.num_states = check_cache(self.cache, model, tower, str(self.path))
+        self.tower = tower  # the real one, for check_images
         self.rows = {sample_id: row for row, sample_id in enumerate(self.cache.ids)}
+
+    @torch.no_grad()
+    def check_images(self, dataset: Any, model: nn.Module) -> None:
+        """Refuse the cache when its tokens of the first image differ from the tower's on that image as the
+        stage prepares it (``dataset.load_image``: padded to square; the processor): other preprocessing."""
+        record = next((r for r in dataset.records if "image" in r), None)
+        if record is None:
+            return
+        pixels = dataset.processor.image_processor(images=[dataset.load_image(record)], return_tensors="pt")
+        live = consumed(model, self.tower, pixels["pixel_values"])[0].float().cpu()
+        cached = self.tokens(record)
+        diff = (live - cached).abs().max().item()
+        scale = live.abs().max().item()
+        if diff > CACHE_RTOL[self.cache.manifest["dtype"]] * max(scale, 1.0):
+            raise UserError(
+                f"tower_cache {self.path}: does not match the model: its tokens of image {record['image']!r} differ "
+                f"from the tower's by up to {diff:.3g} (scale {scale:.3g}) on the image as this stage prepares it "
+                f"(image_aspect_ratio {dataset.image_aspect_ratio!r}, the model's processor): written with other "
+                "preprocessing or other images"
+            )
 
     def tokens(self, record: dict) -> torch.Tensor:
         """``[1, N, D]`` float32 tokens of the record's image."""
