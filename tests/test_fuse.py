@@ -123,8 +123,10 @@ def test_one_processor_gives_each_tower_its_own_input(fused, sig32: Path) -> Non
     out, _ = fused
     model = AutoModelForImageTextToText.from_pretrained(out).eval()
     images = sample_images(3, size=64)
-    pixels = AutoProcessor.from_pretrained(out).image_processor(images=images, return_tensors="pt")["pixel_values"]
-    assert 0 <= float(pixels.min()) and float(pixels.max()) <= 1
+    pixels = AutoProcessor.from_pretrained(out).image_processor(images=images, return_tensors="pt")[
+        "pixel_values"
+    ]
+    assert float(pixels.min()) >= 0 and float(pixels.max()) <= 1
     clip_in, sig_in = model.model.vision_tower.part_pixels(pixels)
     own = [AutoImageProcessor.from_pretrained(p)(images=images, return_tensors="pt")["pixel_values"]
            for p in (load_vision_encoder("tiny-clip").model.name_or_path, sig32)]  # fmt: skip
@@ -143,14 +145,21 @@ def test_fused_llava_loads_and_generates_without_the_project(fused, sig32, tmp_p
     out, _ = fused
     image = tmp_path / "probe.png"
     sample_images(1)[0].save(image)
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}],
+        }
+    ]
     model = AutoModelForImageTextToText.from_pretrained(out).eval()
     proc = AutoProcessor.from_pretrained(out)
     inputs = proc(images=sample_images(1)[0], text=proc.apply_chat_template(msgs, add_generation_prompt=True),
                   return_tensors="pt")  # fmt: skip
     with torch.no_grad():
         want = model(**inputs).logits
-    code = without_project + f"""
+    code = (
+        without_project
+        + f"""
 import json, torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -164,6 +173,7 @@ with torch.no_grad():
 print(json.dumps({{"tower": type(model.model.vision_tower).__name__, "new": gen.shape[1] - inputs["input_ids"].shape[1],
                   "modules": sorted(m for m in sys.modules if m.split(".")[0] in ("align", "mllm_swap"))}}))
 """
+    )
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
     proc_ = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                            env={**__import__("os").environ, **env})  # fmt: skip
