@@ -15,6 +15,10 @@ spec names ``AlignedTowerConfig`` directly) and ``AlignedLlavaForConditionalGene
 module registers ``AlignedTower`` for ``AutoModel.from_config`` (which ``LlavaModel`` builds its tower with)
 and Llava's checkpoint key renaming for ``AlignedLlavaForConditionalGeneration``.
 
+``FusedTowerConfig`` / ``FusedTower`` (``swap --mode fuse``) hold two or more such towers side by side: their
+patch tokens per layer, resampled to one grid and concatenated along channels; ``FusedLlavaConfig`` /
+``FusedLlavaForConditionalGeneration`` are their remote entry points.
+
 Token rule (what the tower hands the MLLM, per layer): ``"patch"`` removes every prefix token (CLS and
 registers) and keeps the ``(S/p)^2`` patch tokens; ``"all"`` keeps prefix and patch tokens. With a head, the
 head sees the full token sequence (SAIL uses ``[CLS ; patch_i]``, freeze_align ``cls_proj(CLS)``) and returns

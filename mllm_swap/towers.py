@@ -7,7 +7,8 @@ one CLS is dropped by the MLLM's own rule (HF ``"default"``, original ``"patch"`
 (DINOv2-with-registers) are dropped inside an ``AlignedTower`` with token rule ``"patch"``, because the MLLMs'
 rules remove index 0 only. ``"keep"`` feeds every token. Aligned artifacts bring their own rule.
 
-The aligned tower itself (``AlignedTowerConfig``, ``AlignedTower``, its token rule) lives in
+The aligned tower itself (``AlignedTowerConfig``, ``AlignedTower``, its token rule; the fused tower of
+``swap --mode fuse``, built by :mod:`mllm_swap.fuse`) lives in
 :mod:`align.modeling_aligned_tower`, a self-contained module that is also the checkpoints' remote code.
 Importing this module (``import mllm_swap`` does it) registers the tower with ``AutoConfig`` /
 ``AutoModel``, so checkpoints with an aligned tower reload with plain ``from_pretrained`` and no
@@ -42,24 +43,18 @@ from align.modeling_aligned_tower import (  # noqa: F401  (the tower's public na
     prefix_tokens_of,
 )
 
-# auto_map of a checkpoint with an aligned (or fused) tower, by the tower's model_type, then the model_type
-# of its config.json (the tower saved alone, or a Llava holding it)
+# auto_map of a checkpoint with an aligned (or fused) tower: by the tower's model_type, then the model_type of
+# its config.json (a Llava holding the tower, or the tower saved alone)
 AUTO_MAP = {
-    MODEL_TYPE: {
-        "llava": {
-            "AutoConfig": AlignedLlavaConfig,
-            "AutoModelForImageTextToText": AlignedLlavaForConditionalGeneration,
-        },
-        MODEL_TYPE: {"AutoConfig": AlignedTowerConfig, "AutoModel": AlignedTower},
-    },
-    FUSED_MODEL_TYPE: {
-        "llava": {
-            "AutoConfig": FusedLlavaConfig,
-            "AutoModelForImageTextToText": FusedLlavaForConditionalGeneration,
-        },
-        FUSED_MODEL_TYPE: {"AutoConfig": FusedTowerConfig, "AutoModel": FusedTower},
-    },
-}
+    tower: {
+        "llava": {"AutoConfig": llava_config, "AutoModelForImageTextToText": llava_model},
+        tower: {"AutoConfig": config, "AutoModel": model},
+    }
+    for tower, llava_config, llava_model, config, model in (
+        (MODEL_TYPE, AlignedLlavaConfig, AlignedLlavaForConditionalGeneration, AlignedTowerConfig, AlignedTower),
+        (FUSED_MODEL_TYPE, FusedLlavaConfig, FusedLlavaForConditionalGeneration, FusedTowerConfig, FusedTower),
+    )
+}  # fmt: skip
 
 
 def register_towers() -> None:
@@ -90,9 +85,8 @@ def add_remote_code(directory: str | Path) -> list[str]:
         return []
     config = read_json(path)
     model_type = config.get("model_type")
-    tower_type = (
-        model_type if model_type in AUTO_MAP else (config.get("vision_config") or {}).get("model_type")
-    )
+    vision = (config.get("vision_config") or {}).get("model_type")
+    tower_type = model_type if model_type in AUTO_MAP else vision
     aligned = tower_type in AUTO_MAP
     if aligned and model_type not in AUTO_MAP[tower_type]:
         raise ValueError(
