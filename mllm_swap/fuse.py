@@ -53,7 +53,8 @@ def load_fuse_parts(spec: str) -> list[Any]:
         try:
             encoders.append(load_vision_encoder(part))
         except (OSError, ValueError, KeyError) as err:
-            raise UserError(f"--encoder {spec!r}: part {i + 1} ({part!r}) does not load: {err}") from err
+            detail = err.args[0] if isinstance(err, KeyError) and err.args else err  # KeyError's str() quotes
+            raise UserError(f"--encoder {spec!r}: part {i + 1} ({part!r}) does not load: {detail}") from err
     return encoders
 
 
