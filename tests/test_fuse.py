@@ -207,3 +207,28 @@ def test_bad_fuse_specs_fail_naming_the_part(args, expected, tmp_path, capsys) -
     err = capsys.readouterr().err
     assert code == 2 and expected in err, err
     assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_connector_tuning_trains_the_new_input_layer_of_the_fused_model(
+    fused, shapes_dir: Path, tmp_path
+) -> None:
+    """`tune --stage connector` runs on the fused checkpoint: linear_1 (112 -> LLM width) moves, the towers stay."""
+    from safetensors.torch import load_file
+
+    from align.train.config import TrainConfig
+    from mllm_swap.checkpoints import load_mllm
+    from mllm_swap.tune.config import TuneConfig
+    from mllm_swap.tune.model import NON_LORA_FILE
+    from mllm_swap.tune.stage import run_tune
+
+    out, _ = fused
+    cfg = TuneConfig(
+        model=str(out), data=shapes_dir / "instruct.json", image_folder=shapes_dir, stage="connector",
+        max_length=256, train=TrainConfig(steps=2, batch_size=4, lr=1e-3, report_to=["jsonl"], save_every=0),
+    )  # fmt: skip
+    run_tune(cfg, tmp_path / "tuned")
+    trained = load_file(tmp_path / "tuned" / NON_LORA_FILE)
+    before = load_mllm(out).model.state_dict()
+    (key,) = [k for k in trained if k.endswith("multi_modal_projector.linear_1.weight")]
+    assert trained[key].shape[1] == 112 and not torch.equal(trained[key], before[key])
+    assert not [k for k in trained if ".vision_tower." in k]
