@@ -51,6 +51,7 @@ __all__ = [
     "build_text_head",
     "build_token_head",
     "freeze_align_param_count",
+    "resample_grid",
 ]
 
 
@@ -295,6 +296,19 @@ class FreezeAlignTextHead(nn.Module):
         return self.global_head(mean)
 
 
+def resample_grid(patches: Tensor, out: int) -> Tensor:
+    """Patch tokens ``[B, g*g, D]`` on an ``out x out`` grid: bilinear (``align_corners=False``), unchanged
+    when the grids agree (how bridges and fused towers reconcile token grids)."""
+    side = math.isqrt(patches.shape[1])
+    if side * side != patches.shape[1]:
+        raise ValueError(f"{patches.shape[1]} patch tokens do not form a square grid")
+    if side == out:
+        return patches
+    grid = patches.transpose(1, 2).reshape(patches.shape[0], -1, side, side)
+    grid = nn.functional.interpolate(grid.float(), size=(out, out), mode="bilinear", align_corners=False)
+    return grid.flatten(2).transpose(1, 2).to(patches.dtype)
+
+
 class TokenBridgeHead(nn.Module):
     """A bridge swap's token adapter: a new tower's tokens onto an old tower's, at the layer an MLLM consumes.
 
@@ -313,15 +327,8 @@ class TokenBridgeHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
 
     def resample(self, patches: Tensor) -> Tensor:
-        """Patch tokens ``[B, g*g, D]`` on the ``out_grid`` grid (bilinear, unchanged when the grids agree)."""
-        side, out = math.isqrt(patches.shape[1]), int(self.config["out_grid"])
-        if side * side != patches.shape[1]:
-            raise ValueError(f"token bridge: {patches.shape[1]} patch tokens do not form a square grid")
-        if side == out:
-            return patches
-        grid = patches.transpose(1, 2).reshape(patches.shape[0], -1, side, side)
-        grid = nn.functional.interpolate(grid.float(), size=(out, out), mode="bilinear", align_corners=False)
-        return grid.flatten(2).transpose(1, 2).to(patches.dtype)
+        """Patch tokens ``[B, g*g, D]`` on the ``out_grid`` grid (:func:`resample_grid`)."""
+        return resample_grid(patches, int(self.config["out_grid"]))
 
     def forward(self, tokens: Tensor, num_prefix_tokens: int = 0) -> Tensor:
         """``[B, P + N, D_in]`` -> ``[B, out_grid^2, D_out]``."""

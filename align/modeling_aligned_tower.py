@@ -15,6 +15,10 @@ spec names ``AlignedTowerConfig`` directly) and ``AlignedLlavaForConditionalGene
 module registers ``AlignedTower`` for ``AutoModel.from_config`` (which ``LlavaModel`` builds its tower with)
 and Llava's checkpoint key renaming for ``AlignedLlavaForConditionalGeneration``.
 
+``FusedTowerConfig`` / ``FusedTower`` (``swap --mode fuse``) hold two or more such towers side by side: their
+patch tokens per layer, resampled to one grid and concatenated along channels; ``FusedLlavaConfig`` /
+``FusedLlavaForConditionalGeneration`` are their remote entry points.
+
 Token rule (what the tower hands the MLLM, per layer): ``"patch"`` removes every prefix token (CLS and
 registers) and keeps the ``(S/p)^2`` patch tokens; ``"all"`` keeps prefix and patch tokens. With a head, the
 head sees the full token sequence (SAIL uses ``[CLS ; patch_i]``, freeze_align ``cls_proj(CLS)``) and returns
@@ -46,16 +50,17 @@ from transformers.conversion_mapping import (
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .heads import build_token_head
+from .heads import build_token_head, resample_grid
 
 TOKEN_RULES = ("patch", "all")
 MODEL_TYPE = "mllm_swap_aligned_tower"
+FUSED_MODEL_TYPE = "mllm_swap_fused_tower"
 
 
 def prefix_tokens_of(config: PretrainedConfig) -> int:
     """CLS + register tokens an HF vision backbone puts before its patch tokens (SigLIP: 0)."""
     model_type = getattr(config, "model_type", "")
-    if model_type == MODEL_TYPE:
+    if model_type in (MODEL_TYPE, FUSED_MODEL_TYPE):
         return int(config.num_prefix_tokens)
     if model_type.startswith("siglip"):
         return 0
@@ -172,8 +177,7 @@ class AlignedTower(PreTrainedModel):
         **kwargs: Any,
     ) -> BaseModelOutputWithPooling:
         """Tokens of the final layer in ``last_hidden_state``; selected layers in ``hidden_states``."""
-        dtype = next(self.backbone.parameters()).dtype
-        states = self.backbone_states(pixel_values.to(dtype))
+        states = self.backbone_states(pixel_values.to(self.dtype))
         n = len(states)
         if isinstance(output_hidden_states, bool) or output_hidden_states is None:
             wanted = set(range(n)) if output_hidden_states else set()
@@ -213,10 +217,120 @@ class AlignedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     config_class = AlignedLlavaConfig
 
 
+class FusedTowerConfig(PretrainedConfig):
+    """Config of a fused tower: two or more aligned towers (token rule ``"patch"``) whose patch tokens are
+    concatenated along channels on one ``grid x grid`` token grid.
+
+    ``parts``: the towers' :class:`AlignedTowerConfig` dicts; ``pixels``: per tower its ``image_size``,
+    ``image_mean`` and ``image_std``. The tower takes ``[0, 1]`` pixels at ``image_size`` (the largest tower's
+    resolution, one resize/crop for all) and derives each tower's input: resized (bicubic, antialiased)
+    to its resolution when smaller, normalised with its mean/std.
+    """
+
+    model_type = FUSED_MODEL_TYPE
+
+    parts: list | None = None
+    pixels: list | None = None
+    grid: int = 0
+    token_rule: str = "patch"
+    head_config: dict | None = None
+    num_prefix_tokens: int = 0
+    hidden_size: int = 0
+    image_size: int = 0
+    patch_size: int = 0
+    num_hidden_layers: int = 0
+    source: str = ""
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        if self.parts is None:  # transformers' default instance (compared against when saving)
+            return
+        if not self.parts or len(self.parts) != len(self.pixels or []):
+            raise ValueError(f"a fused tower needs parts and one pixels entry per part, found {self.parts}")
+        configs = self.part_configs()
+        self.image_size = max(int(p["image_size"]) for p in self.pixels)
+        self.patch_size = output_patch_size(self.image_size, int(self.grid))
+        self.hidden_size = sum(c.hidden_size for c in configs)
+        self.num_hidden_layers = min(c.num_hidden_layers for c in configs)
+
+    def part_configs(self) -> list[AlignedTowerConfig]:
+        """The towers' configs (each a token rule ``"patch"`` :class:`AlignedTowerConfig`)."""
+        skip = ("model_type", "transformers_version")
+        return [AlignedTowerConfig(**{k: v for k, v in p.items() if k not in skip}) for p in self.parts]
+
+    num_output_prefix_tokens = 0
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Tokens per image the tower hands the MLLM (the fused grid)."""
+        return int(self.grid) ** 2
+
+
+class FusedTower(AlignedTower):
+    """Towers run side by side on one image; per layer, their patch tokens resampled to the fused grid and
+    concatenated along channels. Layers are aligned at the end: fused hidden state ``-k`` holds every tower's
+    hidden state ``-k`` (``-1``: their final token outputs), so there are as many as the shallowest tower has.
+    """
+
+    config: FusedTowerConfig
+    config_class = FusedTowerConfig
+    base_model_prefix = "fused_tower"
+
+    def __init__(self, config: FusedTowerConfig):
+        PreTrainedModel.__init__(self, config)
+        self.parts = nn.ModuleList(AlignedTower(c) for c in config.part_configs())
+        self.head = None
+        self.post_init()
+
+    def part_pixels(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Each tower's input from ``[0, 1]`` pixels at the fused resolution (its size, its normalisation)."""
+        out = []
+        for spec in self.config.pixels:
+            x, size = pixel_values, int(spec["image_size"])
+            if x.shape[-1] != size or x.shape[-2] != size:
+                x = nn.functional.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True)
+                x = x.clamp(0, 1).to(pixel_values.dtype)
+            mean = torch.tensor(spec["image_mean"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+            std = torch.tensor(spec["image_std"], dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+            out.append((x - mean) / std)
+        return out
+
+    def backbone_states(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Fused tokens per layer, end-aligned: ``cat_t resample(tower_t's patch tokens of that layer)``."""
+        grid = int(self.config.grid)
+        per_part = []
+        for part, pixels in zip(self.parts, self.part_pixels(pixel_values), strict=True):
+            states = part.backbone_states(pixels)
+            per_part.append([resample_grid(part.transform(h), grid) for h in states])
+        n = min(len(states) for states in per_part)
+        return [torch.cat([states[len(states) - n + i] for states in per_part], dim=-1) for i in range(n)]
+
+    def transform(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Fused states are already patch tokens on the fused grid."""
+        return tokens
+
+
+class FusedLlavaConfig(LlavaConfig):
+    """``LlavaConfig`` whose ``vision_config`` is a :class:`FusedTowerConfig` (remote-code entry point)."""
+
+    sub_configs_defaults = {
+        **LlavaConfig.sub_configs_defaults,
+        "vision_config": SubConfigSpec(config_class=FusedTowerConfig),
+    }
+
+
+class FusedLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+    """``LlavaForConditionalGeneration`` over a :class:`FusedTower` (remote-code entry point)."""
+
+    config_class = FusedLlavaConfig
+
+
 # LlavaModel builds its tower with AutoModel.from_config(config.vision_config)
 AutoModel.register(AlignedTowerConfig, AlignedTower, exist_ok=True)
+AutoModel.register(FusedTowerConfig, FusedTower, exist_ok=True)
 # transformers reads (and writes) Llava checkpoints through the "llava" key renaming, but skips it for
 # classes defined outside transformers unless they are registered by name.
-register_checkpoint_conversion_mapping(
-    AlignedLlavaForConditionalGeneration.__name__, get_checkpoint_conversion_mapping("llava"), overwrite=True
-)
+for _llava in (AlignedLlavaForConditionalGeneration, FusedLlavaForConditionalGeneration):
+    register_checkpoint_conversion_mapping(
+        _llava.__name__, get_checkpoint_conversion_mapping("llava"), overwrite=True
+    )

@@ -4,7 +4,8 @@
 with the new tower inside, and ``out/swap_report.json``. Modes: ``dropin`` (same architecture, width
 and token layout: only the tower's weights change) and ``rebuild`` (new tower, connector input layer
 re-initialised, image token count / processor / select layer updated). ``auto`` picks drop-in when
-nothing but the weights differ.
+nothing but the weights differ. ``fuse`` (HF Llava; ``encoder`` ``"A+B"``) is a rebuild onto a fused tower
+(:mod:`mllm_swap.fuse`): both towers' patch tokens concatenated along channels.
 
 Prefix-token rule (``prefix``): ``"drop"`` (default) feeds only the ``(S/p)^2`` patch tokens: the CLS of
 CLIP/DINOv2 is dropped by the MLLM's own rule (HF ``"default"``, original ``"patch"``), and CLS + registers
@@ -34,7 +35,7 @@ from mllm_swap.checkpoints import resolve_checkpoint
 from mllm_swap.families import Family, Loaded, SwapPlan, detect_family
 from mllm_swap.towers import PREFIX_RULES, NewTower, new_tower, openclip_as_hf
 
-MODES = ("auto", "dropin", "rebuild")
+MODES = ("auto", "dropin", "rebuild", "fuse")
 DEFAULT_PROMPT = "What colour is the shape?"
 REPORT = "swap_report.json"
 
@@ -71,6 +72,11 @@ class SwapReport:
             f"  width: {o.get('width')} -> {n.get('width')}; image tokens: {o.get('image_tokens')} -> "
             f"{n.get('image_tokens')}; select layer: {o.get('select_layer')} -> {n.get('select_layer')}",
             f"  prefix rule: {n.get('prefix_rule')}",
+            *(
+                f"  part {p['source']}: width {p['width']}, grid {p['grid']}x{p['grid']}"
+                + (f" resampled to {p['resampled_to']}x{p['resampled_to']}" if p["resampled_to"] else "")
+                for p in n.get("parts", [])
+            ),
             f"  new modules: {', '.join(self.new_modules) or 'none'}",
             f"  untrained (train before use): {', '.join(self.untrained) or 'none'}",
         ]
@@ -180,6 +186,38 @@ def check_select_layer(select_layer: int | None, num_layers: int | None, encoder
     )
 
 
+def swap_tower(
+    encoder: Any, mode: str, prefix: str, select_layer: int | None, out: Path, family: Family
+) -> NewTower:
+    """The tower ``encoder`` (id, path, ``VisionEncoder``, or ``"A+B"`` with ``mode="fuse"``) becomes in ``out``."""
+    if mode == "fuse":
+        from mllm_swap.fuse import fused_tower, load_fuse_parts
+
+        if family.name != "llava_hf":
+            raise UserError(
+                f"--mode fuse: supported for HF Llava checkpoints; found a {family.name} checkpoint"
+            )
+        tower = fused_tower(load_fuse_parts(encoder), out, prefix)
+        check_select_layer(select_layer, tower.config.num_hidden_layers, encoder)
+        return tower
+    if isinstance(encoder, torch.nn.Module):
+        enc = encoder
+    else:
+        from align.load import load_vision_encoder
+
+        if "+" in str(encoder) and not Path(encoder).expanduser().exists():
+            raise UserError(f"--encoder {encoder}: two encoders joined by '+' are fused by --mode fuse")
+        enc = load_vision_encoder(encoder)
+    check_select_layer(select_layer, getattr(enc, "num_layers", None), encoder)
+    tower = new_tower(enc, prefix=prefix)
+    tower.source = portable(tower.source, out)  # recorded in the checkpoint: an id or a path relative to it
+    if tower.kind == "aligned":
+        tower.config.source = tower.source
+    if family.hf_tower and tower.kind == "openclip":
+        tower = openclip_as_hf(tower)
+    return tower
+
+
 @claims_out_dir("swap", out_arg="out")
 def swap(
     mllm: str | os.PathLike,
@@ -195,7 +233,8 @@ def swap(
     overwrite: bool = False,
     verbose: bool = True,
 ) -> SwapReport:
-    """Swap ``encoder`` (id, path or ``VisionEncoder``) into ``mllm`` (id or path); write ``out``.
+    """Swap ``encoder`` (id, path or ``VisionEncoder``; ``"A+B"`` with ``mode="fuse"``) into ``mllm`` (id or
+    path); write ``out``.
 
     ``to_hf`` additionally writes an HF-layout copy to ``out/hf`` (original LLaVA checkpoints).
     """
@@ -211,21 +250,11 @@ def swap(
     family = detect_family(src)
     if to_hf and not hasattr(family, "to_hf"):
         raise ValueError(f"--to-hf: {family.name} checkpoints are already in their own HF layout")
-    if isinstance(encoder, torch.nn.Module):
-        enc = encoder
-    else:
-        from align.load import load_vision_encoder
-
-        enc = load_vision_encoder(encoder)
-    check_select_layer(select_layer, getattr(enc, "num_layers", None), encoder)
-    tower = new_tower(enc, prefix=prefix)
-    tower.source = portable(tower.source, out)  # recorded in the checkpoint: an id or a path relative to it
-    if tower.kind == "aligned":
-        tower.config.source = tower.source
-    if family.hf_tower and tower.kind == "openclip":
-        tower = openclip_as_hf(tower)
+    tower = swap_tower(encoder, mode, prefix, select_layer, out, family)
     loaded = family.load(src)
-    plan = family.plan(loaded, tower, mode, select_layer)
+    plan = family.plan(loaded, tower, "rebuild" if mode == "fuse" else mode, select_layer)
+    if mode == "fuse":
+        plan.mode, plan.reason = "fuse", f"requested: {tower.source} fused along channels"
     drift, new_images = apply_and_measure(family, loaded, tower, plan, prompt, num_images)
     generated = family.generate(loaded, new_images[0], prompt)
     report = SwapReport(
@@ -236,7 +265,11 @@ def swap(
         encoder=tower.source if isinstance(encoder, torch.nn.Module) else str(encoder),
         out=str(out),
         old_tower=plan.old.describe(),
-        new_tower={**plan.new.describe(), **{"kind": tower.kind}},
+        new_tower={
+            **plan.new.describe(),
+            "kind": tower.kind,
+            **({"parts": tower.parts, "fuse_rule": tower.prefix_rule} if tower.parts else {}),
+        },
         new_modules=plan.new_modules,
         untrained=plan.untrained,
         drift=drift,

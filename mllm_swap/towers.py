@@ -7,7 +7,8 @@ one CLS is dropped by the MLLM's own rule (HF ``"default"``, original ``"patch"`
 (DINOv2-with-registers) are dropped inside an ``AlignedTower`` with token rule ``"patch"``, because the MLLMs'
 rules remove index 0 only. ``"keep"`` feeds every token. Aligned artifacts bring their own rule.
 
-The aligned tower itself (``AlignedTowerConfig``, ``AlignedTower``, its token rule) lives in
+The aligned tower itself (``AlignedTowerConfig``, ``AlignedTower``, its token rule; the fused tower of
+``swap --mode fuse``, built by :mod:`mllm_swap.fuse`) lives in
 :mod:`align.modeling_aligned_tower`, a self-contained module that is also the checkpoints' remote code.
 Importing this module (``import mllm_swap`` does it) registers the tower with ``AutoConfig`` /
 ``AutoModel``, so checkpoints with an aligned tower reload with plain ``from_pretrained`` and no
@@ -28,28 +29,38 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig
 from align import modeling_aligned_tower
 from align.io import read_json, write_json
 from align.modeling_aligned_tower import (  # noqa: F401  (the tower's public names, re-exported)
+    FUSED_MODEL_TYPE,
     MODEL_TYPE,
     TOKEN_RULES,
     AlignedLlavaConfig,
     AlignedLlavaForConditionalGeneration,
     AlignedTower,
     AlignedTowerConfig,
+    FusedLlavaConfig,
+    FusedLlavaForConditionalGeneration,
+    FusedTower,
+    FusedTowerConfig,
     prefix_tokens_of,
 )
 
-# auto_map of a checkpoint with an aligned tower, by the model_type of its config.json
+# auto_map of a checkpoint with an aligned (or fused) tower: by the tower's model_type, then the model_type of
+# its config.json (a Llava holding the tower, or the tower saved alone)
 AUTO_MAP = {
-    "llava": {
-        "AutoConfig": AlignedLlavaConfig,
-        "AutoModelForImageTextToText": AlignedLlavaForConditionalGeneration,
-    },
-    MODEL_TYPE: {"AutoConfig": AlignedTowerConfig, "AutoModel": AlignedTower},
-}
+    tower: {
+        "llava": {"AutoConfig": llava_config, "AutoModelForImageTextToText": llava_model},
+        tower: {"AutoConfig": config, "AutoModel": model},
+    }
+    for tower, llava_config, llava_model, config, model in (
+        (MODEL_TYPE, AlignedLlavaConfig, AlignedLlavaForConditionalGeneration, AlignedTowerConfig, AlignedTower),
+        (FUSED_MODEL_TYPE, FusedLlavaConfig, FusedLlavaForConditionalGeneration, FusedTowerConfig, FusedTower),
+    )
+}  # fmt: skip
 
 
 def register_towers() -> None:
-    """Register the tower config with ``AutoConfig`` (idempotent; the module registers the model itself)."""
+    """Register the tower configs with ``AutoConfig`` (idempotent; the module registers the models itself)."""
     AutoConfig.register(MODEL_TYPE, AlignedTowerConfig, exist_ok=True)
+    AutoConfig.register(FUSED_MODEL_TYPE, FusedTowerConfig, exist_ok=True)
 
 
 def remote_code_files() -> list[Path]:
@@ -63,7 +74,7 @@ def remote_code_files() -> list[Path]:
 def add_remote_code(directory: str | Path) -> list[str]:
     """Make the checkpoint in ``directory`` load without this package (Hugging Face's remote-code convention).
 
-    When its ``config.json`` is an aligned tower's or has one as ``vision_config``, the tower's source files
+    When its ``config.json`` is an aligned (or fused) tower's or has one as ``vision_config``, the tower's source files
     are copied next to it and ``auto_map`` names their classes, so ``from_pretrained(directory,
     trust_remote_code=True)`` works in an environment without ``mllm_swap``. ``auto_map`` entries of an
     aligned tower that is no longer there (a checkpoint swapped back to a plain tower) are removed; other
@@ -74,18 +85,22 @@ def add_remote_code(directory: str | Path) -> list[str]:
         return []
     config = read_json(path)
     model_type = config.get("model_type")
-    aligned = MODEL_TYPE in (model_type, (config.get("vision_config") or {}).get("model_type"))
-    if aligned and model_type not in AUTO_MAP:
+    vision = (config.get("vision_config") or {}).get("model_type")
+    tower_type = model_type if model_type in AUTO_MAP else vision
+    aligned = tower_type in AUTO_MAP
+    if aligned and model_type not in AUTO_MAP[tower_type]:
         raise ValueError(
             f"{path}: an aligned tower inside a '{model_type}' model has no remote code; "
-            f"expected model_type one of {sorted(AUTO_MAP)}"
+            f"expected model_type one of {sorted(AUTO_MAP[tower_type])}"
         )
     files = remote_code_files() if aligned else []
     module = Path(modeling_aligned_tower.__file__).stem
     old = config.get("auto_map") or {}
     new = {k: v for k, v in old.items() if not str(v).startswith(f"{module}.")}
     if aligned:
-        new.update({auto: f"{module}.{cls.__name__}" for auto, cls in AUTO_MAP[model_type].items()})
+        new.update(
+            {auto: f"{module}.{cls.__name__}" for auto, cls in AUTO_MAP[tower_type][model_type].items()}
+        )
     for file in files:
         shutil.copyfile(file, path.parent / file.name)
     if new != old:
@@ -101,8 +116,9 @@ PREFIX_RULES = ("drop", "keep")
 class NewTower:
     """An encoder turned into something an MLLM can hold: an HF vision config + weights, or an open_clip visual.
 
-    ``kind``: ``"hf"`` (a plain transformers vision model), ``"aligned"`` (an :class:`AlignedTower`) or
-    ``"openclip"`` (``visual`` only; for OpenFlamingo). ``num_tokens`` is what the MLLM receives per image.
+    ``kind``: ``"hf"`` (a plain transformers vision model), ``"aligned"`` (an :class:`AlignedTower`),
+    ``"fused"`` (a :class:`FusedTower`; ``parts`` describes its towers) or ``"openclip"`` (``visual`` only;
+    for OpenFlamingo). ``num_tokens`` is what the MLLM receives per image.
     """
 
     source: str
@@ -119,6 +135,7 @@ class NewTower:
     prefix_rule: str
     head_layer: int | None = None
     notes: list[str] = field(default_factory=list)
+    parts: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def num_patches(self) -> int:
@@ -144,6 +161,7 @@ class NewTower:
             "prefix_tokens": self.num_prefix_tokens,
             "image_tokens": self.num_tokens,
             "prefix_rule": self.prefix_rule,
+            **({"parts": self.parts} if self.parts else {}),
         }
 
 
@@ -221,7 +239,7 @@ def new_tower(encoder: Any, prefix: str = "drop") -> NewTower:
             **common,
         )
     tower_config = AlignedTowerConfig(
-        vision_backbone=_backbone_config(config), token_rule="patch", source=source
+        vision_backbone=backbone_config(config), token_rule="patch", source=source
     )
     return NewTower(
         kind="aligned",
@@ -241,16 +259,9 @@ def bridged_tower(
     applied on ``layer``: an :class:`AlignedTower` feeding the head's ``out_grid``-squared tokens of width
     ``out_dim``; its patch size is the output grid's (:func:`~align.modeling_aligned_tower.output_patch_size`),
     which is how Llava's processor counts the image tokens."""
-    if tower.kind == "aligned":  # a token-rule tower (DINOv2-with-registers): its backbone, already prefixed
-        backbone, state = tower.config.vision_backbone, dict(tower.state_dict)
-    elif tower.kind == "hf":
-        backbone, state = tower.config, {f"backbone.{k}": v for k, v in tower.state_dict.items()}
-    else:
-        raise ValueError(
-            f"{tower.source}: a {tower.kind} tower cannot carry a bridge; convert it to HF first"
-        )
+    backbone, state = backbone_parts(tower, "carry a bridge")
     config = AlignedTowerConfig(
-        vision_backbone=_backbone_config(backbone),
+        vision_backbone=backbone_config(backbone),
         head_config=head_config,
         token_rule="patch",
         source=tower.source,
@@ -274,7 +285,18 @@ def bridged_tower(
     )
 
 
-def _backbone_config(config: Any) -> dict[str, Any]:
+def backbone_parts(tower: NewTower, purpose: str) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(backbone config, weights under ``backbone.``) of a plain HF or token-rule tower, to build an
+    :class:`AlignedTower` around; other towers are refused, naming ``purpose``."""
+    if tower.kind == "aligned" and not tower.config.head_config:  # a token-rule tower: already prefixed
+        return tower.config.vision_backbone, dict(tower.state_dict)
+    if tower.kind == "hf":
+        return tower.config, {f"backbone.{k}": v for k, v in tower.state_dict.items()}
+    what = "an aligned tower with an image head" if tower.kind == "aligned" else f"a {tower.kind} tower"
+    raise ValueError(f"{tower.source}: {what} cannot {purpose}; expected a plain transformers vision tower")
+
+
+def backbone_config(config: Any) -> dict[str, Any]:
     """The backbone's config for a tower config, without the machine path it was loaded from."""
     data = config if isinstance(config, dict) else config.to_dict()
     return {k: v for k, v in data.items() if k != "_name_or_path"}
@@ -302,7 +324,7 @@ def _aligned_tower(encoder: Any, prefix: str, source: str) -> NewTower:
     config, state = _hf_vision_parts(backbone)
     head_state = {f"head.{k}": v.detach().clone() for k, v in encoder.image_head.state_dict().items()}
     tower_config = AlignedTowerConfig(
-        vision_backbone=_backbone_config(config),
+        vision_backbone=backbone_config(config),
         head_config=encoder.image_head_config,
         token_rule="patch",
         source=source,

@@ -7,14 +7,16 @@ from pathlib import Path
 
 from mllm_swap.commands.options import add_overwrite, at_least
 
-HELP = "swap a vision encoder into an MLLM (drop-in, rebuild or bridge) and write swap_report.json"
+HELP = "swap a vision encoder into an MLLM (drop-in, rebuild, bridge or fuse) and write swap_report.json"
 DESCRIPTION = (
     "Write a copy of --mllm (same family and format) whose vision tower is --encoder. "
     "drop-in replaces the tower's weights (same architecture, width and tokens); rebuild installs a new "
     "tower, re-initialises the connector's first layer and updates image tokens, processor and select "
     "layer; bridge (HF Llava) installs the new tower with a small token adapter trained on images only "
     "(--data SHAPES_DIR or --images DIR; default a generated shapes world) to reproduce the old tower's tokens, "
-    "so the old connector and LLM answer at once (resumable: rerun the same command after a kill). "
+    "so the old connector and LLM answer at once (resumable: rerun the same command after a kill); fuse "
+    "(HF Llava, --encoder A+B) installs both towers, their patch tokens concatenated along channels on the finer "
+    "token grid, and re-initialises the connector's first layer (width wA+wB). "
     "Families: HF Llava (and LLaVA-NeXT drop-in), original LLaVA-1.5, IDEFICS, OpenFlamingo."
 )
 
@@ -74,10 +76,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mllm", required=True, help="checkpoint path, or tiny-llava | tiny-llava-original | "
                    "tiny-idefics | tiny-openflamingo (built on demand)")  # fmt: skip
     p.add_argument(
-        "--encoder", required=True, help="encoder id or path (tiny-*, hub id, open_clip, aligned artifact)"
+        "--encoder",
+        required=True,
+        help="encoder id or path (tiny-*, hub id, open_clip, aligned artifact); A+B with --mode fuse",
     )
     p.add_argument("--out", required=True, help="output directory (must be new or empty unless --overwrite)")
-    p.add_argument("--mode", choices=("auto", "dropin", "rebuild", "bridge"), default="auto")
+    p.add_argument("--mode", choices=("auto", "dropin", "rebuild", "bridge", "fuse"), default="auto")
     p.add_argument("--prefix", choices=("drop", "keep"), default="drop",
                    help="prefix tokens (CLS, registers): drop them all (default) or feed them too")  # fmt: skip
     p.add_argument("--select-layer", type=int, default=None,

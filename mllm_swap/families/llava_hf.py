@@ -24,13 +24,13 @@ from mllm_swap.families.base import (
     load_pretrained,
     mismatches,
 )
-from mllm_swap.towers import MODEL_TYPE, NewTower, prefix_tokens_of
+from mllm_swap.towers import FUSED_MODEL_TYPE, MODEL_TYPE, NewTower, prefix_tokens_of
 
 
 def feed_view(vision_config, strategy: str, layer: int | list[int], source: str) -> TowerView:
     """How a Llava model with this tower config, strategy and layer feeds image tokens to its connector."""
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    if vision_config.model_type == MODEL_TYPE:
+    if vision_config.model_type in (MODEL_TYPE, FUSED_MODEL_TYPE):
         out_prefix = vision_config.num_output_prefix_tokens
         rule = f"tower rule '{vision_config.token_rule}'" + (" + head" if vision_config.head_config else "")
     else:
