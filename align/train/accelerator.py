@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import (
@@ -76,7 +77,7 @@ def make_accelerator(cfg: TrainConfig, out_dir: Path, extra: Mapping[str, Any] |
 
 def configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig, model: nn.Module) -> None:
     """Fill the DeepSpeed config's ``auto`` clipping and sizes (train config, model width); refuse its
-    own optimizer."""
+    own optimizer; give parameters added after a ZeRO-Init load the training dtype."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
         return
@@ -90,3 +91,24 @@ def configure_deepspeed(accelerator: Accelerator, cfg: TrainConfig, model: nn.Mo
             )
     if conf.get("gradient_clipping", "auto") == "auto":
         conf["gradient_clipping"] = float(cfg.grad_clip or 0.0)
+    _cast_like_zero_init(conf, model)
+
+
+def _cast_like_zero_init(conf: Mapping[str, Any], model: nn.Module) -> None:
+    """Give parameters created after a ZeRO-Init load (LoRA, peft's ``modules_to_save`` copies) the
+    16-bit training dtype.
+
+    DeepSpeed casts a model to bf16/fp16 itself, except one already partitioned at load (ZeRO-3 with
+    ``zero3_init_flag``): there later parameters would keep fp32 beside bf16 ones, which its flat
+    ZeRO-3 buffers refuse (``defragment``: one dtype).
+    """
+    if conf.get("zero_optimization", {}).get("stage") != 3:
+        return
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    dtypes = [dtype for key, dtype in half.items() if str(conf.get(key, {}).get("enabled")).lower() == "true"]
+    params = list(model.parameters())
+    if not dtypes or not any(hasattr(p, "ds_id") for p in params):
+        return
+    for param in params:
+        if not hasattr(param, "ds_id") and param.is_floating_point():
+            param.data = param.data.to(dtypes[0])
