@@ -1,0 +1,230 @@
+"""Real architectures on CPU: the shipped hub configs built with seeded random weights (``random:ORG/NAME``,
+``?layers=N`` shortens an LLM), run through the commands users type, each under a stated memory cap.
+
+The fast tests check the reference syntax, the shipped LLaVA-1.5 tokenizer against LLaMA's published token
+ids, and a random build against the meta-device model and open_clip's tokenizer. The ``slow`` ones swap
+each real-size tower into LLaVA-1.5-7B shortened to one LLM layer (token counts, the processor's ``<image>``
+expansion, a reload and forward in a fresh process that never imports this project) and run the recipes.
+Peak memory is the child's own ``ru_maxrss`` (``os.wait4``); set ``MLLM_SWAP_SMOKE_LOG=FILE`` to collect
+a table of (run, seconds, peak GiB).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from align.errors import UserError
+from align.model_configs import config_dir, parse_random
+
+LLAVA = "random:llava-hf/llava-1.5-7b-hf?layers=1"
+LLAVA_DIR = config_dir("llava-hf/llava-1.5-7b-hf")
+GIB = 1024**3
+
+
+def run_cli(argv: list[str], name: str, cap_gib: float, cwd: Path | None = None) -> str:
+    """``mllm-swap ARGV`` in a child process; asserts exit 0 and peak RSS under ``cap_gib``; returns its output."""
+    script = Path(sys.executable).with_name("mllm-swap")
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "mllm_swap"]
+    return run_child([*cmd, *argv], name, cap_gib, cwd)
+
+
+def run_child(cmd: list[str], name: str, cap_gib: float, cwd: Path | None = None) -> str:
+    """Run ``cmd``; asserts exit 0 and the child's own peak resident memory under ``cap_gib``."""
+    log = Path(os.environ.get("MLLM_SWAP_HOME", ".")) / f"smoke-{os.getpid()}.out"
+    start = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds, peak = time.monotonic() - start, usage.ru_maxrss * 1024 / GIB  # Linux: KiB
+    text = log.read_text()
+    log.unlink()
+    if os.environ.get("MLLM_SWAP_SMOKE_LOG"):
+        with open(os.environ["MLLM_SWAP_SMOKE_LOG"], "a") as table:
+            load = os.getloadavg()[0]
+            table.write(json.dumps({"run": name, "seconds": round(seconds, 1), "peak_gib": round(peak, 2),
+                                    "load1": round(load, 2)}) + "\n")  # fmt: skip
+    assert os.waitstatus_to_exitcode(status) == 0, f"{name} failed:\n{text[-4000:]}"
+    assert peak < cap_gib, f"{name}: peak RSS {peak:.2f} GiB over the stated cap {cap_gib} GiB"
+    return text
+
+
+# ---- the reference syntax ----
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("random:acme/none", "no shipped config for 'acme/none'; shipped: Alibaba-NLP/gte-large-en-v1.5"),
+        (LLAVA.replace("=1", "=0"), "layers must be a whole number from 1 to 32 (the shipped depth), got '0'"),
+        (LLAVA.replace("=1", "=33"), "from 1 to 32"),
+        (LLAVA.replace("=1", "=two"), "got 'two'"),
+        (LLAVA.replace("layers", "depth"), "unknown option 'depth=1' after '?'; expected layers=N"),
+        (LLAVA.replace("?layers=1", "?layers"), "unknown option 'layers'"),
+        ("random:facebook/dinov2-large?layers=2", "'dinov2' towers are built at their real depth"),
+        ("random:liuhaotian/llava-v1.5-7b", "use random:llava-hf/llava-1.5-7b-hf"),
+    ],
+)
+def test_random_reference_is_validated(spec: str, message: str) -> None:
+    with pytest.raises(UserError) as err:
+        parse_random(spec)
+    assert message in str(err.value)
+
+
+def test_random_reference_parses() -> None:
+    ref = parse_random(LLAVA)
+    assert (ref.hub_id, ref.layers, ref.folder_name) == (
+        "llava-hf/llava-1.5-7b-hf", 1, "random--llava-hf--llava-1.5-7b-hf--layers-1",
+    )  # fmt: skip
+    assert parse_random("random:facebook/dinov2-large").layers is None
+
+
+def test_cli_names_a_bad_reference(tmp_path: Path) -> None:
+    """A bad reference fails at the entry point with exit 2 and the message, before anything is built."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "mllm_swap", "swap", "--mllm", LLAVA.replace("=1", "=99"),
+         "--encoder", "random:facebook/dinov2-large", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "layers must be a whole number from 1 to 32" in proc.stderr
+
+
+# ---- the shipped LLaVA-1.5 tokenizer and chat template ----
+
+
+def test_llava_tokenizer_matches_llama_reference_ids() -> None:
+    """Token ids of LLaMA's tokenizer as published with llama-tokenizer-js's test suite (an independent
+    implementation), plus llava-hf's added ``<image>`` (32000) and ``<pad>`` (32001)."""
+    from transformers import AutoProcessor
+
+    from mllm_swap.chat_templates import LLAVA_HF_LIST_TEMPLATE
+
+    processor = AutoProcessor.from_pretrained(LLAVA_DIR)
+    tok = processor.tokenizer
+    reference = {
+        "\n": [1, 29871, 13],
+        " \n": [1, 259, 13],
+        "\ttabs\t\t\t\tout here": [1, 29871, 12, 21175, 12, 12, 12, 12, 449, 1244],
+        "ax\n####\nboo": [1, 4853, 13, 4136, 13, 833, 29877],
+        "镇": [1, 29871, 30411],
+        "🦙": [1, 29871, 243, 162, 169, 156],
+        "grabbed": [1, 2646, 1327, 287],
+    }
+    for text, ids in reference.items():
+        assert tok(text).input_ids == ids, text
+    assert (tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, len(tok)) == (32000, 32001, 32002)
+    assert processor.chat_template == LLAVA_HF_LIST_TEMPLATE
+    assert (processor.patch_size, processor.num_additional_image_tokens) == (14, 1)
+
+
+# ---- a random build: what it holds, how it loads ----
+
+
+def test_random_clip_build_loads_like_the_hub(one_thread) -> None:
+    """``random:openai/clip-vit-base-patch16``: the real architecture (parameter count of the meta-device
+    model), float32 on load, seeded, and a CLIP tokenizer that agrees with open_clip's own."""
+    import open_clip
+    import torch
+    from safetensors import safe_open
+
+    from align.load import load_text_encoder, load_vision_encoder
+    from align.model_configs import build_meta, random_model_dir, shipped_config
+
+    spec = "random:openai/clip-vit-base-patch16"
+    folder = random_model_dir(spec)
+    meta = build_meta(shipped_config("openai/clip-vit-base-patch16"))
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        stored = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+    assert stored == sum(p.numel() for p in meta.parameters())
+    vision = load_vision_encoder(spec)
+    assert (vision.source, vision.image_size, vision.num_patches) == (spec, 224, 196)
+    assert next(vision.parameters()).dtype == torch.float32
+    text = load_text_encoder(spec)
+    sentence = "a photo of a red circle, next to 2 blue squares!"
+    batch = text.tokenize([sentence])
+    ours = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+    theirs = open_clip.get_tokenizer("ViT-B-16")([sentence])[0]
+    assert ours == theirs[theirs.nonzero()].flatten().tolist()
+    record = json.loads((folder / "random_build.json").read_text())
+    assert record["tokenizer"].startswith("CLIP BPE") and record["seed"] == 0
+
+
+# ---- swaps of real-size towers into LLaVA-1.5-7B (one LLM layer) ----
+
+# What the reloaded checkpoint must show: the processor's <image> count for one image equals the tower's tokens.
+RELOAD = """
+import json, sys
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+path, remote = sys.argv[1], sys.argv[2] == "1"
+torch.set_num_threads(2)
+processor = AutoProcessor.from_pretrained(path, trust_remote_code=remote)
+model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=remote).eval()
+prompt = processor.apply_chat_template(
+    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+    add_generation_prompt=True,
+)
+batch = processor(images=[Image.new("RGB", (500, 375), (200, 30, 30))], text=[prompt], return_tensors="pt")
+image_id = model.config.image_token_id
+with torch.no_grad():
+    out = model(**batch)
+print(json.dumps({"image_tokens": int((batch["input_ids"] == image_id).sum()),
+                  "pixels": list(batch["pixel_values"].shape), "logits": list(out.logits.shape),
+                  "length": batch["input_ids"].shape[1],
+                  "finite": bool(torch.isfinite(out.logits).all()), "vocab": model.config.text_config.vocab_size,
+                  "layers": model.config.text_config.num_hidden_layers}))
+"""
+
+
+def reload_report(path: Path, remote: bool, name: str, without_project: str) -> dict:
+    """Run :data:`RELOAD` in a fresh interpreter that cannot import this project."""
+    out = run_child([sys.executable, "-c", without_project + RELOAD, str(path), "1" if remote else "0"],
+                    name, cap_gib=6.0)  # fmt: skip
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_random_llava_expands_576_image_tokens(without_project: str) -> None:
+    """The depth-shortened LLaVA-1.5-7B as built: CLIP-L/14-336 gives 576 ``<image>`` tokens and a forward
+    runs with the real vocabulary and width (a fresh process, plain transformers)."""
+    from mllm_swap.checkpoints import resolve_checkpoint
+
+    report = reload_report(resolve_checkpoint(LLAVA), False, "reload llava-1.5-7b (1 layer)", without_project)
+    assert report["image_tokens"] == 576 == (336 // 14) ** 2
+    assert report["pixels"] == [1, 3, 336, 336] and report["finite"]
+    assert (report["vocab"], report["layers"], report["logits"][-1]) == (32064, 1, 32064)
+
+
+SWAPS = [  # encoder, tokens the LLM receives per image (its processor's side / patch), remote code on reload
+    ("random:facebook/dinov2-large", (224 // 14) ** 2, False),  # crop 224 (config image_size 518), CLS dropped
+    ("random:google/siglip-so400m-patch14-384", (384 // 14) ** 2, False),  # 729: 384/14 floors, no prefix
+    ("random:facebook/dinov2-with-registers-large", (224 // 14) ** 2, True),  # CLS + 4 registers dropped
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("encoder", "tokens", "remote"), SWAPS, ids=["dinov2-l", "siglip-so400m", "dinov2-l-reg"])
+def test_swap_real_tower(tmp_path: Path, encoder: str, tokens: int, remote: bool, without_project: str) -> None:
+    out = tmp_path / "swapped"
+    name = encoder.split("/")[-1]
+    try:
+        run_cli(["swap", "--mllm", LLAVA, "--encoder", encoder, "--images", "1", "--out", str(out)],
+                f"swap {name}", cap_gib=9.0)  # fmt: skip
+        report = json.loads((out / "swap_report.json").read_text())
+        assert report["mode"] == "rebuild"
+        assert report["new_tower"]["image_tokens"] == tokens
+        assert json.loads((out / "config.json").read_text())["image_seq_length"] == tokens
+        reloaded = reload_report(out, remote, f"reload {name} swap", without_project)
+        assert reloaded["image_tokens"] == tokens
+        assert reloaded["logits"][:2] == [1, reloaded["length"]] and reloaded["finite"]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)  # 3 GB each
