@@ -26,10 +26,7 @@ __all__ = [
 # custom model type -> (the sub-config holding the transformers part, or None for the top level; its model type)
 BUILT_AS: dict[str, tuple[str | None, str]] = {
     "nvembed": ("text_config", "mistral"),  # NV-Embed-v2: its Mistral-7B text model (latent pooling left out)
-    "llava_llama": (
-        None,
-        "llama",
-    ),  # original LLaVA checkpoints: the LLM (tower and projector named by mm_* keys)
+    "llava_llama": (None, "llama"),  # original LLaVA checkpoints: the LLM (tower and projector named by mm_* keys)
 }
 
 
@@ -76,9 +73,7 @@ def build_meta(config: Any, model_class: Any = None) -> Any:
     from transformers import AutoModel
 
     model_class = model_class or AutoModel
-    build = (
-        getattr(model_class, "from_config", None) or model_class._from_config
-    )  # Auto classes / model classes
+    build = getattr(model_class, "from_config", None) or model_class._from_config  # Auto classes / model classes
     with torch.device("meta"):
         return build(config)
 
@@ -107,14 +102,7 @@ RANDOM_VERSION = 1  # bump when what a random build writes changes (rebuilds cac
 RANDOM_KEYS = {
     "layers": "decoder layers of the language model (an MLLM's text_config; an LLM or text encoder)"
 }
-DUAL_OR_VISION = (
-    "clip",
-    "siglip",
-    "dinov2",
-    "dinov2_with_registers",
-    "clip_vision_model",
-    "siglip_vision_model",
-)
+DUAL_OR_VISION = ("clip", "siglip", "dinov2", "dinov2_with_registers", "clip_vision_model", "siglip_vision_model")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt")
 
 
@@ -179,10 +167,10 @@ def random_config(ref: RandomRef) -> Any:
     """The shipped config of ``ref.hub_id`` with its language model shortened to ``ref.layers``."""
     config = shipped_config(ref.hub_id)
     if ref.layers:
-        _depth_config(config, ref.hub_id).num_hidden_layers = ref.layers
-        text = getattr(config, "text_config", None) or config
-        if getattr(text, "layer_types", None):  # models that list a type per layer keep one per layer
-            text.layer_types = text.layer_types[: ref.layers]
+        language = _depth_config(config, ref.hub_id)
+        language.num_hidden_layers = ref.layers
+        if getattr(language, "layer_types", None):  # models that list a type per layer keep one per layer
+            language.layer_types = language.layer_types[: ref.layers]
     return config
 
 
@@ -191,8 +179,8 @@ def random_model_dir(spec: str) -> Path:
 
     The folder holds what a hub snapshot of the model holds: ``config.json`` (dtype float32, the
     language model at ``layers`` when given), weights from the model's own initialisation under seed 0
-    (initialised and stored in bfloat16 to halve memory and disk; they load as float32), and the shipped preprocessor, processor,
-    chat template and tokenizer files. Tokenizers that are not shipped: CLIP's is written from
+    (in bfloat16, which halves build memory and disk; they load as float32), and the shipped
+    preprocessor, processor, chat template and tokenizer files. Tokenizers that are not shipped: CLIP's is written from
     open_clip's copy of the same BPE vocabulary; a text encoder without one gets the bundled
     all-MiniLM-L6-v2's uncased WordPiece tokenizer as a stand-in (ids differ from the real model's; shapes,
     pooling and code paths are the real ones), recorded in ``random_build.json``.

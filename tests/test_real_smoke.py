@@ -205,26 +205,91 @@ def test_random_llava_expands_576_image_tokens(without_project: str) -> None:
 
 
 SWAPS = [  # encoder, tokens the LLM receives per image (its processor's side / patch), remote code on reload
-    ("random:facebook/dinov2-large", (224 // 14) ** 2, False),  # crop 224 (config image_size 518), CLS dropped
     ("random:google/siglip-so400m-patch14-384", (384 // 14) ** 2, False),  # 729: 384/14 floors, no prefix
     ("random:facebook/dinov2-with-registers-large", (224 // 14) ** 2, True),  # CLS + 4 registers dropped
 ]
+DINOV2_L = ("random:facebook/dinov2-large", (224 // 14) ** 2, False)  # crop 224 (config 518), CLS dropped
+
+
+def swap_and_reload(out: Path, encoder: str, tokens: int, remote: bool, without_project: str) -> None:
+    """``mllm-swap swap`` of ``encoder`` into the 1-layer LLaVA-1.5-7B (rebuild): the report's and config's
+    token count, then the processor's ``<image>`` expansion and a forward after a reload in a fresh process."""
+    name = encoder.split("/")[-1]
+    run_cli(["swap", "--mllm", LLAVA, "--encoder", encoder, "--images", "1", "--out", str(out)],
+            f"swap {name}", cap_gib=10.0)  # fmt: skip
+    report = json.loads((out / "swap_report.json").read_text())
+    assert report["mode"] == "rebuild"
+    assert report["new_tower"]["image_tokens"] == tokens
+    assert json.loads((out / "config.json").read_text())["image_seq_length"] == tokens
+    reloaded = reload_report(out, remote, f"reload {name} swap", without_project)
+    assert reloaded["image_tokens"] == tokens
+    assert reloaded["logits"][:2] == [1, reloaded["length"]] and reloaded["finite"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("encoder", "tokens", "remote"), SWAPS, ids=["dinov2-l", "siglip-so400m", "dinov2-l-reg"])
+@pytest.mark.parametrize(("encoder", "tokens", "remote"), SWAPS, ids=["siglip-so400m", "dinov2-l-reg"])
 def test_swap_real_tower(tmp_path: Path, encoder: str, tokens: int, remote: bool, without_project: str) -> None:
-    out = tmp_path / "swapped"
-    name = encoder.split("/")[-1]
     try:
-        run_cli(["swap", "--mllm", LLAVA, "--encoder", encoder, "--images", "1", "--out", str(out)],
-                f"swap {name}", cap_gib=9.0)  # fmt: skip
-        report = json.loads((out / "swap_report.json").read_text())
-        assert report["mode"] == "rebuild"
-        assert report["new_tower"]["image_tokens"] == tokens
-        assert json.loads((out / "config.json").read_text())["image_seq_length"] == tokens
-        reloaded = reload_report(out, remote, f"reload {name} swap", without_project)
-        assert reloaded["image_tokens"] == tokens
-        assert reloaded["logits"][:2] == [1, reloaded["length"]] and reloaded["finite"]
+        swap_and_reload(tmp_path / "swapped", encoder, tokens, remote, without_project)
     finally:
-        shutil.rmtree(out, ignore_errors=True)  # 3 GB each
+        shutil.rmtree(tmp_path / "swapped", ignore_errors=True)  # 3 GB
+
+
+# ---- the LLaVA-1.5 recipes on the swapped model, under their shipped DeepSpeed configs ----
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A shapes world of 8 scenes (6 train): real-size encoders encode every sample of it."""
+    from align.data.shapes import generate_shapes
+
+    out = tmp_path_factory.mktemp("world") / "shapes"
+    generate_shapes(out, n=8, seed=0, progress=False)
+    return out
+
+
+def tune(recipe: str, zero: str, model: Path, out: Path, shapes: Path) -> str:
+    """``accelerate launch --config_file recipes/accelerate/deepspeed_ZERO.yaml -m mllm_swap tune --config
+    recipes/RECIPE`` (1 process), one step of batch 1 on the shapes world's conversations."""
+    from test_distributed import free_port
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "recipes" / "accelerate" / f"deepspeed_{zero}.yaml"), "--num_processes", "1",
+              "--num_machines", "1", "--main_process_port", str(free_port())]  # fmt: skip
+    sets = [f"model={model}", f"data={shapes / 'instruct.json'}", f"image_folder={shapes}", "eval_vqa=null",
+            "train.epochs=null", "train.steps=1", "train.batch_size=1", "train.num_workers=0",
+            "train.save_every=0"]  # fmt: skip
+    argv = ["-m", "mllm_swap", "tune", "--config", str(ROOT / "recipes" / recipe), "--out", str(out)]
+    return run_child([*launch, *argv, *[a for s in sets for a in ("--set", s)]], f"tune {recipe}", cap_gib=8.0)
+
+
+@pytest.fixture(scope="module")
+def dinov2_llava(tmp_path_factory: pytest.TempPathFactory, without_project: str):
+    """LLaVA-1.5-7B (1 LLM layer) with DINOv2-L swapped in (rebuild), as llava15_pretrain.yaml starts."""
+    out = tmp_path_factory.mktemp("dinov2-llava") / "swapped"
+    swap_and_reload(out, *DINOV2_L, without_project)
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_llava15_connector_recipe(dinov2_llava: Path, world: Path, tmp_path: Path) -> None:
+    """llava15_pretrain.yaml (connector only, ZeRO-2, bf16) on the DINOv2-L swap: a real DeepSpeed engine,
+    the 1024 -> 4096 connector saved for the next stage. (llava15_lora.yaml under ZeRO-3 with bf16 stops in
+    DeepSpeed's parameter defragmentation on mixed dtypes, tiny models included: not run here until fixed.)"""
+    from safetensors import safe_open
+    from test_distributed import deepspeed_run_checks
+
+    stage1 = tmp_path / "stage1"
+    try:
+        deepspeed_run_checks(stage1, tune("llava15_pretrain.yaml", "zero2", dinov2_llava, stage1, world), 2)
+        with safe_open(stage1 / "non_lora_trainables.safetensors", "pt") as f:
+            assert sorted(f.keys()) == [f"model.multi_modal_projector.linear_{i}.{p}" for i in (1, 2)
+                                        for p in ("bias", "weight")]  # fmt: skip
+            assert f.get_slice("model.multi_modal_projector.linear_1.weight").get_shape() == [4096, 1024]
+        assert json.loads((stage1 / "config.json").read_text())["image_seq_length"] == 256
+    finally:
+        shutil.rmtree(stage1, ignore_errors=True)
+
