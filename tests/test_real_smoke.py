@@ -189,7 +189,7 @@ print(json.dumps({"image_tokens": int((batch["input_ids"] == image_id).sum()),
 def reload_report(path: Path, remote: bool, name: str, without_project: str) -> dict:
     """Run :data:`RELOAD` in a fresh interpreter that cannot import this project."""
     out = run_child([sys.executable, "-c", without_project + RELOAD, str(path), "1" if remote else "0"],
-                    name, cap_gib=6.0)  # fmt: skip
+                    name, cap_gib=7.0)  # fmt: skip
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -292,4 +292,60 @@ def test_llava15_connector_recipe(dinov2_llava: Path, world: Path, tmp_path: Pat
         assert json.loads((stage1 / "config.json").read_text())["image_seq_length"] == 256
     finally:
         shutil.rmtree(stage1, ignore_errors=True)
+
+
+# ---- the alignment recipes with their real encoders ----
+
+
+def recipe_sets(recipe: str, *keys: str) -> list[str]:
+    """``--set KEY=random:VALUE`` for each encoder key of ``recipes/RECIPE`` (the recipe's own hub ids)."""
+    import yaml
+
+    values = yaml.safe_load((ROOT / "recipes" / recipe).read_text())
+    return [f"{key}=random:{values[key]}" for key in keys]
+
+
+def align_cli(method: str, recipe: str, out: Path, sets: list[str], cap_gib: float) -> str:
+    argv = ["align", method, "--config", str(ROOT / "recipes" / recipe), "--out", str(out)]
+    return run_cli([*argv, *[a for s in sets for a in ("--set", s)]], f"align {recipe}", cap_gib)
+
+
+SHORT = ["train.epochs=null", "train.steps=1", "train.save_every=0", "train.warmup=0"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["kuea_vitb16.yaml"])
+def test_kuea_recipe(recipe: str, world: Path, tmp_path: Path) -> None:
+    """One KUEA step of the real student and target at batch 2, then its report and HF CLIP export."""
+    sets = recipe_sets(recipe, "student", "target") + SHORT + [
+        f"data.train={world}", "data.split=train", "data.encode_batch_size=2", "train.batch_size=2",
+        "train.num_workers=0", "eval.data=null", "eval.split=train", "eval.limit=4", "eval.drift_images=4",
+    ]  # fmt: skip
+    try:
+        align_cli("kuea", recipe, tmp_path / "run", sets, cap_gib=8.0)
+        exported = json.loads((tmp_path / "run" / "hf_clip" / "config.json").read_text())
+        real = json.loads((config_dir(sets[0].split(":", 1)[1]) / "config.json").read_text())
+        assert exported["vision_config"]["image_size"] == real["vision_config"]["image_size"]
+        assert exported["vision_config"]["hidden_size"] == real["vision_config"]["hidden_size"]
+    finally:
+        shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_sail_recipe_on_caches(world: Path, tmp_path: Path) -> None:
+    """sail_dinov2l_nv2.yaml as documented: ``encode`` DINOv2-L ([CLS ; mean] 2048-d) and NV-Embed-v2's
+    Mistral (4096-d, one layer), then one SAIL step of the GLU heads on the caches."""
+    vision, text = (s.split("=", 1)[1] for s in recipe_sets("sail_dinov2l_nv2.yaml", "vision", "text"))
+    text += "?layers=1"
+    run_cli(["encode", "--encoder", vision, "--data", str(world), "--modality", "image", "--pool", "concat",
+             "--batch-size", "2", "--out", str(tmp_path / "img")], "encode dinov2-large", cap_gib=4.0)  # fmt: skip
+    run_cli(["encode", "--encoder", text, "--data", str(world), "--modality", "text",
+             "--out", str(tmp_path / "txt")], "encode NV-Embed-v2 (1 layer)", cap_gib=4.0)  # fmt: skip
+    sets = SHORT + [f"vision={vision}", f"text={text}", f"data.image_cache={tmp_path / 'img'}",
+                    f"data.text_caches=[{tmp_path / 'txt'}]",
+                    "data.captions=[caption]", "train.batch_size=4", "eval.drift_images=4"]  # fmt: skip
+    align_cli("sail", "sail_dinov2l_nv2.yaml", tmp_path / "run", sets, cap_gib=10.0)
+    from align.data.cache_read import EmbeddingCache
+
+    assert [EmbeddingCache(tmp_path / c).dim for c in ("img", "txt")] == [2048, 4096]
 
