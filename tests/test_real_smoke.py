@@ -322,7 +322,7 @@ def test_kuea_recipe(recipe: str, world: Path, tmp_path: Path) -> None:
         "train.num_workers=0", "eval.data=null", "eval.split=train", "eval.limit=4", "eval.drift_images=4",
     ]  # fmt: skip
     try:
-        align_cli("kuea", recipe, tmp_path / "run", sets, cap_gib=8.0)
+        align_cli("kuea", recipe, tmp_path / "run", sets, cap_gib=12.0)  # ViT-L: student, frozen copy, AdamW
         exported = json.loads((tmp_path / "run" / "hf_clip" / "config.json").read_text())
         real = json.loads((config_dir(sets[0].split(":", 1)[1]) / "config.json").read_text())
         assert exported["vision_config"]["image_size"] == real["vision_config"]["image_size"]
@@ -349,3 +349,17 @@ def test_sail_recipe_on_caches(world: Path, tmp_path: Path) -> None:
 
     assert [EmbeddingCache(tmp_path / c).dim for c in ("img", "txt")] == [2048, 4096]
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["freeze_align_dinov2l_mpnet.yaml"])
+def test_freeze_align_recipe(recipe: str, world: Path, tmp_path: Path) -> None:
+    """One freeze_align step on DINOv2-L's 257 tokens and the text model's token states (cached by the run),
+    then an artifact whose backbone is the random reference and whose tokens are DINOv2-L's at 224 px."""
+    sets = recipe_sets(recipe, "vision", "text") + SHORT + [
+        f"data.train={world}", "data.split=train", "train.batch_size=4", "eval.split=train", "eval.limit=4",
+        "eval.drift_images=4",
+    ]  # fmt: skip
+    align_cli("freeze_align", recipe, tmp_path / "run", sets, cap_gib=10.0)
+    config = json.loads((tmp_path / "run" / "artifact" / "aligned_encoder.json").read_text())
+    assert config["backbone"]["source"] == sets[0].split("=", 1)[1]
+    assert (config["num_tokens"], config["out_dim"]) == ((224 // 14) ** 2, 1024)  # patch tokens, CLS dropped
