@@ -193,6 +193,7 @@ def reload_report(path: Path, remote: bool, name: str, without_project: str) -> 
     return json.loads(out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_random_llava_expands_576_image_tokens(without_project: str) -> None:
     """The depth-shortened LLaVA-1.5-7B as built: CLIP-L/14-336 gives 576 ``<image>`` tokens and a forward
     runs with the real vocabulary and width (a fresh process, plain transformers)."""
