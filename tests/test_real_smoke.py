@@ -30,20 +30,21 @@ LLAVA_DIR = config_dir("llava-hf/llava-1.5-7b-hf")
 GIB = 1024**3
 
 
-def run_cli(argv: list[str], name: str, cap_gib: float, cwd: Path | None = None) -> str:
+def run_cli(argv: list[str], name: str, cap_gib: float) -> str:
     """``mllm-swap ARGV`` in a child process; asserts exit 0 and peak RSS under ``cap_gib``; returns its output."""
     script = Path(sys.executable).with_name("mllm-swap")
     cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "mllm_swap"]
-    return run_child([*cmd, *argv], name, cap_gib, cwd)
+    return run_child([*cmd, *argv], name, cap_gib)
 
 
-def run_child(cmd: list[str], name: str, cap_gib: float, cwd: Path | None = None) -> str:
+def run_child(cmd: list[str], name: str, cap_gib: float) -> str:
     """Run ``cmd``; asserts exit 0 and the child's own peak resident memory under ``cap_gib``."""
     log = Path(os.environ.get("MLLM_SWAP_HOME", ".")) / f"smoke-{os.getpid()}.out"
     start = time.monotonic()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (its peak RSS)
+        proc.returncode = os.waitstatus_to_exitcode(status)
     seconds, peak = time.monotonic() - start, usage.ru_maxrss * 1024 / GIB  # Linux: KiB
     text = log.read_text()
     log.unlink()
@@ -52,7 +53,7 @@ def run_child(cmd: list[str], name: str, cap_gib: float, cwd: Path | None = None
             load = os.getloadavg()[0]
             table.write(json.dumps({"run": name, "seconds": round(seconds, 1), "peak_gib": round(peak, 2),
                                     "load1": round(load, 2)}) + "\n")  # fmt: skip
-    assert os.waitstatus_to_exitcode(status) == 0, f"{name} failed:\n{text[-4000:]}"
+    assert proc.returncode == 0, f"{name} failed:\n{text[-4000:]}"
     assert peak < cap_gib, f"{name}: peak RSS {peak:.2f} GiB over the stated cap {cap_gib} GiB"
     return text
 
