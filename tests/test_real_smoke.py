@@ -353,7 +353,7 @@ def test_sail_recipe_on_caches(world: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["freeze_align_dinov2l_mpnet.yaml"])
+@pytest.mark.parametrize("recipe", ["freeze_align_dinov2l_mpnet.yaml", "freeze_align_dinov2l_arl.yaml"])
 def test_freeze_align_recipe(recipe: str, world: Path, tmp_path: Path) -> None:
     """One freeze_align step on DINOv2-L's 257 tokens and the text model's token states (cached by the run),
     then an artifact whose backbone is the random reference and whose tokens are DINOv2-L's at 224 px."""
