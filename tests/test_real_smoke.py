@@ -316,7 +316,7 @@ SHORT = ["train.epochs=null", "train.steps=1", "train.save_every=0", "train.warm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["kuea_vitb16.yaml", "kuea_vitl14_336.yaml"])
+@pytest.mark.parametrize("recipe", ["kuea_vitb16.yaml", "kuea_vitl14.yaml", "kuea_vitl14_336.yaml"])
 def test_kuea_recipe(recipe: str, world: Path, tmp_path: Path) -> None:
     """One KUEA step of the real student and target at batch 2, then its report and HF CLIP export."""
     sets = recipe_sets(recipe, "student", "target") + SHORT + [
