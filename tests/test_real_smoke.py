@@ -2,9 +2,11 @@
 ``?layers=N`` shortens an LLM), run through the commands users type, each under a stated memory cap.
 
 The fast tests check the reference syntax, the shipped LLaVA-1.5 tokenizer against LLaMA's published token
-ids, and a random build against the meta-device model and open_clip's tokenizer. The ``slow`` ones swap
-each real-size tower into LLaVA-1.5-7B shortened to one LLM layer (token counts, the processor's ``<image>``
-expansion, a reload and forward in a fresh process that never imports this project) and run the recipes.
+ids, and a random build against the meta-device model and open_clip's tokenizer. The ``slow`` ones reload
+LLaVA-1.5-7B shortened to one LLM layer and swap DINOv2-L-with-registers into it (token counts, the
+processor's ``<image>`` expansion, a reload and forward in a fresh process that never imports this project).
+The ``real`` ones (deselected by default, about 15 min and ~8 GB of builds on 2 cores: ``pytest -m real
+tests/test_real_smoke.py``) swap SigLIP-so400m and DINOv2-L and run every real recipe for a step.
 Peak memory is the child's own ``ru_maxrss`` (``os.wait4``); set ``MLLM_SWAP_SMOKE_LOG=FILE`` to collect
 a table of (run, seconds, peak GiB).
 """
@@ -207,8 +209,12 @@ def test_random_llava_expands_576_image_tokens(without_project: str) -> None:
 
 
 SWAPS = [  # encoder, tokens the LLM receives per image (its processor's side / patch), remote code on reload
-    ("random:google/siglip-so400m-patch14-384", (384 // 14) ** 2, False),  # 729: 384/14 floors, no prefix
-    ("random:facebook/dinov2-with-registers-large", (224 // 14) ** 2, True),  # CLS + 4 registers dropped
+    pytest.param(  # 729: 384/14 floors, no prefix
+        "random:google/siglip-so400m-patch14-384", (384 // 14) ** 2, False, marks=pytest.mark.real, id="siglip-so400m"
+    ),
+    pytest.param(  # CLS + 4 registers dropped
+        "random:facebook/dinov2-with-registers-large", (224 // 14) ** 2, True, id="dinov2-l-reg"
+    ),
 ]
 DINOV2_L = ("random:facebook/dinov2-large", (224 // 14) ** 2, False)  # crop 224 (config 518), CLS dropped
 
@@ -229,7 +235,7 @@ def swap_and_reload(out: Path, encoder: str, tokens: int, remote: bool, without_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("encoder", "tokens", "remote"), SWAPS, ids=["siglip-so400m", "dinov2-l-reg"])
+@pytest.mark.parametrize(("encoder", "tokens", "remote"), SWAPS)
 def test_swap_real_tower(tmp_path: Path, encoder: str, tokens: int, remote: bool, without_project: str) -> None:
     try:
         swap_and_reload(tmp_path / "swapped", encoder, tokens, remote, without_project)
@@ -276,7 +282,7 @@ def dinov2_llava(tmp_path_factory: pytest.TempPathFactory, without_project: str)
     shutil.rmtree(out, ignore_errors=True)
 
 
-@pytest.mark.slow
+@pytest.mark.real
 def test_llava15_connector_recipe(dinov2_llava: Path, world: Path, tmp_path: Path) -> None:
     """llava15_pretrain.yaml (connector only, ZeRO-2, bf16) on the DINOv2-L swap: a real DeepSpeed engine,
     the 1024 -> 4096 connector saved for the next stage. (llava15_lora.yaml under ZeRO-3 with bf16 stops in
@@ -315,7 +321,7 @@ def align_cli(method: str, recipe: str, out: Path, sets: list[str], cap_gib: flo
 SHORT = ["train.epochs=null", "train.steps=1", "train.save_every=0", "train.warmup=0"]
 
 
-@pytest.mark.slow
+@pytest.mark.real
 @pytest.mark.parametrize("recipe", ["kuea_vitb16.yaml", "kuea_vitl14.yaml", "kuea_vitl14_336.yaml"])
 def test_kuea_recipe(recipe: str, world: Path, tmp_path: Path) -> None:
     """One KUEA step of the real student and target at batch 2, then its report and HF CLIP export."""
@@ -333,7 +339,7 @@ def test_kuea_recipe(recipe: str, world: Path, tmp_path: Path) -> None:
         shutil.rmtree(tmp_path / "run", ignore_errors=True)
 
 
-@pytest.mark.slow
+@pytest.mark.real
 def test_sail_recipe_on_caches(world: Path, tmp_path: Path) -> None:
     """sail_dinov2l_nv2.yaml as documented: ``encode`` DINOv2-L ([CLS ; mean] 2048-d) and NV-Embed-v2's
     Mistral (4096-d, one layer), then one SAIL step of the GLU heads on the caches."""
@@ -352,7 +358,7 @@ def test_sail_recipe_on_caches(world: Path, tmp_path: Path) -> None:
     assert [EmbeddingCache(tmp_path / c).dim for c in ("img", "txt")] == [2048, 4096]
 
 
-@pytest.mark.slow
+@pytest.mark.real
 @pytest.mark.parametrize("recipe", ["freeze_align_dinov2l_mpnet.yaml", "freeze_align_dinov2l_arl.yaml"])
 def test_freeze_align_recipe(recipe: str, world: Path, tmp_path: Path) -> None:
     """One freeze_align step on DINOv2-L's 257 tokens and the text model's token states (cached by the run),
