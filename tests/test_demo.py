@@ -19,7 +19,7 @@ from align.errors import UserError
 from align.io import read_json, read_jsonl
 from mllm_swap.cli import main
 from mllm_swap.commands import run_argv
-from mllm_swap.demo.findings import verdict
+from mllm_swap.demo.findings import difference, verdict
 from mllm_swap.demo.pipeline import QUICK, Plan, build_stages
 from mllm_swap.demo.report import headlines
 
@@ -170,6 +170,26 @@ def test_verdicts_follow_the_numbers() -> None:
     assert "0.120 ± 0.030 over 200 questions (seed sd 0.020 over 3 tuning seeds): higher" in up
     (flat,) = headlines(found(0.02, 0.03, [0.0, 0.02, 0.04]))
     assert "no clear difference: the effect does not appear" in flat
+
+
+def test_paired_difference_over_questions_and_seeds() -> None:
+    """The swapped-vs-control difference of findings.json, recomputed with numpy from made-up answers: per
+    question averaged over seeds (its mean and standard error), per seed (its sd)."""
+    rng = np.random.default_rng(0)
+    kinds = np.array(["count", "color", "position", "shape"] * 30)
+    swapped, control = rng.random((3, 120)) < 0.7, rng.random((3, 120)) < 0.4
+    scores = {f"{arm}-s{k}": {f"q{i}": (str(kinds[i]), float(x[k, i])) for i in range(120)}
+              for arm, x in (("sail", swapped), ("control", control)) for k in range(3)}  # fmt: skip
+    pairs = [(f"sail-s{k}", f"control-s{k}") for k in range(3)]
+    blind = np.isin(kinds, ["count", "position"])
+    d = (swapped.astype(float) - control)[:, blind]
+    cell = difference(scores, pairs, ("count", "position"))
+    assert cell["n"] == blind.sum() == 60
+    assert cell["diff"] == pytest.approx(d.mean())
+    assert cell["stderr"] == pytest.approx(d.mean(0).std(ddof=1) / math.sqrt(60))
+    assert cell["seed_sd"] == pytest.approx(d.mean(1).std(ddof=1))
+    assert cell["per_seed"] == pytest.approx(list(d.mean(1)))
+    assert cell["verdict"] == verdict(cell["diff"], cell["stderr"], cell["per_seed"]) == "higher"
 
 
 def test_seed_generates_the_world_and_every_run() -> None:
