@@ -35,7 +35,8 @@ from mllm_swap.demo.pipeline import (
 )  # fmt: skip
 
 MARGIN = 0.05  # zero-shot accuracy KUEA may lose and still count as kept
-GROUPS = {**{k: (k,) for k in KINDS}, "clip_blind": CLIP_BLIND, "all": KINDS}
+MMVP = "mmvp_pairs"  # the kind of a Shapes-MMVP pair (both of its questions right)
+GROUPS = {**{k: (k,) for k in KINDS}, "clip_blind": CLIP_BLIND, "all": KINDS, MMVP: (MMVP,)}
 
 
 def mean(xs: Sequence[float]) -> float:
@@ -68,15 +69,18 @@ def verdict(diff: float, se: float, per_seed: Sequence[float] = ()) -> str:
 
 
 def vqa_scores(root: Path, plan: Plan) -> dict[str, dict[str, tuple[str, float]]]:
-    """``{model: {question id: (kind, exact match)}}`` from lmms-eval's logged ``shapes_vqa`` samples."""
-    return {
-        name: {
-            s["doc"]["id"]: (s["doc"]["kind"], float(s["exact_match"]))
-            for s in samples(root / EVAL[section], name)
-        }
-        for section, models in eval_models(plan).items()
-        for name in models
-    }
+    """``{model: {question id: (kind, score)}}`` from lmms-eval's logged samples: ``shapes_vqa``'s exact
+    match per question, and per Shapes-MMVP pair (kind :data:`MMVP`) whether both of its answers are right."""
+    out = {}
+    for section, models in eval_models(plan).items():
+        for name in models:
+            rows = samples(root / EVAL[section], name)
+            out[name] = {s["doc"]["id"]: (s["doc"]["kind"], float(s["exact_match"])) for s in rows}
+            pairs: dict[str, list[float]] = {}
+            for s in samples(root / EVAL[section], name, "shapes_mmvp"):
+                pairs.setdefault(f"mmvp-{s['doc']['pair']}", []).append(s["question_acc"])
+            out[name].update({p: (MMVP, float(all(xs))) for p, xs in pairs.items() if len(xs) == 2})
+    return out
 
 
 def _ids(scores: dict, models: Sequence[str], kinds: Sequence[str]) -> list[str]:
@@ -91,6 +95,8 @@ def vqa_table(scores: dict, groups: dict = GROUPS) -> dict[str, dict[str, dict]]
         out[model] = {}
         for group, kinds in groups.items():
             xs = [x for kind, x in rows.values() if kind in kinds]
+            if not xs:  # e.g. no Shapes-MMVP task was scored
+                continue
             out[model][group] = {"accuracy": mean(xs), "stderr": stderr(xs), "n": len(xs)}
     return out
 
@@ -106,6 +112,8 @@ def arm_table(scores: dict, plan: Plan) -> dict[str, dict[str, dict]]:
         out[arm] = {}
         for group, kinds in GROUPS.items():
             ids = _ids(scores, models, kinds)
+            if not ids:
+                continue
             per_q = [mean([scores[m][i][1] for m in models]) for i in ids]
             per_seed = [mean([scores[m][i][1] for i in ids]) for m in models]
             out[arm][group] = {"accuracy": mean(per_q), "stderr": stderr(per_q), "seed_sd": sd(per_seed),
@@ -120,6 +128,8 @@ def difference(scores: dict, pairs: Sequence[tuple[str, str]], kinds: Sequence[s
     if not all(scores.get(m) for m in models):
         return None
     ids = _ids(scores, models, kinds)
+    if not ids:
+        return None
     per_seed = [mean([scores[a][i][1] - scores[b][i][1] for i in ids]) for a, b in pairs]
     per_q = [mean([scores[a][i][1] - scores[b][i][1] for a, b in pairs]) for i in ids]
     diff, se = mean(per_q), stderr(per_q)
@@ -150,8 +160,8 @@ def comparisons(scores: dict, plan: Plan) -> dict[str, dict]:
             pairs = [(arm_model(a, s)[0], arm_model(b, s)[0]) for s in plan.tune_seeds]
         else:
             pairs = [(a, b)]
-        by_group = {g: difference(scores, pairs, kinds) for g, kinds in GROUPS.items()}
-        if all(by_group.values()):
+        by_group = {g: cell for g, kinds in GROUPS.items() if (cell := difference(scores, pairs, kinds))}
+        if by_group:
             out[name] = {"what": what, "pairs": [list(p) for p in pairs], "kinds": by_group}
     return out
 
@@ -197,10 +207,27 @@ def zeroshot(root: Path, plan: Plan) -> dict[str, dict[str, dict]]:
         for model, labels in zeroshot_results(root / section / "zeroshot").items():
             out[model] = {}
             for label, r in labels.items():
+                if label == "pairs":  # MMVP-VLM, in its own table
+                    continue
                 se = math.sqrt(r["acc1"] * (1 - r["acc1"]) / r["n"])
                 above = "above chance" if r["acc1"] - r["chance"] > 2 * se else "not above chance"
                 out[model][label] = {"acc1": r["acc1"], "stderr": se, "chance": r["chance"], "n": r["n"],
                                      "verdict": above}  # fmt: skip
+    return out
+
+
+def mmvp_vlm(root: Path, plan: Plan) -> dict[str, dict]:
+    """MMVP-VLM of every dual encoder on the Shapes-MMVP pairs (``zeroshot --task pairs``)."""
+    out = {}
+    for section in zeroshot_models(plan):
+        for model, labels in zeroshot_results(root / section / "zeroshot").items():
+            if r := labels.get("pairs"):
+                out[model] = {"score": r["mmvp_vlm"], "stderr": r["mmvp_vlm_stderr"], "chance": r["chance"],
+                              "n": r["n"]}  # fmt: skip
+    for a, b in (("kuea", "clip"), ("sail", "clip")):
+        if a in out and b in out:  # the same pairs: independent stderrs combined (conservative)
+            diff, se = out[a]["score"] - out[b]["score"], math.hypot(out[a]["stderr"], out[b]["stderr"])
+            out[f"{a}_vs_{b}"] = {"diff": diff, "stderr": se, "verdict": verdict(diff, se)}
     return out
 
 
@@ -270,6 +297,7 @@ def collect(root: Path, plan: Plan) -> dict[str, Any]:
         "probe_differences": probe_differences(probe),
         "ranking": ranking(root, plan),
         "zeroshot": zeroshot(root, plan),
+        "mmvp_vlm": mmvp_vlm(root, plan),
         "kuea": kuea(root),
         "vqa": vqa_table(scores),
         "vqa_arms": arm_table(scores, plan),

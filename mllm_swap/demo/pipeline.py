@@ -26,6 +26,7 @@ RunCommand = Callable[[list[str]], int]  # runs one mllm-swap command line (argv
 PRETRAIN_IN_RUN = False
 # Shapes-MMVP: `mllm-swap data mmvp`, `zeroshot --task pairs` and the lmms-eval task `shapes_mmvp`.
 SHAPES_MMVP = False
+MMVP_PAIRS = "mmvp_pairs.jsonl"  # where `data mmvp` writes them: the shapes folder, where the task finds them
 
 KINDS = ("color", "shape", "count", "position")  # the shapes world's question kinds
 CLIP_BLIND = ("count", "position")  # what the tiny CLIP's captions never say
@@ -167,9 +168,12 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
         return ["align", method, "--config", str(recipes / recipe), *settings, *batch, "--out", str(out)]
 
     def zeroshot(section: Path) -> list[list[str]]:
-        return [["zeroshot", "--model", str(model), "--task", "classify", "--data", str(SHAPES), "--label", label,
-                 "--out", str(section / "zeroshot" / f"{name}-{label}")]
-                for name, model in zeroshot_models(plan)[section.name].items() for label in ("color", "shape")]  # fmt: skip
+        """Classification of colour and shape, and MMVP-VLM on the Shapes-MMVP pairs, per dual encoder."""
+        tasks = [["--task", "classify", "--label", "color"], ["--task", "classify", "--label", "shape"],
+                 *([["--task", "pairs"]] if SHAPES_MMVP else [])]  # fmt: skip
+        return [["zeroshot", "--model", str(model), *task, "--data", str(SHAPES),
+                 "--out", str(section / "zeroshot" / f"{name}-{task[-1]}")]
+                for name, model in zeroshot_models(plan)[section.name].items() for task in tasks]  # fmt: skip
 
     def tune(recipe: str, start: Path, out: Path, steps: int, seed: int) -> list[str]:
         data = _sets(f"model={start}", f"data={SHAPES / 'instruct.json'}", f"image_folder={SHAPES}", "shapes=null",
@@ -203,14 +207,12 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
                 "--labels", ",".join(KINDS), "--out", folder, "--overwrite"]  # fmt: skip
 
     steps = ["--steps", str(size.pretrain_steps)] if size.pretrain_steps else []
-    pretrain = [["pretrain", kind, "--data", str(SHAPES), "--seed", str(plan.seed), *steps, "--out", f"models/{kind}"]
+    pretrain = [["pretrain", kind, "--data", str(SHAPES), "--seed", str(plan.seed), *steps, "--out", f"models/{kind}",
+                 "--overwrite"]
                 for kind in ("clip", "dino")] if PRETRAIN_IN_RUN else []  # fmt: skip
     (world_probe, world_towers), (kuea_probe, kuea_towers) = probe_towers(plan).items()
     mmvp = [["data", "mmvp", "--data", str(SHAPES), "--clip", plan.clip, "--dino", plan.dino,
-             "--out", str(WORLD / "mmvp")]] if SHAPES_MMVP else []  # fmt: skip
-    pairs = [["zeroshot", "--model", str(model), "--task", "pairs", "--data", str(WORLD / "mmvp"),
-              "--out", str(KUEA / "pairs" / name)]
-             for name, model in (("clip", plan.clip), ("kuea", ARTIFACTS["kuea"]))] if SHAPES_MMVP else []  # fmt: skip
+             "--seed", str(plan.seed)]] if SHAPES_MMVP else []  # fmt: skip
     rebuild, dropin = SAIL / "mllm" / "sail-rebuild", KUEA / "mllm" / "kuea-dropin"
     kuea_student = f"student={plan.clip}", f"target={plan.dino}"
     stages = [
@@ -236,7 +238,7 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
             "000_world-probe",
             "Linear probes: what each tower knows",
             [probe(world_probe, world_towers), *mmvp],
-            [Path(world_probe) / "probe.json", *([WORLD / "mmvp"] if mmvp else [])],
+            [Path(world_probe) / "probe.json", *([SHAPES / MMVP_PAIRS] if mmvp else [])],
         ),  # fmt: skip
         stage(
             "001_freeze_align-rank",
@@ -329,14 +331,12 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
                 ),
                 *zeroshot(KUEA),
                 probe(kuea_probe, kuea_towers),
-                *pairs,
             ],
             [
                 ARTIFACTS["kuea"],
                 ARTIFACTS["kuea-noanchor"],
                 KUEA / "zeroshot",
                 Path(kuea_probe) / "probe.json",
-                *([KUEA / "pairs"] if pairs else []),
             ],
         ),  # fmt: skip
         stage(

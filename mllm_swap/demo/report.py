@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from align.io import atomic_path, write_json
-from mllm_swap.demo.findings import MARGIN, collect
+from mllm_swap.demo.findings import MARGIN, MMVP, collect
 from mllm_swap.demo.pipeline import CLIP_BLIND, SECTIONS, Plan
 from mllm_swap.demo.sections import markdown_table, num, pm, sig, stage_sections
 from mllm_swap.demo.stages import StageRecord
@@ -56,14 +56,26 @@ def headlines(found: dict) -> list[str]:
                    f"({'drops' if k['kernel_drops'] else 'does not drop'}; {sig(kd['after_initial_kernel'])} with "
                    f"the initial kernel); zero-shot {zs}: {kept}; cosine to the original CLIP "
                    f"{num(k['cosine_to_original'])}.")  # fmt: skip
+    for name, v in found.get("mmvp_vlm", {}).items():
+        if "_vs_" in name:
+            out.append(f"MMVP-VLM on the Shapes-MMVP pairs, {name.replace('_vs_', ' minus ')}: {pm(v, 'diff')} "
+                       f"({v['verdict']}).")  # fmt: skip
     seeds = len(found["tune_seeds"])
+    where = {
+        "clip_blind": f"on the CLIP-blind questions ({', '.join(CLIP_BLIND)})",
+        MMVP: "on the Shapes-MMVP pairs",
+    }
     for c in found["comparisons"].values():
-        d = c["kinds"]["clip_blind"]
-        spread = (
-            f"seed sd {num(d['seed_sd'])} over {seeds} tuning seeds" if d["seed_sd"] is not None else "1 seed"
-        )
-        out.append(f"{c['what']}, on the CLIP-blind questions ({', '.join(CLIP_BLIND)}): {pm(d, 'diff')} over "
-                   f"{d['n']} questions ({spread}): {EFFECT[d['verdict']]}.")  # fmt: skip
+        for group, words in where.items():
+            if not (d := c["kinds"].get(group)):
+                continue
+            spread = (
+                f"seed sd {num(d['seed_sd'])} over {seeds} tuning seeds"
+                if d["seed_sd"] is not None
+                else "1 seed"
+            )
+            out.append(f"{c['what']}, {words}: {pm(d, 'diff')} over {d['n']} "
+                       f"{'pairs' if group == MMVP else 'questions'} ({spread}): {EFFECT[d['verdict']]}.")  # fmt: skip
     return out
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from align.io import read_jsonl
 from align.plots import pyplot, save_figure
-from mllm_swap.demo.findings import GROUPS, MARGIN
+from mllm_swap.demo.findings import GROUPS, MARGIN, MMVP
 from mllm_swap.demo.outputs import load_json
 from mllm_swap.demo.pipeline import EVAL, FREEZE, KINDS, KUEA, SAIL, SHAPES, WORLD
 
@@ -119,10 +119,17 @@ def zeroshot_section(root: Path, found: dict, models: tuple[str, ...]) -> str:
         return ""
     rows = [[m, *[f"{pm(r[label], 'acc1')} (chance {num(r[label]['chance'])}, {r[label]['verdict']})"
                   for label in ("color", "shape")]] for m, r in zs.items()]  # fmt: skip
+    mmvp = [[m, f"{pm(v, 'score')} (chance {num(v['chance'])}, {v['n']} pairs)"]
+            for m in models if (v := found["mmvp_vlm"].get(m))]  # fmt: skip
+    vlm = (
+        "\n\nMMVP-VLM on the Shapes-MMVP pairs (`zeroshot --task pairs`): a CLIP-blind pair counts when each "
+        "image picks its own statement (± standard error).\n\n" + markdown_table(["model", "MMVP-VLM"], mmvp)
+    )
     return (
         "Zero-shot classification of held-out scenes: each model's image embedding against its own text "
         "tower's class prompts (acc1 ± standard error).\n\n"
         + markdown_table(["model", "colour", "shape"], rows)
+        + (vlm if mmvp else "")
     )
 
 
@@ -153,7 +160,7 @@ def training_section(root: Path, runs: list[str]) -> str:
 def vqa_section(
     root: Path, found: dict, section: Path, models: list[str], arms: list[str], comparisons: list[str]
 ) -> str:
-    groups = list(GROUPS)
+    groups = [g for g in GROUPS if any(g in found["vqa"][m] for m in models if m in found["vqa"])]
     rows = [[m, *[pm(found["vqa"][m][g]) for g in groups]] for m in models if m in found["vqa"]]
     rows += [[f"{arm} (mean over {len(a['all']['per_seed'])} seed(s))",
               *[f"{pm(a[g])} (seed sd {num(a[g]['seed_sd'])})" for g in groups]]
@@ -165,7 +172,9 @@ def vqa_section(
     return (
         "lmms-eval `shapes_vqa` (open answer, exact match) on held-out questions, by question kind "
         f"(`clip_blind`: {', '.join(found['clip_blind_kinds'])}); accuracy ± standard error over questions. A "
-        "tuned arm is averaged over its tuning seeds (seed sd: the spread of the per-seed accuracies).\n\n"
+        "tuned arm is averaged over its tuning seeds (seed sd: the spread of the per-seed accuracies). "
+        f"`{MMVP}`: lmms-eval `shapes_mmvp`, a CLIP-blind pair counts only when both answers are right "
+        "(chance 0.25).\n\n"
         + markdown_table(["model", *groups], rows)
         + "\n\nSwapped minus control, paired per question (± standard error over questions; seed sd over tuning "
         "seeds; a verdict needs more than two standard errors and every seed agreeing):\n\n"
