@@ -78,8 +78,8 @@ def test_findings_are_the_tools_own_numbers(demo: Path, findings: dict) -> None:
     approx = lambda x: pytest.approx(x, abs=1e-9)  # noqa: E731
     vqa = findings["vqa"]
     evals = {
-        "002_sail": ["base", "sail-rebuild", "control-s0", "sail-s0"],
-        "003_kuea": ["kuea-dropin", "kuea-s0"],
+        "002_sail": ["base", "sail-rebuild", "clip-rebuild-s0", "sail-s0"],
+        "003_kuea": ["kuea-dropin", "clip-s0", "kuea-s0"],
     }
     for section, models in evals.items():
         for model in models:
@@ -95,7 +95,7 @@ def test_findings_are_the_tools_own_numbers(demo: Path, findings: dict) -> None:
                 assert vqa[model][kind]["stderr"] == approx(xs.std(ddof=1) / math.sqrt(len(xs)))
     # the swapped-vs-control difference, paired per question, recomputed from the two sample files
     sail = _sample_scores(demo / "002_sail/eval/sail-s0/samples_shapes_vqa.jsonl")
-    control = _sample_scores(demo / "002_sail/eval/control-s0/samples_shapes_vqa.jsonl")
+    control = _sample_scores(demo / "002_sail/eval/clip-rebuild-s0/samples_shapes_vqa.jsonl")
     blind = [sail[i][1] - control[i][1] for i in sorted(sail) if sail[i][0] in ("count", "position")]
     cell = findings["comparisons"]["sail_vs_control"]["kinds"]["clip_blind"]
     assert cell["diff"] == approx(np.mean(blind)) and cell["n"] == len(blind)

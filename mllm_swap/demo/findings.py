@@ -245,7 +245,8 @@ def kuea(root: Path) -> dict[str, dict]:
               for label, z in report["zeroshot"].items()}  # fmt: skip
         out[name] = {
             "kernel_discrepancy": {k: kd[k] for k in ("before", "after", "after_initial_kernel")},
-            "kernel_drops": kd["after"] < kd["before"],
+            "kernel_drops": kd["after"] < kd["before"],  # with the trained kernel parameters
+            "embeddings_drop": kd["after_initial_kernel"] < kd["before"],  # what the embeddings learned
             "cosine_to_original": report["cosine_to_original"]["mean"],
             "zeroshot": zs,
             "zeroshot_kept": all(z["kept"] for z in zs.values()),

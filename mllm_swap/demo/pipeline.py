@@ -32,7 +32,16 @@ KINDS = ("color", "shape", "count", "position")  # the shapes world's question k
 CLIP_BLIND = ("count", "position")  # what the tiny CLIP's captions never say
 RANDOM_TOWERS = ("tiny-dinov2-random", "tiny-dinov2-reg-random", "tiny-siglip")
 TEXT_ENCODERS = ("tiny-text", "minilm")
-ARMS = ("control", "sail", "kuea")  # the models given the same extra tuning, once per tuning seed
+# The tuned arms, once per tuning seed: a swapped model and its control get the same tuning from the same
+# state. A rebuild (new tower, re-initialised connector input) trains the connector, then LoRA; its control
+# is the original CLIP rebuilt the same way. A drop-in keeps the connector and gets LoRA; its control is
+# the original itself given the same LoRA.
+ARMS = {  # arm -> (section, starting model, connector stage first)
+    "clip-rebuild": ("002_sail", "002_sail/mllm/clip-rebuild", True),
+    "sail": ("002_sail", "002_sail/mllm/sail-rebuild", True),
+    "clip": ("003_kuea", "002_sail/mllm/base", False),
+    "kuea": ("003_kuea", "003_kuea/mllm/kuea-dropin", False),
+}
 
 
 @dataclass(frozen=True)
@@ -55,8 +64,8 @@ class DemoSize:
 
 
 FULL = DemoSize(
-    shapes=2000, score_n=500, toy_instances=200, align_steps=200, base_steps=200, connector_steps=60,
-    lora_steps=120, eval_limit=400, seeds=3, clip="tiny-clip-shapes", dino="tiny-dinov2", pretrain_steps=None,
+    shapes=2000, score_n=500, toy_instances=200, align_steps=200, base_steps=200, connector_steps=40,
+    lora_steps=100, eval_limit=400, seeds=3, clip="tiny-clip-shapes", dino="tiny-dinov2", pretrain_steps=None,
 )  # fmt: skip
 QUICK = DemoSize(
     shapes=120, score_n=64, toy_instances=16, align_steps=6, base_steps=4, connector_steps=2, lora_steps=3,
@@ -102,18 +111,22 @@ EVAL = {SAIL.name: SAIL / "eval", KUEA.name: KUEA / "eval"}
 
 def arm_model(arm: str, tune_seed: int) -> tuple[str, Path]:
     """The eval name and merged checkpoint of ``arm`` tuned with ``tune_seed``."""
-    section = KUEA if arm == "kuea" else SAIL
     name = f"{arm}-s{tune_seed}"
-    return name, section / "mllm" / name
+    return name, Path(ARMS[arm][0]) / "mllm" / name
+
+
+def section_arms(section: Path) -> list[str]:
+    """The tuned arms of ``section``, control first."""
+    return [arm for arm, (folder, _, _) in ARMS.items() if folder == section.name]
 
 
 def eval_models(plan: Plan) -> dict[str, dict[str, Path]]:
     """``{section: {name: checkpoint}}``: what each section's eval stage scores."""
     tuned = {arm: dict(arm_model(arm, s) for s in plan.tune_seeds) for arm in ARMS}
     return {
-        SAIL.name: {"base": BASE, "sail-rebuild": SAIL / "mllm" / "sail-rebuild", **tuned["control"],
+        SAIL.name: {"base": BASE, "sail-rebuild": SAIL / "mllm" / "sail-rebuild", **tuned["clip-rebuild"],
                     **tuned["sail"]},
-        KUEA.name: {"kuea-dropin": KUEA / "mllm" / "kuea-dropin", **tuned["kuea"]},
+        KUEA.name: {"kuea-dropin": KUEA / "mllm" / "kuea-dropin", **tuned["clip"], **tuned["kuea"]},
     }  # fmt: skip
 
 
@@ -180,14 +193,22 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
                      "eval_vqa=null", f"train.steps={steps}", f"train.seed={seed}")  # fmt: skip
         return ["tune", "--config", str(recipes / recipe), *data, "--out", str(out), "--overwrite"]
 
-    def tuning(arm: str, start: Path, seed: int) -> list[list[str]]:
-        """The extra tuning every arm gets: connector pretraining, then LoRA, merged."""
-        name, merged = arm_model(arm, seed)
+    def tuning(arm: str, seed: int) -> list[list[str]]:
+        """The tuning of ``arm`` with ``seed``: [connector pretraining, then] LoRA, merged."""
+        (name, merged), (_, start, connector_first) = arm_model(arm, seed), ARMS[arm]
         folder = merged.parent.parent / "tune"
         connector, adapter = folder / f"{name}-connector", folder / f"{name}-lora"
-        return [tune("tiny_llava_connector.yaml", start, connector, size.connector_steps, seed),
-                tune("tiny_llava_lora.yaml", connector, adapter, size.lora_steps, seed),
+        first = [tune("tiny_llava_connector.yaml", Path(start), connector, size.connector_steps, seed)]
+        return [*(first if connector_first else []),
+                tune("tiny_llava_lora.yaml", connector if connector_first else Path(start), adapter, size.lora_steps,
+                     seed),
                 ["merge", "--adapter", str(adapter), "--out", str(merged), "--overwrite"]]  # fmt: skip
+
+    def tune_stages(section: Path, title: str) -> list[Stage]:
+        arms = section_arms(section)
+        return [stage(f"{section.name}-tune-s{seed}", f"{title} (tuning seed {seed})",
+                      [c for arm in arms for c in tuning(arm, seed)], [arm_model(arm, seed)[1] for arm in arms])
+                for seed in plan.tune_seeds]  # fmt: skip
 
     def swap(mllm_in: str | Path, encoder: str | Path, mode: str, out: Path) -> list[str]:
         return ["swap", "--mllm", str(mllm_in), "--encoder", str(encoder), "--mode", mode,
@@ -213,7 +234,7 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
     (world_probe, world_towers), (kuea_probe, kuea_towers) = probe_towers(plan).items()
     mmvp = [["data", "mmvp", "--data", str(SHAPES), "--clip", plan.clip, "--dino", plan.dino,
              "--seed", str(plan.seed)]] if SHAPES_MMVP else []  # fmt: skip
-    rebuild, dropin = SAIL / "mllm" / "sail-rebuild", KUEA / "mllm" / "kuea-dropin"
+    rebuild, clip_rebuild, dropin = (Path(ARMS[arm][1]) for arm in ("sail", "clip-rebuild", "kuea"))
     kuea_student = f"student={plan.clip}", f"target={plan.dino}"
     stages = [
         stage(
@@ -307,19 +328,14 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
         ),  # fmt: skip
         stage(
             "002_sail-rebuild",
-            "Swap: the SAIL tower rebuilt into the LLaVA",
-            [swap(BASE, ARTIFACTS["sail"], "rebuild", rebuild)],
-            [rebuild / "swap_report.json"],
+            "Swap: the SAIL tower rebuilt into the LLaVA, and the CLIP rebuilt the same way (the control)",
+            [
+                swap(BASE, ARTIFACTS["sail"], "rebuild", rebuild),
+                swap(BASE, plan.clip, "rebuild", clip_rebuild),
+            ],
+            [rebuild / "swap_report.json", clip_rebuild / "swap_report.json"],
         ),
-        *[
-            stage(
-                f"002_sail-tune-s{seed}",
-                f"Tune the SAIL rebuild and the control (tuning seed {seed})",
-                [*tuning("control", BASE, seed), *tuning("sail", rebuild, seed)],
-                [arm_model("control", seed)[1], arm_model("sail", seed)[1]],
-            )
-            for seed in plan.tune_seeds
-        ],  # fmt: skip
+        *tune_stages(SAIL, "Tune both rebuilds alike: connector, then LoRA"),
         evaluate(SAIL),
         stage(
             "003_kuea-align",
@@ -345,15 +361,7 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
             [swap(BASE, ARTIFACTS["kuea"], "dropin", dropin)],
             [dropin / "swap_report.json"],
         ),
-        *[
-            stage(
-                f"003_kuea-tune-s{seed}",
-                f"Tune the KUEA drop-in like the control (tuning seed {seed})",
-                tuning("kuea", dropin, seed),
-                [arm_model("kuea", seed)[1]],
-            )
-            for seed in plan.tune_seeds
-        ],  # fmt: skip
+        *tune_stages(KUEA, "Tune the KUEA drop-in and the original alike: LoRA"),
         evaluate(KUEA),
     ]
     return stages

@@ -52,10 +52,11 @@ def headlines(found: dict) -> list[str]:
         )
         kept = (f"kept within {MARGIN}" if k["zeroshot_kept"]
                 else f"lost more than {MARGIN}" + (" (the ablation collapses)" if name == "kuea-noanchor" else ""))  # fmt: skip
-        out.append(f"{name}: kernel discrepancy to DINOv2 {sig(kd['before'])} -> {sig(kd['after'])} "
-                   f"({'drops' if k['kernel_drops'] else 'does not drop'}; {sig(kd['after_initial_kernel'])} with "
-                   f"the initial kernel); zero-shot {zs}: {kept}; cosine to the original CLIP "
-                   f"{num(k['cosine_to_original'])}.")  # fmt: skip
+        drops = {True: "drops", False: "does not drop"}
+        out.append(f"{name}: kernel discrepancy to DINOv2 {sig(kd['before'])} -> {sig(kd['after'])} with the "
+                   f"trained kernel ({drops[k['kernel_drops']]}), {sig(kd['after_initial_kernel'])} with the initial "
+                   f"kernel, i.e. what the embeddings learned ({drops[k['embeddings_drop']]}); zero-shot {zs}: "
+                   f"{kept}; cosine to the original CLIP {num(k['cosine_to_original'])}.")  # fmt: skip
     for name, v in found.get("mmvp_vlm", {}).items():
         if "_vs_" in name:
             out.append(f"MMVP-VLM on the Shapes-MMVP pairs, {name.replace('_vs_', ' minus ')}: {pm(v, 'diff')} "

@@ -14,7 +14,7 @@ from align.io import read_jsonl
 from align.plots import pyplot, save_figure
 from mllm_swap.demo.findings import GROUPS, MARGIN, MMVP
 from mllm_swap.demo.outputs import load_json
-from mllm_swap.demo.pipeline import EVAL, FREEZE, KINDS, KUEA, SAIL, SHAPES, WORLD
+from mllm_swap.demo.pipeline import EVAL, FREEZE, KINDS, KUEA, SAIL, SHAPES, WORLD, section_arms
 
 Section = Callable[[Path, dict], str]
 
@@ -226,15 +226,17 @@ def stage_sections(seeds: list[int]) -> dict[str, Section]:
         "002_sail-align": lambda root, f: "\n\n".join(
             [zeroshot_section(root, f, ("sail",)), training_section(root, [str(SAIL / "align")])]),
         "002_sail-base": lambda root, f: training_section(root, [str(SAIL / "tune" / "base-lora")]),
-        "002_sail-eval": partial(vqa_section, section=SAIL, models=["base", "sail-rebuild"], arms=["control", "sail"],
+        "002_sail-eval": partial(vqa_section, section=SAIL, models=["base", "sail-rebuild"], arms=section_arms(SAIL),
                                  comparisons=["sail_vs_control"]),
         "003_kuea-align": lambda root, f: "\n\n".join(
             [kuea_section(root, f), zeroshot_section(root, f, ("kuea", "kuea-noanchor")),
              probe_section(root, f, KUEA)]),
-        "003_kuea-eval": partial(vqa_section, section=KUEA, models=["base", "kuea-dropin"], arms=["control", "kuea"],
+        "003_kuea-eval": partial(vqa_section, section=KUEA, models=["base", "kuea-dropin"], arms=section_arms(KUEA),
                                  comparisons=["kuea_dropin_vs_base", "kuea_vs_control"]),
     }  # fmt: skip
     for seed in seeds:
-        out[f"002_sail-tune-s{seed}"] = _tuning(SAIL / "tune", (f"control-s{seed}", f"sail-s{seed}"))
-        out[f"003_kuea-tune-s{seed}"] = _tuning(KUEA / "tune", (f"kuea-s{seed}",))
+        for section in (SAIL, KUEA):
+            out[f"{section.name}-tune-s{seed}"] = _tuning(
+                section / "tune", tuple(f"{a}-s{seed}" for a in section_arms(section))
+            )
     return out
