@@ -106,7 +106,12 @@ def test_findings_are_the_tools_own_numbers(demo: Path, findings: dict) -> None:
                 demo / section / "zeroshot" / f"{model}-{label}" / f"zeroshot-classify-{label}.json"
             )
             assert findings["zeroshot"][model][label]["acc1"] == approx(result["acc1"])
-    names = {PLAN.clip: "clip", PLAN.dino: "dino", "003_kuea/align/artifact": "kuea"}
+    names = {
+        PLAN.clip: "clip",
+        PLAN.dino: "dino",
+        "tiny-dinov2-random": "dino-random",
+        "003_kuea/align/artifact": "kuea",
+    }
     for folder in ("000_world/probe", "003_kuea/probe"):
         for r in read_json(demo / folder / "probe.json")["results"]:
             cell = findings["probe"][names[r["encoder"]]][r["feature"]][r["attribute"]]

@@ -138,18 +138,11 @@ def difference(scores: dict, pairs: Sequence[tuple[str, str]], kinds: Sequence[s
 
 
 COMPARISONS = {  # name -> (swapped arm or model, control arm or model, what it is)
-    "sail_vs_control": (
-        "sail",
-        "control",
-        "SAIL rebuild vs the CLIP control, both given the same extra tuning",
-    ),
+    "sail_vs_control": ("sail", "clip-rebuild", "SAIL tower rebuilt into the LLaVA vs the CLIP rebuilt the same "
+                        "way, both tuned alike (connector, LoRA)"),
     "kuea_dropin_vs_base": ("kuea-dropin", "base", "KUEA CLIP dropped in with no tuning vs the original"),
-    "kuea_vs_control": (
-        "kuea",
-        "control",
-        "KUEA drop-in vs the CLIP control, both given the same extra tuning",
-    ),
-}
+    "kuea_vs_control": ("kuea", "clip", "KUEA drop-in vs the original, both given the same LoRA"),
+}  # fmt: skip
 
 
 def comparisons(scores: dict, plan: Plan) -> dict[str, dict]:

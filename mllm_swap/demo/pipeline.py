@@ -23,9 +23,9 @@ from mllm_swap.demo.stages import Stage, StageResult
 RunCommand = Callable[[list[str]], int]  # runs one mllm-swap command line (argv without the program)
 
 # Build the tiny CLIP and DINOv2 inside the run from its seed with `mllm-swap pretrain` (else the tiny ids).
-PRETRAIN_IN_RUN = False
+PRETRAIN_IN_RUN = True
 # Shapes-MMVP: `mllm-swap data mmvp`, `zeroshot --task pairs` and the lmms-eval task `shapes_mmvp`.
-SHAPES_MMVP = False
+SHAPES_MMVP = True
 MMVP_PAIRS = "mmvp_pairs.jsonl"  # where `data mmvp` writes them: the shapes folder, where the task finds them
 
 KINDS = ("color", "shape", "count", "position")  # the shapes world's question kinds
@@ -61,6 +61,7 @@ class DemoSize:
     dino: str
     pretrain_steps: int | None  # None: `mllm-swap pretrain`'s own budget
     batch: int | None = None  # overrides the recipes' batch sizes (the quick run's world is tiny)
+    mmvp: tuple[str, ...] = ()  # `data mmvp` flags (the quick run's 24 held-out scenes need loose quantiles)
 
 
 FULL = DemoSize(
@@ -70,6 +71,7 @@ FULL = DemoSize(
 QUICK = DemoSize(
     shapes=120, score_n=64, toy_instances=16, align_steps=6, base_steps=4, connector_steps=2, lora_steps=3,
     eval_limit=16, seeds=1, clip="tiny-clip", dino="tiny-dinov2-random", pretrain_steps=2, batch=16,
+    mmvp=("--clip-quantile", "0.5", "--dino-quantile", "0.9"),
 )  # fmt: skip
 
 
@@ -233,7 +235,7 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
                 for kind in ("clip", "dino")] if PRETRAIN_IN_RUN else []  # fmt: skip
     (world_probe, world_towers), (kuea_probe, kuea_towers) = probe_towers(plan).items()
     mmvp = [["data", "mmvp", "--data", str(SHAPES), "--clip", plan.clip, "--dino", plan.dino,
-             "--seed", str(plan.seed)]] if SHAPES_MMVP else []  # fmt: skip
+             "--seed", str(plan.seed), *size.mmvp]] if SHAPES_MMVP else []  # fmt: skip
     rebuild, clip_rebuild, dropin = (Path(ARMS[arm][1]) for arm in ("sail", "clip-rebuild", "kuea"))
     kuea_student = f"student={plan.clip}", f"target={plan.dino}"
     stages = [
