@@ -203,6 +203,8 @@ def test_seed_generates_the_world_and_every_run() -> None:
     stages = build_stages(Plan(QUICK, seed=7, seeds=2), lambda argv: 0)
     commands = [line for s in stages for line in s.run().command.splitlines()]
     assert "mllm-swap data shapes --out 000_world/shapes --n 120 --seed 7" in commands
+    for kind in ("clip", "dino"):  # the towers are pretrained from the seed, on this world
+        assert any(c.startswith(f"mllm-swap pretrain {kind} --data 000_world/shapes --seed 7 ") for c in commands)
     aligns = [c for c in commands if c.startswith("mllm-swap align ")]
     assert len(aligns) == 4 and all("--set train.seed=7 " in c for c in aligns)
     tunes = [c for c in commands if c.startswith("mllm-swap tune ")]
