@@ -1,0 +1,238 @@
+"""Pretraining on the shapes world (``align.pretrain``, ``mllm-swap pretrain``).
+
+The objective's terms against their formulas computed a second way; the views and the teacher's EMA as
+mechanisms; the written directory through plain transformers in a process that never imports this
+project; determinism for a seed; the command's refusals; and one real run: the self-supervised tower
+knows more about shape, count and position than the random one and than a caption-trained CLIP.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from align.pretrain.objectives import dino_loss, ibot_loss, koleo_loss, teacher_probs, update_center
+from mllm_swap.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from align.data.shapes import generate_shapes
+
+    out = tmp_path_factory.mktemp("pretrain") / "shapes"
+    generate_shapes(out, n=60, seed=5, progress=False)
+    return out
+
+
+def tiny_settings(**changes):
+    from align.pretrain.dino import DinoSettings
+
+    return DinoSettings(**{"steps": 3, "batch_size": 8, "local_crops": 2, "log_every": 1, **changes})
+
+
+# ---------------------------------------------------------------- the objective, term by term
+
+
+def test_dino_loss_is_the_mean_cross_entropy_over_cross_view_pairs():
+    gen = torch.Generator().manual_seed(0)
+    b, k, views = 3, 5, 4  # 2 global + 2 local views
+    student = torch.randn(views * b, k, generator=gen)
+    teacher = torch.softmax(torch.randn(2 * b, k, generator=gen), dim=-1)
+    terms = []
+    for t in range(2):
+        for s in range(views):
+            if s == t:
+                continue
+            for i in range(b):
+                p = teacher[t * b + i]
+                q = [math.exp(v / 0.1) for v in student[s * b + i].tolist()]
+                terms.append(-sum(p[c].item() * math.log(q[c] / sum(q)) for c in range(k)))
+    assert dino_loss(student, teacher, views, 0.1).item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_teacher_targets_are_centred_then_sharpened_and_the_centre_is_an_ema():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    center = torch.tensor([[0.5, 0.0, -0.5]])
+    got = teacher_probs(logits, center, 0.04)
+    expected = torch.softmax((logits - center) / 0.04, dim=-1)
+    torch.testing.assert_close(got, expected)
+    assert got.max(dim=-1).values.min() > torch.softmax(logits, dim=-1).max(dim=-1).values.max()  # sharper
+    update_center(center, logits, momentum=0.9)
+    torch.testing.assert_close(center, 0.9 * torch.tensor([[0.5, 0.0, -0.5]]) + 0.1 * torch.tensor([[2.0, 2.0, 2.0]]))
+
+
+def test_ibot_loss_weights_each_masked_image_once():
+    gen = torch.Generator().manual_seed(1)
+    masks = torch.tensor([[True, False, False, False], [True, True, True, False], [False] * 4])
+    student = torch.randn(4, 6, generator=gen)  # the 4 masked positions, row-major
+    teacher = torch.softmax(torch.randn(4, 6, generator=gen), dim=-1)
+    ce = -(teacher * F.log_softmax(student / 0.1, dim=-1)).sum(dim=-1)
+    expected = (ce[0] + ce[1:].mean()) / 2  # image 0: one token; image 1: three; image 2: none
+    assert ibot_loss(student, teacher, masks, 0.1).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_koleo_is_minus_the_mean_log_nearest_neighbour_distance():
+    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    unit = x / x.norm(dim=1, keepdim=True)
+    distances = torch.cdist(unit, unit) + torch.eye(7) * 10
+    expected = -torch.log(distances.min(dim=1).values).mean()
+    assert koleo_loss(x).item() == pytest.approx(expected.item(), rel=1e-6)
+    spread = torch.eye(5, dtype=torch.float64)
+    assert koleo_loss(spread) < koleo_loss(spread + 0.5)  # closer neighbours cost more
+
+
+# ---------------------------------------------------------------- views, masks, teacher
+
+
+def test_views_come_from_the_sample_seed_only():
+    from align.pretrain.augment import MultiCrop
+
+    crops = MultiCrop(64, 8, (0.5,) * 3, (0.25,) * 3, n_local=3, mask_probability=1.0)
+    image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    g, loc, masks = crops(image, seed=7)
+    assert torch.equal(torch.rand(3), before)  # no global random number drawn
+    assert g.shape == (2, 3, 64, 64) and loc.shape == (3, 3, 32, 32) and masks.shape == (2, 64)
+    assert g.dtype == torch.float32 and not torch.equal(g[0], g[1])
+    again = crops(image, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip((g, loc, masks), again, strict=True))
+    assert not torch.equal(crops(image, seed=8)[0], g)
+    ratios = masks.sum(dim=1) / 64
+    assert ((ratios >= 0.09) & (ratios <= 0.5)).all()
+
+
+def test_teacher_is_the_students_ema_with_a_cosine_momentum(world):
+    from align.data.shapes import load_shapes
+    from align.encoders.registry import resolve
+    from align.pretrain.dino import DinoPretrain, load_images
+
+    settings = tiny_settings(steps=10, momentum=0.9)
+    method = DinoPretrain(Path(resolve(settings.base)), load_images(load_shapes(world, "train")), settings)
+    model = method.build_model(None)
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    torch.testing.assert_close(dict(model.teacher.state_dict()), dict(model.student.state_dict()))
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(1.0)
+    teacher = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    student = model.student.state_dict()
+    method.step = 5  # halfway: m = 1 - 0.1 * (1 + cos(pi / 2)) / 2 = 0.95
+    assert method.momentum() == pytest.approx(0.95)
+    method.after_step(model)
+    for name, value in model.teacher.state_dict().items():
+        torch.testing.assert_close(value, 0.95 * teacher[name] + 0.05 * student[name])
+    assert method.step == 6
+    method.step = 0
+    assert method.momentum() == pytest.approx(0.9) and method.teacher_temp() == pytest.approx(0.04)
+    method.step = 10
+    assert method.momentum() == pytest.approx(1.0) and method.teacher_temp() == pytest.approx(0.07)
+
+
+# ---------------------------------------------------------------- the written directory
+
+
+def test_pretraining_is_deterministic_and_writes_a_plain_hf_dinov2(world, tmp_path, without_project):
+    from safetensors.torch import load_file
+
+    from align.load import load_vision_encoder
+    from align.pretrain.dino import pretrain_dinov2
+
+    record = pretrain_dinov2(tmp_path / "a", tiny_settings(), shapes_dir=world)
+    pretrain_dinov2(tmp_path / "b", tiny_settings(), shapes_dir=world)
+    pretrain_dinov2(tmp_path / "c", tiny_settings(seed=1), shapes_dir=world)
+    weights = {k: load_file(tmp_path / k / "model.safetensors") for k in "abc"}
+    assert weights["a"].keys() == weights["b"].keys()
+    assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
+    assert not all(torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])
+    written = json.loads((tmp_path / "a" / "pretrain.json").read_text())
+    assert written == json.loads(json.dumps(record)) and [r["step"] for r in record["curve"]] == [1, 2, 3]
+    assert {"dino", "ibot", "koleo", "loss"} <= set(record["curve"][0]) and record["build_seconds"] > 0
+    assert record["data"] == {"shapes": "shapes", "train_images": 48}
+    assert (tmp_path / "a" / "pretrain_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert str(tmp_path) not in (tmp_path / "a" / "pretrain.json").read_text()
+
+    pretrain_dinov2(tmp_path / "reg", tiny_settings(steps=1), shapes_dir=world, registers=4)
+    code = without_project + f"""
+import json, torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel
+out = {{}}
+for name in ("a", "reg"):
+    folder = {str(tmp_path)!r} + "/" + name
+    model = AutoModel.from_pretrained(folder).eval()
+    pixels = AutoImageProcessor.from_pretrained(folder)(Image.open({str(next((world / "images").iterdir()))!r}),
+                                                        return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hidden = model(pixel_values=pixels).last_hidden_state
+    out[name] = [type(model).__name__, list(hidden.shape), hidden[0, 0].tolist()]
+print(json.dumps(out))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plain = json.loads(done.stdout.strip().splitlines()[-1])
+    assert plain["a"][:2] == ["Dinov2Model", [1, 65, 96]]
+    assert plain["reg"][:2] == ["Dinov2WithRegistersModel", [1, 69, 96]]
+    # our loader (as for facebook/dinov2-large) gives the same CLS as plain transformers
+    from align.data.images import open_image
+
+    encoder = load_vision_encoder(tmp_path / "a")
+    image = open_image(next((world / "images").iterdir()))
+    ours = encoder.pooled(encoder.preprocess([image]), "cls")[0]
+    torch.testing.assert_close(ours, torch.tensor(plain["a"][2]), atol=1e-4, rtol=1e-4)
+
+
+def test_tiny_builders_pretrain_with_and_without_registers(monkeypatch, tmp_path):
+    """The pretrained ids call the pretraining (here recorded, not run); the -random ids stay random."""
+    import align.pretrain.dino as dino
+    from align.fixtures import BUILDS
+
+    calls = []
+    monkeypatch.setattr(dino, "pretrain_dinov2", lambda out, settings, registers: calls.append((settings, registers)))
+    BUILDS["tiny-dinov2"][0](tmp_path / "a")
+    BUILDS["tiny-dinov2-reg"][0](tmp_path / "b")
+    assert [(s.base, r) for s, r in calls] == [("tiny-dinov2-random", 0), ("tiny-dinov2-random", 4)]
+    assert BUILDS["tiny-dinov2"][1] == BUILDS["tiny-dinov2-reg"][1] > BUILDS["tiny-dinov2-random"][1]
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_pretrain_command_writes_a_loadable_dir_and_refuses_bad_input(world, tmp_path, capsys):
+    from align.load import load_vision_encoder
+
+    out = tmp_path / "dino"
+    assert main(["pretrain", "dino", "--data", str(world), "--seed", "3", "--out", str(out), "--steps", "1"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    encoder = load_vision_encoder(out)
+    assert encoder.kind == "dinov2" and encoder.num_prefix_tokens == 1
+    assert json.loads((out / "pretrain.json").read_text())["settings"]["seed"] == 3
+
+    cases = [
+        (["dino", "--data", str(tmp_path / "nowhere")], ["nowhere", "not a shapes world", "does not exist"]),
+        (["dino", "--data", str(world / "images")], ["not a shapes world", "has no pairs.jsonl"]),
+        (["clip", "--data", str(world), "--registers", "2"], ["--registers", "only `pretrain dino`"]),
+        (["dino", "--data", str(world)], ["finished run of `mllm-swap pretrain dino`", "--overwrite"]),
+    ]
+    for argv, expected in cases:
+        assert main(["pretrain", *argv, "--seed", "0", "--out", str(out)]) == 2, argv
+        err = capsys.readouterr().err
+        assert all(text in err for text in expected), err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert main(["pretrain", "dino", "--data", str(world), "--seed", "0", "--out", str(foreign)]) == 2
+    assert "not an output directory of mllm-swap" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "mine"
+    with pytest.raises(SystemExit):
+        main(["pretrain", "dino", "--data", str(world), "--seed", "0", "--out", str(out), "--steps", "0"])
