@@ -22,10 +22,6 @@ from mllm_swap.demo.stages import Stage, StageResult
 
 RunCommand = Callable[[list[str]], int]  # runs one mllm-swap command line (argv without the program)
 
-# Build the tiny CLIP and DINOv2 inside the run from its seed with `mllm-swap pretrain` (else the tiny ids).
-PRETRAIN_IN_RUN = True
-# Shapes-MMVP: `mllm-swap data mmvp`, `zeroshot --task pairs` and the lmms-eval task `shapes_mmvp`.
-SHAPES_MMVP = True
 MMVP_PAIRS = "mmvp_pairs.jsonl"  # where `data mmvp` writes them: the shapes folder, where the task finds them
 
 KINDS = ("color", "shape", "count", "position")  # the shapes world's question kinds
@@ -57,8 +53,6 @@ class DemoSize:
     lora_steps: int
     eval_limit: int
     seeds: int  # tuning seeds by default
-    clip: str  # the towers when they are not pretrained inside the run
-    dino: str
     pretrain_steps: int | None  # None: `mllm-swap pretrain`'s own budget
     batch: int | None = None  # overrides the recipes' batch sizes (the quick run's world is tiny)
     mmvp: tuple[str, ...] = ()  # `data mmvp` flags (the quick run's 24 held-out scenes need loose quantiles)
@@ -66,11 +60,11 @@ class DemoSize:
 
 FULL = DemoSize(
     shapes=2000, score_n=500, toy_instances=200, align_steps=200, base_steps=200, connector_steps=40,
-    lora_steps=100, eval_limit=400, seeds=3, clip="tiny-clip-shapes", dino="tiny-dinov2", pretrain_steps=None,
+    lora_steps=100, eval_limit=400, seeds=3, pretrain_steps=None,
 )  # fmt: skip
 QUICK = DemoSize(
     shapes=120, score_n=64, toy_instances=16, align_steps=6, base_steps=4, connector_steps=2, lora_steps=3,
-    eval_limit=16, seeds=1, clip="tiny-clip", dino="tiny-dinov2-random", pretrain_steps=2, batch=16,
+    eval_limit=16, seeds=1, pretrain_steps=2, batch=16,
     mmvp=("--clip-quantile", "0.5", "--dino-quantile", "0.9"),
 )  # fmt: skip
 
@@ -90,11 +84,13 @@ class Plan:
 
     @property
     def clip(self) -> str:
-        return "models/clip" if PRETRAIN_IN_RUN else self.size.clip
+        """The tiny CLIP, built inside the run from its seed (`mllm-swap pretrain clip`)."""
+        return "models/clip"
 
     @property
     def dino(self) -> str:
-        return "models/dino" if PRETRAIN_IN_RUN else self.size.dino
+        """The tiny DINOv2, built inside the run from its seed (`mllm-swap pretrain dino`)."""
+        return "models/dino"
 
 
 WORLD, FREEZE, SAIL, KUEA = (Path(d) for d in ("000_world", "001_freeze_align", "002_sail", "003_kuea"))
@@ -185,7 +181,7 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
     def zeroshot(section: Path) -> list[list[str]]:
         """Classification of colour and shape, and MMVP-VLM on the Shapes-MMVP pairs, per dual encoder."""
         tasks = [["--task", "classify", "--label", "color"], ["--task", "classify", "--label", "shape"],
-                 *([["--task", "pairs"]] if SHAPES_MMVP else [])]  # fmt: skip
+                 ["--task", "pairs"]]  # fmt: skip
         return [["zeroshot", "--model", str(model), *task, "--data", str(SHAPES),
                  "--out", str(section / "zeroshot" / f"{name}-{task[-1]}")]
                 for name, model in zeroshot_models(plan)[section.name].items() for task in tasks]  # fmt: skip
@@ -218,7 +214,7 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
 
     def evaluate(section: Path) -> Stage:
         models = eval_models(plan)[section.name]
-        tasks = "shapes_vqa,shapes_mmvp" if SHAPES_MMVP else "shapes_vqa"
+        tasks = "shapes_vqa,shapes_mmvp"
         argv = ["eval", "--model", ",".join(f"{k}={v}" for k, v in models.items()), "--tasks", tasks,
                 "--shapes", str(SHAPES), "--limit", str(size.eval_limit), "--batch-size", "8",
                 "--out", str(EVAL[section.name])]  # fmt: skip
@@ -232,10 +228,10 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
     steps = ["--steps", str(size.pretrain_steps)] if size.pretrain_steps else []
     pretrain = [["pretrain", kind, "--data", str(SHAPES), "--seed", str(plan.seed), *steps, "--out", f"models/{kind}",
                  "--overwrite"]
-                for kind in ("clip", "dino")] if PRETRAIN_IN_RUN else []  # fmt: skip
+                for kind in ("clip", "dino")]  # fmt: skip
     (world_probe, world_towers), (kuea_probe, kuea_towers) = probe_towers(plan).items()
     mmvp = [["data", "mmvp", "--data", str(SHAPES), "--clip", plan.clip, "--dino", plan.dino,
-             "--seed", str(plan.seed), *size.mmvp]] if SHAPES_MMVP else []  # fmt: skip
+             "--seed", str(plan.seed), *size.mmvp]]  # fmt: skip
     rebuild, clip_rebuild, dropin = (Path(ARMS[arm][1]) for arm in ("sail", "clip-rebuild", "kuea"))
     kuea_student = f"student={plan.clip}", f"target={plan.dino}"
     stages = [
