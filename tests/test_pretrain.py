@@ -121,22 +121,49 @@ def test_teacher_is_the_students_ema_with_a_cosine_momentum(world):
     method = DinoPretrain(Path(resolve(settings.base)), load_images(load_shapes(world, "train")), settings)
     model = method.build_model(None)
     assert all(not p.requires_grad for p in model.teacher.parameters())
-    torch.testing.assert_close(dict(model.teacher.state_dict()), dict(model.student.state_dict()))
+    torch.testing.assert_close(dict(model.teacher.named_parameters()), dict(model.student.named_parameters()))
     with torch.no_grad():
         for p in model.student.parameters():
             p.add_(1.0)
-    teacher = {k: v.clone() for k, v in model.teacher.state_dict().items()}
-    student = model.student.state_dict()
+    teacher = {k: v.clone() for k, v in model.teacher.named_parameters()}
+    student = dict(model.student.named_parameters())
     method.step = 5  # halfway: m = 1 - 0.1 * (1 + cos(pi / 2)) / 2 = 0.95
     assert method.momentum() == pytest.approx(0.95)
     method.after_step(model)
-    for name, value in model.teacher.state_dict().items():
+    for name, value in model.teacher.named_parameters():
         torch.testing.assert_close(value, 0.95 * teacher[name] + 0.05 * student[name])
     assert method.step == 6
     method.step = 0
     assert method.momentum() == pytest.approx(0.9) and method.teacher_temp() == pytest.approx(0.04)
     method.step = 10
     assert method.momentum() == pytest.approx(1.0) and method.teacher_temp() == pytest.approx(0.07)
+
+
+def test_a_step_centres_on_the_teacher_and_trains_the_mask_token_through_masked_patches(world):
+    from align.data.shapes import load_shapes
+    from align.encoders.registry import resolve
+    from align.pretrain.dino import DinoPretrain, load_images
+
+    settings = tiny_settings(center_momentum=0.9)
+    method = DinoPretrain(Path(resolve(settings.base)), load_images(load_shapes(world, "train")), settings)
+    torch.manual_seed(0)
+    model = method.build_model(None)
+    globals_, locals_, masks = next(iter(method.dataloader(8, seed=0)))
+    assert masks.any()
+    views = globals_.transpose(0, 1).flatten(0, 1)
+    with torch.no_grad():
+        cls = model.teacher["backbone"](pixel_values=views).pooler_output  # the normed CLS, as HF gives it
+        expected = 0.1 * model.teacher["head"](cls).mean(dim=0, keepdim=True)
+    out = model(globals_, locals_, masks, teacher_temp=0.04)
+    torch.testing.assert_close(model.center, expected, atol=1e-5, rtol=1e-4)
+    assert model.patch_center.abs().sum() > 0
+    out["loss"].backward()
+    mask_token = model.student["backbone"].embeddings.mask_token
+    assert mask_token.grad is not None and mask_token.grad.abs().sum() > 0  # the student saw mask tokens
+    assert out["ibot"] > 0 and out["dino"] > 0
+    model.zero_grad()
+    model(globals_, locals_, torch.zeros_like(masks), teacher_temp=0.04)["loss"].backward()
+    assert mask_token.grad is None or mask_token.grad.abs().sum() == 0
 
 
 # ---------------------------------------------------------------- the written directory
