@@ -28,14 +28,24 @@ from torch import nn
 
 from align.errors import UserError
 
-__all__ = ["DEVICES", "ZERO_STAGES", "Hardware", "Part", "Stage", "estimate", "parse_hardware"]
+__all__ = [
+    "DEVICES",
+    "ZERO_STAGES",
+    "Hardware",
+    "Part",
+    "Stage",
+    "device_for_gpu",
+    "estimate",
+    "parse_hardware",
+]
 
 GIB = 1024**3
-# device -> (dense bf16 peak FLOP/s, memory bytes)
+# device -> (dense bf16 datasheet peak FLOP/s, memory bytes); the planner's and the benchmarks' one table
 DEVICES: dict[str, tuple[float, int]] = {
     "A100-80GB": (312e12, 80 * GIB),
     "A100-40GB": (312e12, 40 * GIB),
     "H100-80GB": (989e12, 80 * GIB),
+    "H200-141GB": (989e12, 141 * 10**9),
     "4090-24GB": (165e12, 24 * GIB),
 }
 ZERO_STAGES = ("0", "2", "3", "3-offload")
@@ -72,6 +82,16 @@ def parse_hardware(text: str) -> Hardware:
             "e.g. 8xA100-80GB"
         )
     return Hardware(int(match.group(1)), match.group(2))
+
+
+def device_for_gpu(name: str, memory: int) -> tuple[str, float] | None:
+    """(:data:`DEVICES` key, peak FLOP/s) of a GPU named ``name`` (``torch.cuda.get_device_name``) with
+    ``memory`` bytes: the model in the name, the nearest memory size; None for a GPU not in the table."""
+    models = [key for key in DEVICES if key.split("-")[0] in name.replace(" ", "")]
+    if not models:
+        return None
+    key = min(models, key=lambda k: abs(DEVICES[k][1] - memory))
+    return key, DEVICES[key][0]
 
 
 def matmul_weights(module: nn.Module, trainable_only: bool = False) -> int:
@@ -131,7 +151,11 @@ class Part:
         if not self.layers:
             return 2 * self.tokens * _io_features(self.module) + logits
         per_layer = 34 * self.tokens * self.width
-        kept = 2 * self.tokens * self.width * self.layers + per_layer if checkpointing else per_layer * self.layers
+        kept = (
+            2 * self.tokens * self.width * self.layers + per_layer
+            if checkpointing
+            else per_layer * self.layers
+        )
         return kept + logits
 
 
@@ -177,7 +201,9 @@ def memory(stage: Stage, zero: str, gpus: int, checkpointing: bool, micro_batch:
         weights /= gpus
     if zero == "3-offload":
         cpu, weights, optimizer = weights + optimizer, 0, 0
-    activations = micro_batch * sum(p.activation_bytes(checkpointing) for p in stage.parts) if stage.trains else 0
+    activations = (
+        micro_batch * sum(p.activation_bytes(checkpointing) for p in stage.parts) if stage.trains else 0
+    )
     out = {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations}
     return {k: int(v) for k, v in out.items()} | {"total": int(sum(out.values())), "cpu": int(cpu)}
 
@@ -221,7 +247,12 @@ def estimate(stage: Stage, hw: Hardware, zero: str, mfu: float) -> dict[str, Any
         "stage": stage.name,
         "trains": stage.trains,
         "parts": {
-            p.name: {"trainable": p.trainable, "frozen": p.frozen, "tokens": p.tokens, "forward_flops": p.forward_flops()}
+            p.name: {
+                "trainable": p.trainable,
+                "frozen": p.frozen,
+                "tokens": p.tokens,
+                "forward_flops": p.forward_flops(),
+            }
             for p in stage.parts
         },
         "trainable": sum(p.trainable for p in stage.parts),

@@ -25,6 +25,7 @@ as their remote code.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,7 @@ __all__ = [
     "SailTextHead",
     "SailTokenHead",
     "TextGlobalHead",
+    "TokenBridgeHead",
     "TokenProjector",
     "build_text_head",
     "build_token_head",
@@ -293,12 +295,46 @@ class FreezeAlignTextHead(nn.Module):
         return self.global_head(mean)
 
 
+class TokenBridgeHead(nn.Module):
+    """A bridge swap's token adapter: a new tower's tokens onto an old tower's, at the layer an MLLM consumes.
+
+    ``config``: ``in_dim``, ``out_dim``, ``hidden_dim``, ``out_grid`` (the old tower's patch grid side). The
+    prefix tokens (CLS, registers) are dropped, the patch grid is resampled bilinearly to ``out_grid`` when
+    it differs, then per token ``y = W_skip n + W_2 GELU(W_1 n)`` with ``n = LayerNorm(x)``.
+    """
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        _require(config, ("kind", "in_dim", "out_dim", "hidden_dim", "out_grid"), "token bridge")
+        self.config = dict(config)
+        d_in, d_out, hidden = int(config["in_dim"]), int(config["out_dim"]), int(config["hidden_dim"])
+        self.norm = nn.LayerNorm(d_in)
+        self.skip = nn.Linear(d_in, d_out)
+        self.mlp = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+
+    def resample(self, patches: Tensor) -> Tensor:
+        """Patch tokens ``[B, g*g, D]`` on the ``out_grid`` grid (bilinear, unchanged when the grids agree)."""
+        side, out = math.isqrt(patches.shape[1]), int(self.config["out_grid"])
+        if side * side != patches.shape[1]:
+            raise ValueError(f"token bridge: {patches.shape[1]} patch tokens do not form a square grid")
+        if side == out:
+            return patches
+        grid = patches.transpose(1, 2).reshape(patches.shape[0], -1, side, side)
+        grid = nn.functional.interpolate(grid.float(), size=(out, out), mode="bilinear", align_corners=False)
+        return grid.flatten(2).transpose(1, 2).to(patches.dtype)
+
+    def forward(self, tokens: Tensor, num_prefix_tokens: int = 0) -> Tensor:
+        """``[B, P + N, D_in]`` -> ``[B, out_grid^2, D_out]``."""
+        x = self.norm(self.resample(tokens[:, num_prefix_tokens:]))
+        return self.skip(x) + self.mlp(x)
+
+
 @dataclass(frozen=True)
 class HeadKind:
-    """What a head ``kind`` builds: its image token head, its text head, and its token rule (for cards)."""
+    """What a head ``kind`` builds: its image token head, its text head (None: image only), its token rule."""
 
     token_head: type[nn.Module]
-    text_head: type[nn.Module]
+    text_head: type[nn.Module] | None
     token_rule: str
 
 
@@ -309,6 +345,7 @@ KINDS: dict[str, HeadKind] = {
     "freeze_align": HeadKind(
         FreezeAlignTokenHead, FreezeAlignTextHead, "freeze_align: patch_proj(patch_i) + cls_proj(CLS)"
     ),
+    "bridge": HeadKind(TokenBridgeHead, None, "bridge: adapter(resampled patch_i), prefix dropped"),
 }
 TOKEN_RULES = {kind: spec.token_rule for kind, spec in KINDS.items()}
 
@@ -326,5 +363,8 @@ def build_token_head(config: dict[str, Any]) -> nn.Module:
 
 
 def build_text_head(config: dict[str, Any]) -> nn.Module:
-    """The text head described by ``config`` (``kind`` a key of :data:`KINDS`)."""
-    return _kind(config, "text").text_head(config)
+    """The text head described by ``config`` (``kind`` a key of :data:`KINDS` with a text head)."""
+    kind = _kind(config, "text")
+    if kind.text_head is None:
+        raise ValueError(f"head kind {config['kind']!r} maps image tokens only; it has no text head")
+    return kind.text_head(config)

@@ -48,12 +48,57 @@ def _as_scalar(value: float | Tensor, like: Tensor) -> Tensor:
     return torch.tensor(float(value), device=like.device)
 
 
+_FOLDS = 6  # 2**6 pairs share one log1p: their product of (1 + e) stays below 2**64, far from overflow
+
+
+def _exact_softplus(x: Tensor) -> Tensor:
+    """``log(1 + exp(x))`` without ``F.softplus``'s cut-off (it returns ``x`` above 20)."""
+    return x.clamp(min=0) + torch.log1p(torch.exp(-x.abs()))
+
+
+def _block_logits(ub: Tensor, v: Tensor, scale: Tensor, bias: Tensor, buffer: Tensor) -> Tensor:
+    """``z = scale * ub @ v.T + bias`` in ``buffer[:len(ub)]``. Every block reuses the one buffer: fresh
+    memory for each block costs as much as its matmul on CPU (page faults)."""
+    z = buffer[: ub.shape[0]]
+    if ub.dtype == z.dtype:
+        torch.mm(ub, v.T, out=z)
+    else:  # low-precision matmul, logits in float32
+        z.copy_(ub @ v.T)
+    return z.mul_(scale).add_(bias)
+
+
+def _softplus_sum(z: Tensor, diag: int, work: Tensor) -> Tensor:
+    """Float64 ``sum softplus(q)`` over a block of logits, ``q = z`` off and ``-z`` on its ``diag``-th
+    diagonal: each pair's ``-logsigmoid(y z)``. Overwrites ``z`` and ``work`` (``z``'s shape).
+
+    ``softplus(x) = max(x, 0) + log1p(e)``, ``e = exp(-|x|)``; over 64 pairs ``sum log1p(e_j) = log1p(q)``
+    with ``1 + q = prod (1 + e_j)``, built by halving the row ``_FOLDS`` times with ``q = q_a + q_b + q_a q_b``
+    (positive terms: exact to a few ulps). One ``log1p`` per 64 pairs instead of one per pair (the
+    slowest elementwise kernel on CPU); the diagonal's terms are then swapped for ``softplus(-z)``.
+    """
+    zd = z.diagonal(offset=diag).to(torch.float64, copy=True)
+    total = torch.clamp(z, min=0, out=work).sum().to(torch.float64)
+    q, width = z.abs_().neg_().exp_(), z.shape[1]
+    for _ in range(_FOLDS):
+        if width < 2:
+            break
+        half = width // 2
+        a, b = q[:, :half], q[:, half : 2 * half]
+        ab = torch.mul(a, b, out=work[:, :half])
+        a.add_(b).add_(ab)
+        if width % 2:  # the odd column moves next to the folded ones
+            q[:, half].copy_(q[:, width - 1])
+        width = half + width % 2
+    total += torch.log1p(q[:, :width]).sum().to(torch.float64)
+    return total + (_exact_softplus(-zd) - _exact_softplus(zd)).sum()
+
+
 class _ChunkedSigmoidLoss(torch.autograd.Function):
     """Sum of ``-logsigmoid(y_ij z_ij)`` / ``denom`` over all pairs, computed in row blocks.
 
     ``z = scale * u @ v.T + bias`` with ``y`` = +1 on the diagonal, -1 elsewhere. Forward and
-    backward each hold one ``[chunk, N]`` block at a time; backward recomputes the block's logits
-    instead of keeping them, so memory is O(chunk * N + N * D) rather than O(N^2).
+    backward each hold one or two ``[chunk, N]`` blocks at a time; backward recomputes the block's
+    logits instead of keeping them, so memory is O(chunk * N + N * D) rather than O(N^2).
     """
 
     @staticmethod
@@ -61,12 +106,13 @@ class _ChunkedSigmoidLoss(torch.autograd.Function):
         with torch.autocast(u.device.type, enabled=False):  # explicit dtypes, same in backward
             cdtype = torch.promote_types(u.dtype, torch.float32)
             s_c, b_c = scale.detach().to(cdtype), bias.detach().to(cdtype)
+            rows = min(chunk, u.shape[0])
+            buffer = torch.empty(rows, v.shape[0], dtype=cdtype, device=u.device)
+            work = torch.empty_like(buffer)
             total = torch.zeros((), dtype=torch.float64, device=u.device)
             for start in range(0, u.shape[0], chunk):
-                q = (u[start : start + chunk] @ v.T).to(cdtype)
-                q.mul_(s_c).add_(b_c)  # q = z (the logits)
-                q.diagonal(offset=start).neg_()  # q = -y * z, so each pair's loss is softplus(q)
-                total += F.softplus(q).sum(dtype=torch.float64)
+                z = _block_logits(u[start : start + chunk], v, s_c, b_c, buffer)
+                total += _softplus_sum(z, start, work[: z.shape[0]])
         ctx.save_for_backward(u, v, scale, bias)
         ctx.chunk, ctx.denom = chunk, denom
         return (total / denom).to(cdtype)
@@ -84,30 +130,35 @@ class _ChunkedSigmoidLoss(torch.autograd.Function):
         grad_s = torch.zeros((), dtype=torch.float64, device=u.device)
         grad_b = torch.zeros((), dtype=torch.float64, device=u.device)
         with torch.autocast(u.device.type, enabled=False):
-            coeff = grad_out.to(cdtype) / denom
+            buffer = torch.empty(min(chunk, u.shape[0]), v.shape[0], dtype=cdtype, device=u.device)
             for start in range(0, u.shape[0], chunk):
                 ub = u[start : start + chunk]
-                sims = (ub @ v.T).to(cdtype)
-                g = sims * s_c + b_c
-                g.diagonal(offset=start).neg_()
-                g.sigmoid_()  # dloss/dq; dq/dz = -y = +1 off the diagonal, -1 on it
-                g.diagonal(offset=start).neg_()
-                g.mul_(coeff)  # g = dL/dz for this block
-                if want_s:
-                    grad_s += (g * sims).sum(dtype=torch.float64)
+                g = _block_logits(ub, v, s_c, b_c, buffer)
+                diag = g.diagonal(offset=start)
+                zd = diag.clone()
+                g.sigmoid_()  # d softplus(z)/dz off the diagonal (y = -1)
+                diag.copy_(torch.sigmoid(-zd).neg_())  # d softplus(-z)/dz on it (y = +1)
                 if want_b:
-                    grad_b += g.sum(dtype=torch.float64)
-                g.mul_(s_c)  # dL/d(u v^T)
-                g_mm = g.to(u.dtype)
-                if want_u:
-                    grad_u[start : start + chunk] = g_mm @ v
+                    grad_b += g.sum().to(torch.float64)
+                g_mm = g.to(u.dtype)  # dL/dz (up to coeff) times v or u gives the input gradients
+                if want_u or want_s:
+                    gv = g_mm @ v
+                    if want_s:  # sum_ij g_ij (u_i . v_j) = sum_i u_i . (g v)_i
+                        grad_s += (ub.to(cdtype) * gv.to(cdtype)).sum(dtype=torch.float64)
+                    if want_u:
+                        grad_u[start : start + chunk] = gv
                 if want_v:
-                    grad_v += (g_mm.T @ ub).to(cdtype)
+                    if g_mm.dtype == grad_v.dtype:
+                        grad_v.addmm_(g_mm.T, ub)
+                    else:
+                        grad_v += g_mm.T @ ub
+        coeff = grad_out.to(torch.float64) / denom
+        factor = (coeff * scale.to(torch.float64)).to(cdtype)
         return (
-            grad_u,
-            grad_v.to(v.dtype) if want_v else None,
-            grad_s.to(scale.dtype) if want_s else None,
-            grad_b.to(bias.dtype) if want_b else None,
+            grad_u.mul_(factor.to(u.dtype)) if want_u else None,
+            grad_v.mul_(factor).to(v.dtype) if want_v else None,
+            (grad_s * coeff).to(scale.dtype) if want_s else None,
+            (grad_b * coeff).to(bias.dtype) if want_b else None,
             None,
             None,
         )

@@ -69,6 +69,14 @@ def prefix_tokens_of(config: PretrainedConfig) -> int:
     )
 
 
+def output_patch_size(image_size: int, grid: int) -> int:
+    """The patch size ``p`` with ``image_size // p == grid`` (how Llava's processor counts a grid's tokens)."""
+    for p in range(max(1, image_size // (grid + 1)), image_size // grid + 1):
+        if image_size // p == grid:
+            return p
+    raise ValueError(f"no integer patch size turns image size {image_size} into a {grid}x{grid} token grid")
+
+
 class AlignedTowerConfig(PretrainedConfig):
     """Config of an aligned tower: the backbone's own HF config, the head's config and the token rule."""
 
@@ -95,6 +103,9 @@ class AlignedTowerConfig(PretrainedConfig):
         self.num_prefix_tokens = prefix_tokens_of(backbone)
         self.image_size = int(backbone.image_size)
         self.patch_size = int(backbone.patch_size)
+        grid = (self.head_config or {}).get("out_grid")
+        if grid:  # a head that resamples the patch grid: the tower's patch size is its output grid's
+            self.patch_size = output_patch_size(self.image_size, int(grid))
         self.num_hidden_layers = int(backbone.num_hidden_layers)
         head_out = (self.head_config or {}).get("out_dim")
         self.hidden_size = int(head_out or backbone.hidden_size)

@@ -7,11 +7,12 @@ One measured call = one full SAIL training step on cached features: image GLU he
 features, text GLU head on sentence embeddings, chunked sigmoid loss over the whole batch, backward,
 a Lion step and the logit-scale clamp (``align.methods.sail.SailModel`` / ``SailMethod.loss``).
 
-Useful FLOPs per step: 3 x the heads' forward matmul FLOPs (forward + weight and input gradients)
-plus the loss's similarity matmuls (forward, and the backward's recompute and two gradient matmuls:
-4 x 2 N^2 d). ``fraction`` = achieved FLOP/s / the ``n x n`` matmul FLOP/s measured in the same run
+FLOPs per step: counted by ``FlopCounterMode`` over one step (``common.count_flops``: the heads'
+matmuls forward and backward, and the chunked loss's similarity matmuls with its backward recompute).
+``fraction_of_matmul`` = achieved FLOP/s / the dense matmul FLOP/s measured in the same run
 (``common.matmul_tflops``, the better of two measurements taken right before and right after the
-preset), so the ratio holds on a quiet and on a shared machine alike.
+preset), so the ratio holds on a quiet and on a shared machine alike; on a known GPU also
+``fraction_of_peak`` (its datasheet bf16 rate, ``align.cost.DEVICES``).
 
 Presets: ``tiny`` = the tiny recipe (tiny-dinov2 concat 192 -> 128, MiniLM 384, width 4, batch 512);
 ``small`` = ViT-S-sized (768 / 384 -> 512, width 8, batch 1024); ``large`` = the paper's shapes with a
@@ -27,7 +28,17 @@ import sys
 from pathlib import Path
 
 import torch
-from common import fmt_bytes, machine_info, matmul_tflops, measure, print_table, write_results
+from common import (
+    count_flops,
+    datasheet_peak,
+    fmt_bytes,
+    machine_info,
+    matmul_tflops,
+    measure,
+    print_table,
+    rates,
+    write_results,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -37,18 +48,6 @@ PRESETS = {
     "large": dict(img_dim=2048, txt_dim=1024, out=1024, width=8, batch=8192, chunk=2048),
     "paper": dict(img_dim=2048, txt_dim=4096, out=1024, width=8, batch=32768, chunk=4096),
 }
-
-
-def head_flops(d_in: int, width: int, out: int) -> int:
-    """Forward matmul FLOPs per sample of one GLU head (two d_in->h maps and one h->out map)."""
-    h = width * d_in
-    return 2 * (2 * d_in * h + h * out)
-
-
-def step_flops(img_dim: int, txt_dim: int, out: int, width: int, batch: int, **_: int) -> float:
-    heads = 3 * batch * (head_flops(img_dim, width, out) + head_flops(txt_dim, width, out))
-    loss = 4 * 2 * batch * batch * out
-    return float(heads + loss)
 
 
 def build_step(
@@ -102,7 +101,9 @@ def main() -> None:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
 
     def reference() -> float:
-        return matmul_tflops(n=2048, dtype=dtype, device=args.device, repeats=7) * 1e12
+        return matmul_tflops(dtype=dtype, device=args.device, repeats=7)
+
+    device_peak = datasheet_peak(args.device)
 
     rows = []
     for name in names:
@@ -110,9 +111,8 @@ def main() -> None:
         step, model = build_step(**cfg, device=args.device, bf16=args.bf16)
         before = reference()
         result = measure(step, repeats=args.repeats, warmup=1, device=args.device)
-        peak = max(before, reference())  # the machine's best matmul rate around this measurement
-        flops = step_flops(**cfg)
-        achieved = flops / result["seconds"]
+        matmul = max(before, reference())  # the machine's best matmul rate around this measurement
+        flops = count_flops(step)
         rows.append(
             {
                 "preset": name,
@@ -120,20 +120,24 @@ def main() -> None:
                 "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
                 "step_s": round(result["seconds"], 4),
                 "samples_per_s": round(cfg["batch"] / result["seconds"], 1),
-                "gflop_per_step": round(flops / 1e9, 2),
-                "achieved_tflops": round(achieved / 1e12, 4),
-                "matmul_tflops": round(peak / 1e12, 4),
-                "fraction_of_matmul": round(achieved / peak, 3),
+                **rates(flops, result["seconds"], matmul, device_peak),
                 "peak_mem": fmt_bytes(result["peak_bytes"]),
             }
         )
         del model, step
     print(
-        f"dense matmul reference: 2048^2 {dtype} on {args.device}, best of the runs just before and after each preset"
+        f"dense matmul reference: {dtype} on {args.device}, best of the runs just before and after each preset"
     )
     columns = ["preset", "batch", "params_m", "step_s", "samples_per_s", "achieved_tflops", "matmul_tflops"]
-    print_table(rows, [*columns, "fraction_of_matmul", "peak_mem"])
-    write_results(args.out, {"machine": machine_info(args.device), "dtype": str(dtype), "rows": rows})
+    columns += ["fraction_of_matmul"] + (["fraction_of_peak"] if device_peak else []) + ["peak_mem"]
+    print_table(rows, columns)
+    payload = {
+        "benchmark": "sail_head",
+        "machine": machine_info(args.device),
+        "dtype": str(dtype),
+        "rows": rows,
+    }
+    write_results(args.out, payload, columns)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Sigmoid loss, forward + backward: chunked (blockwise gradients) vs direct vs a plain block loop.
+"""Sigmoid loss, forward + backward: chunked (blockwise gradients) vs direct vs a plain block loop vs
+open_clip's ``SigLipLoss``, each as a fraction of the same machine's dense matmul rate.
 
     python benchmarks/bench_sigmoid_loss.py [--ns 8192,32768] [--d 256] [--chunk 1024]
         [--device cpu|cuda] [--dtype float32|bfloat16] [--out runs/bench/sigmoid_loss.json]
@@ -8,7 +9,12 @@ Variants, each in its own fresh process (peak memory method: see ``common.py``):
 - ``loop``: a plain Python loop over row blocks that adds up each block's loss under autograd, so
   every block's graph (all of ``N x N``) stays alive until backward: what chunking naively gives;
 - ``chunked``: ``sigmoid_loss(..., chunk_size=C)``, the custom autograd function that recomputes
-  each block in backward: O(C N + N d) memory.
+  each block in backward: O(C N + N d) memory;
+- ``open_clip``: ``open_clip.loss.SigLipLoss`` on the same normalized features (its direct
+  ``N x N`` form; ``sum_per_image`` is the same reduction), the reference implementation.
+``fraction_of_matmul``: FLOPs counted by ``FlopCounterMode`` over one call (chunked: 8 N^2 d with its
+backward recompute; direct/open_clip: 6 N^2 d) per second, over the ``common.matmul_tflops`` rate
+measured in the same run with the same threads and dtype: 1.0 is the matmul-bound ideal.
 On CPU a variant whose peak, extrapolated (as N^2, or N for ``chunked``) from the previous size,
 exceeds ``--mem-fraction`` of the available memory is skipped and reported as such.
 """
@@ -19,9 +25,19 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from common import fmt_bytes, machine_info, mem_available_bytes, print_table, run_isolated, write_results
+from common import (
+    datasheet_peak,
+    fmt_bytes,
+    machine_info,
+    matmul_tflops,
+    mem_available_bytes,
+    print_table,
+    rates,
+    run_isolated,
+    write_results,
+)
 
-VARIANTS = ("direct", "loop", "chunked")
+VARIANTS = ("direct", "loop", "chunked", "open_clip")
 
 
 def _loop_loss(img, txt, scale, bias, chunk):
@@ -50,6 +66,8 @@ def variant(kind: str, n: int, d: int, chunk: int, device: str = "cpu", dtype: s
     """Inputs for one variant; returns the measured forward+backward call and its device."""
     from align.losses import sigmoid_loss
 
+    if kind == "open_clip":
+        from open_clip.loss import SigLipLoss
     img, txt, scale, bias = _inputs(n, d, device, dtype)
 
     def work() -> None:
@@ -59,6 +77,8 @@ def variant(kind: str, n: int, d: int, chunk: int, device: str = "cpu", dtype: s
             loss = sigmoid_loss(img, txt, scale, bias)
         elif kind == "chunked":
             loss = sigmoid_loss(img, txt, scale, bias, chunk_size=chunk)
+        elif kind == "open_clip":
+            loss = SigLipLoss()(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), scale, bias)
         else:
             loss = _loop_loss(img, txt, scale, bias, chunk)
         loss.backward()
@@ -104,6 +124,10 @@ def main() -> None:
     ns = sorted(int(x) for x in args.ns.split(","))
     variants = [v for v in args.variants.split(",") if v]
 
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the matmul reference runs with the variants' threads
+    kind_dtype = getattr(torch, args.dtype)
+    matmul = matmul_tflops(dtype=kind_dtype, device=args.device)
     rows, last_peak = [], {}
     for n in ns:
         for kind in variants:
@@ -133,6 +157,7 @@ def main() -> None:
                     repeats=1 if big else args.repeats,
                     warmup=0 if big else 1,
                     threads=args.threads,
+                    flops=True,
                 )
             if "peak_bytes" in result:
                 last_peak[kind] = (n, result["peak_bytes"])
@@ -142,6 +167,8 @@ def main() -> None:
                 flush=True,
             )
 
+    matmul = max(matmul, matmul_tflops(dtype=kind_dtype, device=args.device))  # the better of before/after
+    peak = datasheet_peak(args.device)
     table = []
     for row in rows:
         base = next(
@@ -156,11 +183,14 @@ def main() -> None:
                 "peak_mem": fmt_bytes(row.get("peak_bytes")),
                 "time/chunked": f"{row['seconds'] / base['seconds']:.2f}" if ok else "-",
                 "mem/chunked": f"{row['peak_bytes'] / max(base['peak_bytes'], 1):.1f}" if ok else "-",
+                **(rates(row["flops"], row["seconds"], matmul, peak) if "flops" in row else {}),
                 "note": row.get("error", ""),
             }
         )
     print(f"sigmoid loss forward+backward, d={args.d}, chunk={args.chunk}, {args.device} {args.dtype}")
-    print_table(table, ["N", "variant", "fwd+bwd_s", "peak_mem", "time/chunked", "mem/chunked", "note"])
+    columns = ["N", "variant", "fwd+bwd_s", "peak_mem", "time/chunked", "mem/chunked", "achieved_tflops"]
+    columns += ["matmul_tflops", "fraction_of_matmul"] + (["fraction_of_peak"] if peak else []) + ["note"]
+    print_table(table, columns)
     check = agreement()
     print("chunked vs direct (N=2048, d=64, fp32):", {k: f"{v:.1e}" for k, v in check.items()})
     write_results(
@@ -169,10 +199,11 @@ def main() -> None:
             "benchmark": "sigmoid_loss",
             "machine": machine_info(args.device),
             "settings": vars(args),
-            "rows": rows,
-            "table": table,
+            "raw": rows,
+            "rows": table,
             "agreement": check,
         },
+        columns,
     )
 
 

@@ -31,13 +31,19 @@ from typing import Any
 import torch
 
 __all__ = [
+    "count_flops",
+    "datasheet_peak",
     "fmt_bytes",
     "machine_info",
+    "markdown_table",
     "matmul_tflops",
     "measure",
     "mem_available_bytes",
     "print_table",
+    "random_model",
+    "rates",
     "run_isolated",
+    "shrink_config",
     "write_results",
 ]
 
@@ -115,15 +121,19 @@ def run_isolated(
     warmup: int = 1,
     timeout: float = 1800,
     threads: int | None = None,
+    flops: bool = False,
 ) -> dict:
     """Run ``script.func(**kwargs)`` in a fresh interpreter and :func:`measure` what it returns.
 
-    ``threads``: torch intra-op threads in the child (``None`` or 0: torch's default).
+    ``threads``: torch intra-op threads in the child (``None`` or 0: torch's default); ``flops``: also
+    count one call's FLOPs (:func:`count_flops`, after the measured calls).
 
     ``func`` builds its inputs and returns ``(work, device)`` with ``work`` a zero-argument callable
     (the measured part). A killed or failed child gives ``{"error": ...}`` (e.g. out of memory).
     """
-    payload = json.dumps({"kwargs": kwargs, "repeats": repeats, "warmup": warmup, "threads": threads})
+    payload = json.dumps(
+        {"kwargs": kwargs, "repeats": repeats, "warmup": warmup, "threads": threads, "flops": flops}
+    )
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -156,17 +166,93 @@ def _child(script: str, func: str, payload: str) -> None:
     work, device = getattr(module, func)(**args["kwargs"])
     result = measure(work, repeats=args["repeats"], warmup=args["warmup"], device=device)
     result["threads"] = torch.get_num_threads()
+    if args.get("flops"):
+        result["flops"] = count_flops(work)
     print(json.dumps(result))
 
 
 def matmul_tflops(
-    n: int = 2048, dtype: torch.dtype = torch.float32, device: str = "cpu", repeats: int = 5
+    n: int | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu", repeats: int = 5
 ) -> float:
-    """The machine's own dense matmul throughput (TFLOP/s) on ``n x n`` operands, median of repeats."""
+    """The machine's own dense matmul throughput (TFLOP/s) on ``n x n`` operands (default 2048 on CPU,
+    8192 on a GPU), median of repeats: the reference every benchmark's rate is a fraction of."""
+    n = n or (8192 if device.startswith("cuda") else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = measure(lambda: a @ b, repeats=repeats, warmup=1, device=device)["seconds"]
+    seconds = measure(lambda: a @ b, repeats=repeats, warmup=2, device=device)["seconds"]
     return 2 * n**3 / seconds / 1e12
+
+
+def count_flops(work: Callable[[], Any]) -> int:
+    """FLOPs of one ``work()`` call (forward and any backward run inside), by ``FlopCounterMode``:
+    the one way benchmarks count (matmuls, convolutions, attention; elementwise work is free)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        work()
+    return counter.get_total_flops()
+
+
+def datasheet_peak(device: str) -> tuple[str, float] | None:
+    """(device name, dense bf16 datasheet FLOP/s) of a known GPU (``align.cost.DEVICES``), else None."""
+    if not (device.startswith("cuda") and torch.cuda.is_available()):
+        return None
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from align.cost import device_for_gpu
+
+    found = device_for_gpu(
+        torch.cuda.get_device_name(device), torch.cuda.get_device_properties(device).total_memory
+    )
+    return found
+
+
+def rates(flops: float, seconds: float, matmul_tflops: float, peak: tuple[str, float] | None = None) -> dict:
+    """Achieved TFLOP/s and its fractions of the measured matmul rate and of the datasheet peak."""
+    achieved = flops / seconds
+    out = {
+        "tflop_per_step": round(flops / 1e12, 4),
+        "achieved_tflops": round(achieved / 1e12, 4),
+        "matmul_tflops": round(matmul_tflops, 4),
+        "fraction_of_matmul": round(achieved / (matmul_tflops * 1e12), 3),
+    }
+    if peak is not None:
+        out["fraction_of_peak"] = round(achieved / peak[1], 3)
+    return out
+
+
+def shrink_config(config: Any, divisor: int = 1, layers: int | None = None) -> Any:
+    """``config`` (and its ``text_config``/``vision_config``) with widths and head counts divided by
+    ``divisor`` and at most ``layers`` layers, in place: the same code paths at small shapes (dry runs).
+    Token counts (image and patch sizes, vocabularies) stay."""
+    keys = (
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "projection_dim",
+    )
+    for part in (config, getattr(config, "text_config", None), getattr(config, "vision_config", None)):
+        if part is None:
+            continue
+        for key in keys:
+            value = getattr(part, key, None)
+            if isinstance(value, int) and divisor > 1:
+                setattr(part, key, max(1, value // divisor))
+        if layers and isinstance(getattr(part, "num_hidden_layers", None), int):
+            part.num_hidden_layers = min(part.num_hidden_layers, layers)
+            if getattr(part, "stage_names", None):  # a backbone config (DINOv2) names its last stage
+                part.stage_names = ["stem"] + [f"stage{i}" for i in range(1, part.num_hidden_layers + 1)]
+                part.out_features = [part.stage_names[-1]]
+    return config
+
+
+def random_model(
+    config: Any, model_class: Any, device: str, dtype: torch.dtype = torch.float32, attn: str = "sdpa"
+):
+    """``model_class`` at ``config`` with random weights, built on ``device`` (no weights read)."""
+    build = getattr(model_class, "from_config", None) or model_class._from_config
+    with torch.device(device):
+        return build(config, dtype=dtype, attn_implementation=attn)
 
 
 def machine_info(device: str = "cpu") -> dict:
@@ -206,13 +292,31 @@ def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
         print(fmt.format(*row))
 
 
-def write_results(path: str | os.PathLike, payload: dict) -> None:
-    """Write the benchmark's JSON atomically (parent directories created)."""
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """A markdown table of ``rows`` (missing cells print as ``-``)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r.get(c, "-")).replace("|", "/") for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(path: str | os.PathLike, payload: dict, columns: Sequence[str] | None = None) -> None:
+    """Write the benchmark's JSON atomically (parent directories created); with ``columns``, also
+    ``payload["rows"]`` as a markdown table beside it (same name, ``.md``), headed by the machine."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from align.io import write_json
 
     write_json(path, payload)
     print(f"wrote {path}")
+    if columns:
+        machine = payload.get("machine", {})
+        where = (
+            machine.get("gpu")
+            or f"CPU, {machine.get('torch_threads')} thread(s), load {machine.get('load_average_1m')}"
+        )
+        head = f"### {Path(path).stem} ({where}, torch {machine.get('torch')})\n\n"
+        md = Path(path).with_suffix(".md")
+        md.write_text(head + markdown_table(payload.get("rows", []), columns))
+        print(f"wrote {md}")
 
 
 if __name__ == "__main__":

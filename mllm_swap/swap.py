@@ -56,6 +56,7 @@ class SwapReport:
     drift: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     sample: dict[str, Any] = field(default_factory=dict)
+    bridge: dict[str, Any] = field(default_factory=dict)  # a bridge swap's training and comparisons
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,6 +83,18 @@ class SwapReport:
                 f"  next-token change: KL {d['next_token_kl']:.3g}, max |dp| {d['next_token_max_abs']:.3g}, "
                 f"top-1 kept: {d['next_token_top1_same']}"
             )
+        if d.get("cosine_before_adapter_training") is not None:
+            lines.append(
+                f"  bridge: cosine to the old tokens {d['cosine_before_adapter_training']:.4f} before training "
+                f"the adapter, {d['cosine_after_adapter_training']:.4f} after; at the LLM input "
+                f"{d['llm_input_cosine']:.4f}"
+            )
+        for mode, row in self.bridge.get("compare", {}).items():
+            if row.get("available"):
+                lines.append(f"  {mode} (untrained): LLM-input cosine {row['llm_input_cosine']:.4f}")
+        vqa = {k: v for k, v in self.bridge.get("vqa_zero_tuning", {}).items() if k != "n" and v is not None}
+        if vqa:
+            lines.append("  quick VQA, no LLM tuning: " + ", ".join(f"{k} {v:.3f}" for k, v in vqa.items()))
         lines += [f"  note: {x}" for x in self.notes]
         lines.append(f"  written: {self.out}")
         return "\n".join(lines)

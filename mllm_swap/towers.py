@@ -220,7 +220,9 @@ def new_tower(encoder: Any, prefix: str = "drop") -> NewTower:
             prefix_rule=rule,
             **common,
         )
-    tower_config = AlignedTowerConfig(vision_backbone=_backbone_config(config), token_rule="patch", source=source)
+    tower_config = AlignedTowerConfig(
+        vision_backbone=_backbone_config(config), token_rule="patch", source=source
+    )
     return NewTower(
         kind="aligned",
         config=tower_config,
@@ -232,9 +234,50 @@ def new_tower(encoder: Any, prefix: str = "drop") -> NewTower:
     )
 
 
+def bridged_tower(
+    tower: NewTower, head_config: dict[str, Any], head_state: dict[str, torch.Tensor], layer: int
+) -> NewTower:
+    """``tower`` (a plain HF or token-rule tower) carrying a trained bridge head (:class:`align.heads.TokenBridgeHead`)
+    applied on ``layer``: an :class:`AlignedTower` feeding the head's ``out_grid``-squared tokens of width
+    ``out_dim``; its patch size is the output grid's (:func:`~align.modeling_aligned_tower.output_patch_size`),
+    which is how Llava's processor counts the image tokens."""
+    if tower.kind == "aligned":  # a token-rule tower (DINOv2-with-registers): its backbone, already prefixed
+        backbone, state = tower.config.vision_backbone, dict(tower.state_dict)
+    elif tower.kind == "hf":
+        backbone, state = tower.config, {f"backbone.{k}": v for k, v in tower.state_dict.items()}
+    else:
+        raise ValueError(
+            f"{tower.source}: a {tower.kind} tower cannot carry a bridge; convert it to HF first"
+        )
+    config = AlignedTowerConfig(
+        vision_backbone=_backbone_config(backbone),
+        head_config=head_config,
+        token_rule="patch",
+        source=tower.source,
+    )
+    grid = int(head_config["out_grid"])
+    return NewTower(
+        source=tower.source,
+        encoder=tower.encoder,
+        kind="aligned",
+        config=config,
+        state_dict={**state, **{f"head.{k}": v for k, v in head_state.items()}},
+        image_processor=tower.image_processor,
+        width=int(head_config["out_dim"]),
+        image_size=tower.image_size,
+        patch_size=config.patch_size,
+        num_prefix_tokens=tower.num_prefix_tokens,
+        num_tokens=grid * grid,
+        prefix_rule=f"drop CLS + registers ({tower.num_prefix_tokens} prefix tokens), bridge to a {grid}x{grid} grid",
+        head_layer=layer,
+        notes=list(tower.notes),
+    )
+
+
 def _backbone_config(config: Any) -> dict[str, Any]:
     """The backbone's config for a tower config, without the machine path it was loaded from."""
-    return {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+    data = config if isinstance(config, dict) else config.to_dict()
+    return {k: v for k, v in data.items() if k != "_name_or_path"}
 
 
 def _aligned_tower(encoder: Any, prefix: str, source: str) -> NewTower:

@@ -169,4 +169,4 @@ def test_every_kind_builds_heads_of_its_formula(kind):
     assert image.config["kind"] == text.config["kind"] == kind
     assert image(torch.randn(2, 5, 12)).shape == (2, 4, 6)
     assert TOKEN_RULES[kind].startswith("sail: " if kind.startswith("sail") else "freeze_align: ")
-    assert set(KINDS) == set(TOKEN_RULES) == {"sail_glu", "sail_linear", "freeze_align"}
+    assert set(KINDS) == set(TOKEN_RULES) == {"sail_glu", "sail_linear", "freeze_align", "bridge"}

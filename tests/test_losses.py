@@ -90,6 +90,22 @@ def test_chunked_equals_direct_with_gradients(dtype, tol, chunk):
             torch.testing.assert_close(a, b, rtol=tol * 10, atol=tol)
 
 
+@pytest.mark.parametrize("bias", [-50.0, 0.0, 30.0])
+def test_chunked_exact_on_wide_blocks_and_saturated_logits(bias):
+    """Rows wider than the 64 pairs that share one log1p, odd widths at every halving (150 -> 75 -> 37 ...)
+    and logits far in both tails (|z| up to 150): the blockwise sum still equals the direct one."""
+    img, txt = _pair(n=150, d=8, seed=11)
+    scale = torch.tensor(100.0, dtype=torch.float64)
+    direct, g_direct = _loss_and_grads(img, txt, scale, torch.tensor(bias, dtype=torch.float64))
+    for chunk in (7, 64, 150):
+        chunked, g_chunked = _loss_and_grads(
+            img, txt, scale, torch.tensor(bias, dtype=torch.float64), chunk_size=chunk
+        )
+        torch.testing.assert_close(chunked, direct, rtol=1e-12, atol=0)
+        for a, b in zip(g_chunked, g_direct, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-15)
+
+
 def test_chunked_in_bfloat16_autocast_and_mixed_dtypes():
     img, txt = _pair(n=40, d=16, dtype=torch.float32)
     ref = float(sigmoid_loss(img, txt, 10.0, -5.0))

@@ -165,11 +165,13 @@ def test_reuse_overwrite_and_refusal(tmp_path: Path) -> None:
     assert (out / "pairs.jsonl").stat().st_mtime_ns == stamp
     assert not generate_shapes(out, 5, seed=3, size=32, overwrite=True, progress=False)["reused"]
     (out / "my-notes.txt").write_text("mine")  # a user's file inside the dataset survives a rebuild
+    (out / shapes_mod.MMVP_PAIRS).write_text("{}\n")  # pairs mined from this world go stale with it
     with pytest.raises(FileExistsError, match=r"other arguments \(\{'n': 5\}\).*--overwrite"):
         generate_shapes(out, 6, seed=3, size=32, progress=False)
     assert len(load_shapes(out)) == 5
     assert not generate_shapes(out, 6, seed=3, size=32, overwrite=True, progress=False)["reused"]
     assert len(load_shapes(out)) == 6 and (out / "my-notes.txt").read_text() == "mine"
+    assert not (out / shapes_mod.MMVP_PAIRS).exists()
     other = tmp_path / "precious"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
@@ -222,3 +224,24 @@ def test_cli_via_python_m(tmp_path: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "4 images" in done.stdout and (tmp_path / "s" / "vqa_test.jsonl").is_file()
+
+
+def test_clip_learns_from_alt_text_that_never_counts_or_places(world: Path) -> None:
+    """``tiny-clip-shapes``' training captions (decoded from its method's tokens) name the main object's colour
+    and shape and no word of the count or position vocabulary, nor any other object."""
+    from align.data.shapes_text import _vocab
+    from align.encoders.registry import resolve
+    from align.fixtures.clip_shapes import ClipPretrain, PretrainSettings
+
+    method = ClipPretrain(Path(resolve("tiny-clip")), world, PretrainSettings())
+    rows = load_shapes(world, split="train")
+    texts = method.tokenizer.batch_decode(method.input_ids, skip_special_tokens=True)
+    assert len(texts) == 2 * len(rows) and len(set(texts)) > 2 * len(COLORS) * len(SHAPES)  # varied phrasing
+    blind = {w for kind in ("count", "position") for v in _vocab(kind) for w in v.split("-")}
+    blind |= set(COUNT_WORDS) | {"zero", "middle", "corner", "shapes", "objects", "and"}
+    for k, text in enumerate(texts):
+        attrs = rows[k % len(rows)]["attributes"]
+        words = set(text.replace(".", " ").split())
+        assert not words & blind, text
+        assert {attrs["color"], attrs["shape"]} <= words, (text, attrs)
+        assert not words & (set(COLORS) - {attrs["color"]}) and not words & (set(SHAPES) - {attrs["shape"]})

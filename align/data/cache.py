@@ -61,10 +61,28 @@ def _check_request(encoder: VisionEncoder | TextEncoder, modality: str, pool: st
         )
 
 
-def _encode_images(encoder: VisionEncoder, pixels: torch.Tensor, pool: str) -> dict[str, torch.Tensor]:
-    if pool == "tokens":
-        return {"embeddings": encoder(pixels)}
-    return {"embeddings": encoder.pooled(pixels, pool)}
+def _encode_images(encoder: VisionEncoder, pixels: torch.Tensor, config: dict) -> dict[str, torch.Tensor]:
+    if config["pool"] == "tokens":
+        return {"embeddings": image_tokens(encoder, pixels, config["layer"], config["prefix"])}
+    return {"embeddings": encoder.pooled(pixels, config["pool"])}
+
+
+def image_tokens(encoder: VisionEncoder, pixels: torch.Tensor, layer: int, prefix: str) -> torch.Tensor:
+    """Tokens of hidden-state ``layer`` (``VisionEncoder`` indexing), prefix tokens kept or dropped."""
+    tokens = encoder(pixels, layer=layer)
+    return tokens[:, encoder.num_prefix_tokens :] if prefix == "drop" else tokens
+
+
+def probe_pixels(image_size: int) -> torch.Tensor:
+    """A fixed input ``[1, 3, S, S]`` (seeded noise) whose tokens fingerprint the model that made a token cache."""
+    return torch.randn((1, 3, image_size, image_size), generator=torch.Generator().manual_seed(0))
+
+
+def fingerprint(tokens: torch.Tensor) -> dict[str, list[float]]:
+    """A model's token fingerprint from its tokens ``[1, T, D]`` of :func:`probe_pixels`: the mean token and the
+    first two tokens (3 D numbers, however many tokens)."""
+    tokens = tokens.detach().float().cpu()[0]
+    return {"mean": tokens.mean(0).tolist(), "first": tokens[:2].flatten().tolist()}
 
 
 def _encode_texts(
@@ -125,6 +143,8 @@ def write_cache(
     shard_size: int = 4096,
     caption_index: int = 0,
     max_tokens: int = 77,
+    layer: int = -1,
+    prefix: str = "keep",
     on_error: str = "raise",
     device: str | None = None,
     overwrite: bool = False,
@@ -132,6 +152,9 @@ def write_cache(
     """Encode ``source`` (a path for :func:`align.data.readers.open_data` or a ``DataSource``) into ``out``.
 
     Rerunning with the same arguments resumes: finished, intact shards are kept; the rest are redone.
+    Image ``tokens`` caches hold hidden-state ``layer`` with the prefix tokens (CLS, registers) kept or
+    dropped (``prefix``), and record both with the model's :func:`fingerprint`, so a reader (a connector
+    pretraining stage) can check that they are what its MLLM consumes.
     A cache of other settings in ``out`` is refused, or replaced with ``overwrite``. Returns the cache directory once ``manifest.json`` is written.
     """
     from align.data.readers import open_data
@@ -164,6 +187,14 @@ def write_cache(
         "caption_index": caption_index if modality == "text" else None,
         "max_tokens": max_tokens if pool == "tokens" and modality == "text" else None,
     }
+    if modality == "image" and pool == "tokens":  # what an MLLM consumes: its layer, its prefix rule
+        if prefix not in ("keep", "drop"):
+            raise ValueError(f"prefix must be 'keep' or 'drop', got {prefix!r}")
+        param = next(encoder.parameters())
+        probe = probe_pixels(int(encoder.image_size)).to(param.device, param.dtype)
+        config.update(
+            layer=layer, prefix=prefix, fingerprint=fingerprint(image_tokens(encoder, probe, layer, prefix))
+        )
     config = portable_tree(config, out)  # the cache travels: no absolute path in it
     rank, world, state = _dist()
     out.mkdir(parents=True, exist_ok=True)
@@ -175,8 +206,10 @@ def write_cache(
             "or pass --overwrite to replace it"
         )
     # Every process decides alike (nothing is written before this point), so all return or none.
-    if not stale and (out / "manifest.json").is_file() and all(
-        _shard_done(out, k) for k in range(_num_shards(config))
+    if (
+        not stale
+        and (out / "manifest.json").is_file()
+        and all(_shard_done(out, k) for k in range(_num_shards(config)))
     ):
         return out
     if rank == 0:
@@ -233,9 +266,7 @@ def _write_shard(encoder, data, out: Path, k: int, config: dict, batch_size: int
         param = next(encoder.parameters())
         for batch in loader:
             if len(batch["ids"]):
-                encoded = _encode_images(
-                    encoder, batch["images"].to(param.device, param.dtype), config["pool"]
-                )
+                encoded = _encode_images(encoder, batch["images"].to(param.device, param.dtype), config)
                 for name, value in encoded.items():
                     parts.setdefault(name, []).append(value.to("cpu", torch_dtype))
                 rows += [start + int(i) for i in batch["index"]]

@@ -42,6 +42,8 @@ VERSION = 1
 DATASET_ENTRIES = (
     "images", "masks", "pairs.jsonl", "images.txt", "instruct.json", "vqa_test.jsonl", "classes.json", "meta.json"
 )  # fmt: skip
+# written into a world by `mllm-swap data mmvp` (align.evals.mmvp); stale once the world is rewritten
+MMVP_PAIRS, MMVP_META = "mmvp_pairs.jsonl", "mmvp_meta.json"
 
 # Base RGB per colour name (each object gets +-15 per channel of jitter).
 COLORS: dict[str, tuple[int, int, int]] = dict(
@@ -252,7 +254,7 @@ def generate_shapes(
         "max_objects": len(COUNT_PROBS),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    claim.clear(sorted(DATASET_ENTRIES))
+    claim.clear([*DATASET_ENTRIES, MMVP_PAIRS, MMVP_META])
     claim.publish(tmp)
     return _summary(out, meta, reused=False)
 
@@ -303,6 +305,8 @@ __all__ = [
     "COLORS",
     "COUNT_WORDS",
     "MASK_CLASSES",
+    "MMVP_META",
+    "MMVP_PAIRS",
     "POSITIONS",
     "SHAPES",
     "generate_shapes",

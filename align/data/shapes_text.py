@@ -79,6 +79,26 @@ def short_caption(attrs: dict) -> str:
     return f"{article(attrs['color'])} {attrs['shape']}"
 
 
+# Web alt-text: the main object named by colour and shape, in a few phrasings; never a count, a position
+# or the other objects (what ``tiny-clip-shapes`` learns from; see ``align.fixtures.clip_shapes``).
+ALT_TEXT = [
+    "{a_color} {shape}",
+    "{color} {shape}",
+    "a photo of {a_color} {shape}",
+    "a drawing of {a_color} {shape}",
+    "{color} {shape} icon",
+    "{color} {shape} on a plain background",
+    "simple {color} {shape} illustration",
+    "{a_color} {shape} shape",
+]
+
+
+def alt_caption(attrs: dict, variant: int) -> str:
+    """Alt-text phrasing ``variant`` (modulo ``len(ALT_TEXT)``) of the main object, e.g. ``"red circle icon"``."""
+    template = ALT_TEXT[variant % len(ALT_TEXT)]
+    return template.format(a_color=article(attrs["color"]), color=attrs["color"], shape=attrs["shape"])
+
+
 def long_caption(attrs: dict) -> str:
     """Every object with its position, main first, e.g. ``"two shapes: a large red circle in ..."``."""
     objects = attrs["objects"]
@@ -91,6 +111,20 @@ def long_caption(attrs: dict) -> str:
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     noun = "shapes" if many else "shape"
     return f"{COUNT_WORDS[len(objects)]} {noun}: {listed}."
+
+
+def statement(attrs: dict, kind: str) -> str:
+    """A statement about one attribute only (MMVP-VLM style), e.g. ``"three shapes"``,
+    ``"the largest shape at the top-left"``, ``"a red shape"``, ``"a circle"``."""
+    if kind == "count":
+        return f"{COUNT_WORDS[attrs['count']]} {'shape' if attrs['count'] == 1 else 'shapes'}"
+    if kind == "position":
+        return f"the largest shape {where(attrs['position'])}"
+    if kind == "color":
+        return f"{article(attrs['color'])} shape"
+    if kind == "shape":
+        return article(attrs["shape"])
+    raise ValueError(f"no statement for kind {kind!r}; expected one of {KINDS}")
 
 
 def answer(attrs: dict, kind: str) -> str:
@@ -152,6 +186,7 @@ def classes_json() -> dict:
 def shapes_corpus() -> list[str]:
     """Every kind of sentence the shapes world produces (for building tokenizers offline)."""
     lines = [short_caption({"color": c, "shape": s}) for c in COLOR_NAMES for s in SHAPES]
+    lines += [alt_caption({"color": c, "shape": s}, k) for c in COLOR_NAMES for s in SHAPES for k in range(len(ALT_TEXT))]
     for i, (c, s, p) in enumerate((c, s, p) for c in COLOR_NAMES for s in SHAPES for p in POSITIONS):
         main = {"color": c, "shape": s, "position": p, "size": "large"}
         small = {

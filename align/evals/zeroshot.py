@@ -127,31 +127,52 @@ def shapes_minimal_pairs(rows: Sequence[dict], n_pairs: int, seed: int = 0) -> l
     return pairs
 
 
+def _pair_rows(data: str | os.PathLike, split: str | None, n_pairs: int, seed: int) -> tuple[str, list[dict]]:
+    """``(source, rows)``: each row has two ``images`` (paths) and two ``texts`` (and maybe a ``kind``)."""
+    from align.data.shapes import MMVP_PAIRS, load_shapes
+    from align.evals.mmvp import load_mmvp_pairs
+    from align.io import read_jsonl
+
+    path = Path(data)
+    if (path / MMVP_PAIRS).is_file() or path.name == MMVP_PAIRS:
+        return "shapes-mmvp", load_mmvp_pairs(path)
+    if _is_shapes(data):
+        pairs = shapes_minimal_pairs(load_shapes(data, split), n_pairs, seed)
+        return "shapes minimal pairs", [
+            {"images": [a["image"], b["image"]], "texts": [a["caption"], b["caption"]]} for a, b in pairs
+        ]
+    rows = read_jsonl(data)
+    bad = [i for i, r in enumerate(rows) if len(r.get("images", [])) != 2 or len(r.get("texts", [])) != 2]
+    if bad:
+        raise ValueError(f"{data}: rows {bad[:5]} need 'images' and 'texts' lists of length 2")
+    return "pairs file", [{**r, "images": [str(path.parent / p) for p in r["images"]]} for r in rows]
+
+
 def run_pairs(
     dual: DualEncoder, data: str | os.PathLike, split: str | None = "test", n_pairs: int = 200, seed: int = 0
 ) -> dict:
-    """Paired accuracy: a shapes world (minimal pairs differing in colour or shape) or a JSONL file of
-    ``{"images": [a, b], "texts": [ta, tb]}`` rows (paths relative to the file)."""
-    from align.data.shapes import load_shapes
-    from align.io import read_jsonl
+    """Paired scores of image pairs with one text each: Shapes-MMVP pairs (a folder holding
+    ``mmvp_pairs.jsonl``, or that file; see :mod:`align.evals.mmvp`), else a shapes world (minimal pairs
+    differing in colour or shape), else a JSONL file of ``{"images": [a, b], "texts": [ta, tb]}`` rows
+    (paths relative to the file).
 
-    if _is_shapes(data):
-        pairs = shapes_minimal_pairs(load_shapes(data, split), n_pairs, seed)
-        images = [[a["image"], b["image"]] for a, b in pairs]
-        texts = [[a["caption"], b["caption"]] for a, b in pairs]
-    else:
-        rows = read_jsonl(data)
-        bad = [i for i, r in enumerate(rows) if len(r.get("images", [])) != 2 or len(r.get("texts", [])) != 2]
-        if bad:
-            raise ValueError(f"{data}: rows {bad[:5]} need 'images' and 'texts' lists of length 2")
-        images = [[str(Path(data).parent / p) for p in r["images"]] for r in rows]
-        texts = [list(r["texts"]) for r in rows]
-    if not images:
+    Reports MMVP-VLM (each image picks its own text; ``mmvp_vlm`` with its standard error and chance, per
+    ``kind`` when rows have one) and the text-side paired accuracy (each text picks its own image).
+    """
+    from align.evals.mmvp import mmvp_vlm_score
+
+    source, rows = _pair_rows(data, split, n_pairs, seed)
+    if not rows:
         raise ValueError(f"{data}: no pairs to score")
-    pil = [Image.open(p).convert("RGB") for pair in images for p in pair]
-    img = dual.encode_pil(pil).reshape(len(images), 2, -1)
-    txt = dual.encode_texts([t for pair in texts for t in pair]).reshape(len(texts), 2, -1)
-    return paired_accuracy(img, txt)
+    pil = [Image.open(p).convert("RGB") for r in rows for p in r["images"]]
+    img = dual.encode_pil(pil).reshape(len(rows), 2, -1)
+    txt = dual.encode_texts([t for r in rows for t in r["texts"]]).reshape(len(rows), 2, -1)
+    result = {"pairs_source": source, **mmvp_vlm_score(img, txt), **paired_accuracy(img, txt)}
+    for kind in sorted({r["kind"] for r in rows if r.get("kind")}):
+        keep = torch.tensor([r.get("kind") == kind for r in rows])
+        part = mmvp_vlm_score(img[keep], txt[keep])
+        result[f"mmvp_vlm_{kind}"], result[f"n_{kind}"] = part["mmvp_vlm"], part["n"]
+    return result
 
 
 def run_segment(

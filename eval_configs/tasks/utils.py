@@ -1,7 +1,7 @@
-"""Offline lmms-eval tasks on the shapes world (``shapes_vqa``, ``shapes_mc``).
+"""Offline lmms-eval tasks on the shapes world (``shapes_vqa``, ``shapes_mc``, ``shapes_mmvp``).
 
 The data folder is the one ``align.data.shapes.generate_shapes`` writes (``vqa_test.jsonl`` with image
-paths relative to it). lmms-eval's YAML cannot read environment variables, so the tasks use
+paths relative to it; ``mmvp_pairs.jsonl`` from ``mllm-swap data mmvp`` for ``shapes_mmvp``). lmms-eval's YAML cannot read environment variables, so the tasks use
 :class:`ShapesTask`, which resolves ``dataset_kwargs.data_files`` against ``$MLLM_SWAP_SHAPES_DIR``
 (absolute paths are used as they are). ``mllm-swap eval --shapes DIR`` sets the variable for you.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict
+from lmms_eval.api.metrics import acc_all
 from lmms_eval.api.task import ConfigurableTask
 from PIL import Image
 
@@ -23,6 +24,7 @@ normalize = runpy.run_path(str(Path(__file__).with_name("shapes_answers.py")))["
 
 ENV_VAR = "MLLM_SWAP_SHAPES_DIR"
 REQUIRED = ("id", "image", "question", "options", "answer")
+PAIR_REQUIRED = ("id", "images", "question", "options", "answers")
 
 
 def shapes_dir() -> Path:
@@ -39,10 +41,10 @@ def shapes_dir() -> Path:
     return path
 
 
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a shapes VQA file, checked, with ``image`` made absolute (relative to the file)."""
+def _json_lines(path: Path, required: tuple[str, ...], what: str) -> list[tuple[int, dict]]:
+    """``(line number, row)`` of a JSONL file, each row checked for the ``required`` keys."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; expected the shapes world's vqa_test.jsonl")
+        raise FileNotFoundError(f"{path}: not found; expected {what}")
     rows = []
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -51,24 +53,57 @@ def read_rows(path: Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from err
-        missing = [key for key in REQUIRED if key not in row]
+        missing = [key for key in required if key not in row]
         if missing:
-            raise ValueError(f"{path}:{lineno}: missing keys {missing}; expected {list(REQUIRED)}")
-        if row["answer"] not in row["options"]:
-            raise ValueError(
-                f"{path}:{lineno}: answer {row['answer']!r} is not one of options {row['options']}"
-            )
-        image = (path.parent / row["image"]).resolve()
-        if not image.is_file():
-            raise FileNotFoundError(f"{path}:{lineno}: image {row['image']} not found at {image}")
-        rows.append({**row, "id": str(row["id"]), "image": str(image), "kind": str(row.get("kind", ""))})
+            raise ValueError(f"{path}:{lineno}: missing keys {missing}; expected {list(required)}")
+        rows.append((lineno, row))
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
 
 
+def _image(path: Path, lineno: int, name: str) -> str:
+    image = (path.parent / name).resolve()
+    if not image.is_file():
+        raise FileNotFoundError(f"{path}:{lineno}: image {name} not found at {image}")
+    return str(image)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a shapes VQA file, checked, with ``image`` made absolute (relative to the file)."""
+    rows = []
+    for lineno, row in _json_lines(path, REQUIRED, "the shapes world's vqa_test.jsonl"):
+        if row["answer"] not in row["options"]:
+            raise ValueError(
+                f"{path}:{lineno}: answer {row['answer']!r} is not one of options {row['options']}"
+            )
+        image = _image(path, lineno, row["image"])
+        rows.append({**row, "id": str(row["id"]), "image": image, "kind": str(row.get("kind", ""))})
+    return rows
+
+
+def read_pair_rows(path: Path) -> list[dict]:
+    """One row per image of a Shapes-MMVP pairs file (``mllm-swap data mmvp``): pair ``p`` gives rows
+    ``2p`` and ``2p + 1``, the same question and options, each with its own image and answer."""
+    rows = []
+    for pair, (lineno, row) in enumerate(_json_lines(path, PAIR_REQUIRED, "mmvp_pairs.jsonl (`mllm-swap data mmvp`)")):
+        if len(row["images"]) != 2 or sorted(row["answers"]) != sorted(row["options"]) or len(row["options"]) != 2:
+            raise ValueError(
+                f"{path}:{lineno}: expected 2 images and 2 distinct answers that are the 2 options; "
+                f"found images {row['images']}, answers {row['answers']}, options {row['options']}"
+            )
+        for k in range(2):
+            image = _image(path, lineno, row["images"][k])
+            rows.append({"id": f"{row['id']}-{k}", "pair": pair, "image": image, "question": row["question"],
+                         "options": list(row["options"]), "answer": row["answers"][k],
+                         "kind": str(row.get("kind", ""))})  # fmt: skip
+    return rows
+
+
 class ShapesTask(ConfigurableTask):
     """A ConfigurableTask whose data files are resolved against ``$MLLM_SWAP_SHAPES_DIR``."""
+
+    read = staticmethod(read_rows)  # the rows of one data file
 
     def __init__(self, *args: Any, config: dict | None = None, **kwargs: Any) -> None:
         config = {k: v for k, v in (config or {}).items() if k != "class"}
@@ -81,7 +116,7 @@ class ShapesTask(ConfigurableTask):
         splits = {}
         for split, name in files.items():
             path = Path(name) if os.path.isabs(name) else shapes_dir() / name
-            splits[split] = Dataset.from_list(read_rows(path))
+            splits[split] = Dataset.from_list(self.read(path))
         self.dataset = DatasetDict(splits)
         if self.config.process_docs is not None:
             for split in self.dataset:
@@ -115,3 +150,23 @@ def vqa_process_results(doc: dict, results: list[str]) -> dict[str, float]:
     normalisation of ``shapes_answers.normalize``: case, punctuation, articles, number words)."""
     prediction = results[0] if results else ""
     return {"exact_match": float(normalize(prediction) == normalize(doc["answer"]))}
+
+
+class ShapesMmvpTask(ShapesTask):
+    """``shapes_mmvp``: two rows per pair of ``mmvp_pairs.jsonl``, in pair order."""
+
+    read = staticmethod(read_pair_rows)
+
+
+# MMVP's pair accuracy is lmms-eval's own ``acc_all`` (a group counts only when all its answers are right),
+# so lmms-eval reports its standard error over pairs (``acc_all_stderr``, keyed on the same object).
+pair_accuracy = acc_all
+
+
+def mmvp_process_results(doc: dict, results: list[str]) -> dict:
+    """``question_acc``: the normalized answer equals this image's answer; ``pair_acc``: the same
+    correctness grouped by pair for ``acc_all`` (a ``(prediction, doc)`` item whose gold label is 1)."""
+    prediction = results[0] if results else ""
+    correct = normalize(prediction) == normalize(doc["answer"])
+    group = {"idx": {"paragraph": 0, "question": int(doc["pair"])}, "label": 1}
+    return {"question_acc": float(correct), "pair_acc": (correct, group)}

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from align.errors import UserError
-from mllm_swap.commands.options import add_overwrite
+from mllm_swap.commands.options import add_overwrite, at_least
 
 HELP = "generate the shapes world or inspect a data source"
 DESCRIPTION = (
@@ -43,6 +44,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_overwrite(shapes)
     shapes.set_defaults(func=run_shapes)
+
+    mmvp = sub.add_parser(
+        "mmvp",
+        help="find CLIP-blind pairs of held-out scenes (Shapes-MMVP)",
+        description="MMVP's recipe on a shapes world: pairs of held-out scenes that the CLIP embeds as nearly "
+        "identical (cosine in its top --clip-quantile of all pairs) but the DINOv2 tells apart (cosine below "
+        "its --dino-quantile) and whose answers differ, each with a two-option question and two statements. "
+        "Writes mmvp_pairs.jsonl and mmvp_meta.json into --out (default: the shapes folder, where the "
+        "lmms-eval task shapes_mmvp and `zeroshot --task pairs --data DIR` find them).",
+    )
+    mmvp.add_argument("--data", required=True, help="shapes-world folder (from `data shapes`)")
+    mmvp.add_argument("--clip", default="tiny-clip-shapes", help="CLIP-like model (default tiny-clip-shapes)")
+    mmvp.add_argument("--dino", default="tiny-dinov2", help="vision-only tower (default tiny-dinov2)")
+    mmvp.add_argument("--out", help="output folder (default: --data)")
+    mmvp.add_argument("--split", choices=["train", "test"], default="test", help="scenes to pair (default: test)")
+    mmvp.add_argument(
+        "--clip-quantile", type=float, default=0.95,
+        help="a pair's CLIP cosine must reach this quantile of all pairs' cosines (default 0.95)",
+    )  # fmt: skip
+    mmvp.add_argument(
+        "--dino-quantile", type=float, default=0.5,
+        help="a pair's DINOv2 cosine must not exceed this quantile of all pairs' cosines (default 0.5)",
+    )  # fmt: skip
+    mmvp.add_argument("--max-pairs", type=at_least(1), help="keep at most N pairs (most CLIP-blind first)")
+    mmvp.add_argument("--seed", type=int, default=0, help="seed of question phrasing and option order")
+    mmvp.set_defaults(func=run_mmvp)
 
     inspect = sub.add_parser(
         "inspect",
@@ -89,6 +116,24 @@ def run_shapes(args: argparse.Namespace) -> int:
         f"{summary['size']}x{summary['size']} px, seed {summary['seed']}; "
         f"{summary['instruct']} instruction conversations, {summary['vqa']} VQA questions"
     )
+    return 0
+
+
+def run_mmvp(args: argparse.Namespace) -> int:
+    """Mine the Shapes-MMVP pairs and print how many of each kind."""
+    from align.data.shapes import MMVP_PAIRS
+    from align.evals.mmvp import mine_mmvp_pairs
+
+    meta = mine_mmvp_pairs(
+        args.data, args.clip, args.dino, args.out, split=args.split, clip_quantile=args.clip_quantile,
+        dino_quantile=args.dino_quantile, max_pairs=args.max_pairs, seed=args.seed,
+    )  # fmt: skip
+    kinds = ", ".join(f"{k} {v}" for k, v in meta["by_kind"].items())
+    print(
+        f"{meta['pairs']} CLIP-blind pairs among {meta['scenes']} {meta['split']} scenes "
+        f"(CLIP cosine >= {meta['clip_min']:.4f}, DINOv2 cosine <= {meta['dino_max']:.4f}; {kinds})"
+    )
+    print(f"wrote {Path(args.out or args.data) / MMVP_PAIRS}")
     return 0
 
 

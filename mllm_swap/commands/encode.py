@@ -31,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
         shard_size=args.shard_size,
         caption_index=args.caption_index,
         max_tokens=args.max_tokens,
+        layer=args.layer,
+        prefix=args.prefix,
         on_error=args.on_error,
         device=args.device,
         overwrite=args.overwrite,
@@ -68,6 +70,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-tokens", type=at_least(1), default=77, help="text tokens: padded/truncated length"
     )
+    parser.add_argument(
+        "--layer", type=int, default=-1,
+        help="image tokens: the hidden-state layer (-1 the final token output, -2 what LLaVA consumes)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--prefix", choices=["keep", "drop"], default="keep",
+        help="image tokens: keep or drop the prefix tokens (CLS, registers); a cache for connector "
+        "pretraining (tune's tower_cache) drops them as the swapped MLLM does",
+    )  # fmt: skip
     parser.add_argument(
         "--on-error",
         choices=["raise", "skip"],

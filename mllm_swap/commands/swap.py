@@ -3,21 +3,57 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from mllm_swap.commands.options import add_overwrite
+from mllm_swap.commands.options import add_overwrite, at_least
 
-HELP = "swap a vision encoder into an MLLM (drop-in or rebuild) and write swap_report.json"
+HELP = "swap a vision encoder into an MLLM (drop-in, rebuild or bridge) and write swap_report.json"
 DESCRIPTION = (
     "Write a copy of --mllm (same family and format) whose vision tower is --encoder. "
     "drop-in replaces the tower's weights (same architecture, width and tokens); rebuild installs a new "
     "tower, re-initialises the connector's first layer and updates image tokens, processor and select "
-    "layer. Families: HF Llava (and LLaVA-NeXT drop-in), original LLaVA-1.5, IDEFICS, OpenFlamingo."
+    "layer; bridge (HF Llava) installs the new tower with a small token adapter trained on images only "
+    "(--data SHAPES_DIR or --images DIR; default a generated shapes world) to reproduce the old tower's tokens, "
+    "so the old connector and LLM answer at once (resumable: rerun the same command after a kill). "
+    "Families: HF Llava (and LLaVA-NeXT drop-in), original LLaVA-1.5, IDEFICS, OpenFlamingo."
 )
 
 
+def count_or_dir(value: str) -> int | Path:
+    """``--images``: a number of sample images (the drift check), or a directory of images (the bridge's)."""
+    if value.lstrip("-").isdigit():
+        return int(value)
+    path = Path(value)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"expected a number of images or an image directory, found {value!r}"
+        )
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
+    from align.errors import UserError
+
+    image_dir = args.images if isinstance(args.images, Path) else None
+    if args.mode == "bridge":
+        from mllm_swap.bridge import BridgeSettings, bridge_swap
+
+        if args.prefix != "drop" or args.to_hf:
+            raise UserError("--mode bridge drops every prefix token and writes HF Llava: --prefix keep and --to-hf "
+                            "do not apply")  # fmt: skip
+        settings = BridgeSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+        bridge_swap(
+            args.mllm, args.encoder, args.out, data=args.data, image_dir=image_dir, settings=settings,
+            select_layer=args.select_layer, prompt=args.prompt, compare=not args.no_compare,
+            vqa_limit=args.vqa_limit, overwrite=args.overwrite,
+        )  # fmt: skip
+        return 0
     from mllm_swap.swap import swap
 
+    if image_dir is not None or args.data is not None:
+        raise UserError(
+            "--data and --images DIR are the bridge's training images: use them with --mode bridge"
+        )
     swap(
         args.mllm,
         args.encoder,
@@ -41,15 +77,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--encoder", required=True, help="encoder id or path (tiny-*, hub id, open_clip, aligned artifact)"
     )
     p.add_argument("--out", required=True, help="output directory (must be new or empty unless --overwrite)")
-    p.add_argument("--mode", choices=("auto", "dropin", "rebuild"), default="auto")
+    p.add_argument("--mode", choices=("auto", "dropin", "rebuild", "bridge"), default="auto")
     p.add_argument("--prefix", choices=("drop", "keep"), default="drop",
                    help="prefix tokens (CLS, registers): drop them all (default) or feed them too")  # fmt: skip
-    p.add_argument("--select-layer", type=int, default=None, help="tower layer the MLLM consumes (rebuild)")
+    p.add_argument("--select-layer", type=int, default=None,
+                   help="tower layer the MLLM consumes (rebuild, bridge; default: the MLLM's)")  # fmt: skip
     p.add_argument(
         "--to-hf", action="store_true", help="original LLaVA: also write an HF-layout copy to OUT/hf"
     )
     p.add_argument(
         "--prompt", default="What colour is the shape?", help="prompt for the next-token drift check"
     )
-    p.add_argument("--images", type=int, default=4, help="sample images for the feature drift")
+    p.add_argument("--images", type=count_or_dir, default=4,
+                   help="N: sample images for the feature drift; DIR (bridge): train the adapter on these images, "
+                   "the last 10%% held out for the drift")  # fmt: skip
+    bridge = p.add_argument_group("bridge (--mode bridge)")
+    bridge.add_argument("--data", help="a shapes world (train split trains the adapter, test split measures; "
+                        "its vqa_test.jsonl gives the quick VQA)")  # fmt: skip
+    bridge.add_argument("--steps", type=at_least(1), default=300, help="adapter training steps")
+    bridge.add_argument("--batch-size", type=at_least(1), default=16)
+    bridge.add_argument("--lr", type=float, default=1e-3)
+    bridge.add_argument("--seed", type=int, default=0)
+    bridge.add_argument("--vqa-limit", type=at_least(0), default=100,
+                        help="questions of the quick VQA (bridge, untrained rebuild, drop-in, unswapped)")  # fmt: skip
+    bridge.add_argument("--no-compare", action="store_true",
+                        help="skip building the rebuild/drop-in for comparison (large models)")  # fmt: skip
     add_overwrite(p)

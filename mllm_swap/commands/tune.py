@@ -11,7 +11,10 @@ DESCRIPTION = (
     "Train one stage of LLaVA-style instruction tuning from a YAML recipe (see recipes/). "
     "Outputs in --out: a standard peft adapter with the connector as modules_to_save (lora) or a full "
     "checkpoint + non_lora_trainables.safetensors (connector/full), the processor, tune_info.json, a model "
-    "card (README.md), metrics.jsonl, loss.png and resumable checkpoints. Rerun the same command to resume. Under `accelerate launch` (DDP or DeepSpeed) the same "
+    "card (README.md), metrics.jsonl, loss.png and resumable checkpoints. Rerun the same command to resume. "
+    "A frozen tower's tokens can come from a cache instead of the tower (recipe key tower_cache, e.g. --set "
+    "tower_cache=DIR, DIR written by `mllm-swap encode --encoder E --data D --pool tokens --layer -2 --prefix "
+    "drop`; refused unless its layer, token count and model fingerprint match the model). Under `accelerate launch` (DDP or DeepSpeed) the same "
     "command runs on many GPUs: accelerate launch --config_file CONF -m mllm_swap tune ..."
 )
 

@@ -10,8 +10,9 @@ from mllm_swap.commands.options import at_least
 HELP = "zero-shot scores of a dual encoder (aligned artifact, HF CLIP/SigLIP, open_clip)"
 DESCRIPTION = (
     "CLIP-benchmark conventions: classification (templates averaged per class; acc1, acc5, "
-    "mean-per-class recall), retrieval (R@1/5/10 both ways), paired accuracy (both texts must pick their own "
-    "image) and segmentation mIoU (patch-text similarity upsampled to the image; shapes masks). Writes JSON "
+    "mean-per-class recall), retrieval (R@1/5/10 both ways), pairs (MMVP-VLM: a pair counts when both images "
+    "pick their own statement, with its standard error and chance 0.25; also both texts picking their own "
+    "image) on the Shapes-MMVP pairs of `data mmvp` or minimal pairs, and segmentation mIoU (patch-text similarity upsampled to the image; shapes masks). Writes JSON "
     "to --out and prints a table."
 )
 
@@ -55,8 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         required=True,
-        help="shapes dir; classify: or an image folder; retrieve: any pairs source; "
-        "pairs: or a JSONL of {images: [a, b], texts: [ta, tb]}",
+        help="shapes dir; classify: or an image folder; retrieve: any pairs source; pairs: a folder "
+        "holding mmvp_pairs.jsonl (`data mmvp`) or that file, a shapes dir without one (minimal pairs), "
+        "or a JSONL of {images: [a, b], texts: [ta, tb]}",
     )
     parser.add_argument(
         "--label", choices=["color", "shape"], default="color", help="classify: shapes class set"
@@ -64,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="train, test or all (default: test)")
     parser.add_argument("--captions", nargs="+", default=["caption"], help="retrieve: caption columns")
     parser.add_argument(
-        "--pairs", type=at_least(1), default=200, help="pairs: number of shapes minimal pairs"
+        "--pairs", type=at_least(1), default=200, help="pairs: number of shapes minimal pairs (default 200)"
     )
     parser.add_argument("--seed", type=int, default=0, help="pairs: seed of the shapes pair sampler")
     parser.add_argument("--limit", type=at_least(1), help="score only the first N samples")

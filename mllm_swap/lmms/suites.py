@@ -28,7 +28,8 @@ EVAL_CONFIGS = shipped("eval_configs")
 TASKS_DIR = EVAL_CONFIGS / "tasks"
 SUITES_DIR = EVAL_CONFIGS / "suites"
 SHAPES_ENV = "MLLM_SWAP_SHAPES_DIR"
-SHAPES_TASKS = ("shapes_vqa", "shapes_mc")
+# the local tasks that read the shapes world, and the file each reads there
+SHAPES_TASKS = {"shapes_vqa": "vqa_test.jsonl", "shapes_mc": "vqa_test.jsonl", "shapes_mmvp": "mmvp_pairs.jsonl"}
 LMMS_RESULTS = "lmms_eval_results.json"  # lmms-eval's own results file, next to our results.json
 CSV_FIELDS = ("task", "metric", "filter", "model", "value", "stderr", "n", "higher_is_better")
 
@@ -127,6 +128,8 @@ def run_model(
         if not os.environ.get(SHAPES_ENV):
             raise ValueError(f"the shapes tasks need ${SHAPES_ENV} (a shapes-world folder)")
         request["shapes_sha256"] = sha256_file(Path(os.environ[SHAPES_ENV]) / "vqa_test.jsonl")
+        if "shapes_mmvp" in tasks:
+            request["mmvp_sha256"] = sha256_file(Path(os.environ[SHAPES_ENV]) / SHAPES_TASKS["shapes_mmvp"])
     request = portable_tree(request, out_dir)  # what is written: paths relative to out_dir
     results_path = out_dir / "results.json"
     if results_path.is_file():
@@ -319,10 +322,11 @@ def evaluate_models(
     suite_cfg = load_suite(suite) if suite else None
     task_list = list(tasks) if tasks else suite_tasks(suite_cfg)
     shapes = shapes if shapes is not None else os.environ.get(SHAPES_ENV)
-    if shapes and not (Path(shapes) / "vqa_test.jsonl").is_file():
-        raise FileNotFoundError(
-            f"{Path(shapes) / 'vqa_test.jsonl'}: not found; expected a shapes-world folder"
-        )
+    needed = sorted({"vqa_test.jsonl"} | {SHAPES_TASKS[t] for t in task_list if t in SHAPES_TASKS})
+    missing = [Path(shapes) / name for name in needed if not (Path(shapes) / name).is_file()] if shapes else []
+    if missing:
+        hint = " (write it with `mllm-swap data mmvp --data DIR`)" if "mmvp_pairs.jsonl" in str(missing) else ""
+        raise FileNotFoundError(f"{', '.join(map(str, missing))}: not found; expected a shapes-world folder{hint}")
     if set(task_list) & set(SHAPES_TASKS) and not shapes:
         raise ValueError(
             f"tasks {sorted(set(task_list) & set(SHAPES_TASKS))} need --shapes DIR (or ${SHAPES_ENV})"

@@ -24,7 +24,8 @@ from mllm_swap.tune.conversations import (
 
 
 class ConversationDataset(Dataset):
-    """LLaVA conversations encoded on the fly; ``summary`` says what was kept and skipped."""
+    """LLaVA conversations encoded on the fly; ``summary`` says what was kept and skipped. With a
+    ``tower_cache`` an item's ``pixel_values`` are its image's cached tower tokens (the image is not read)."""
 
     def __init__(
         self,
@@ -36,6 +37,7 @@ class ConversationDataset(Dataset):
         image_aspect_ratio: str = "pad",
         on_error: str = "skip",
         append_eos: bool = True,
+        tower_cache: Any = None,
     ) -> None:
         if image_aspect_ratio not in ("pad", "none"):
             raise ValueError(f"image_aspect_ratio must be 'pad' or 'none', found {image_aspect_ratio!r}")
@@ -48,6 +50,7 @@ class ConversationDataset(Dataset):
         self.append_eos = append_eos
         self.background = pad_colour(processor)
         self.image_tokens = image_token_count(processor)
+        self.tower_cache = tower_cache  # a tune.tower_cache.TowerCache: tokens instead of pixels
         if self.summary.with_image and self.image_tokens >= max_length:
             raise ValueError(f"max_length {max_length} leaves no room after {self.image_tokens} image tokens")
 
@@ -63,7 +66,8 @@ class ConversationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        image = self.load_image(record)
+        cached = self.tower_cache is not None and "image" in record
+        image = Image.new("RGB", (8, 8)) if cached else self.load_image(record)  # cached: for the text only
         messages = to_messages(record["conversations"], image is not None)
         item = encode(
             self.processor,
@@ -75,6 +79,8 @@ class ConversationDataset(Dataset):
             record_id=str(record.get("id", index)),
         )
         item["id"] = str(record.get("id", index))
+        if cached:
+            item["pixel_values"] = self.tower_cache.tokens(record)
         return item
 
     def lengths(self) -> list[int]:

@@ -53,6 +53,12 @@ class TuneConfig:
     on_error: Literal["skip", "raise"] = "skip"
     group_by_length: bool = True
     deepspeed: Path | None = None  # DeepSpeed JSON, used when launched without an accelerate config
+    # tower_cache: an image token cache of the frozen tower's tokens (`mllm-swap encode --encoder E --data D
+    # --pool tokens --layer L --prefix drop --dtype fp32`, E the encoder swapped in, L the model's
+    # vision_feature_layer; keep the prefix tokens when the swap fed them): the stage reads them instead of
+    # running the tower every step (stage 1 speed-up); refused unless layer, token count and model fingerprint
+    # match; the tower must stay frozen
+    tower_cache: Path | None = None
     eval_vqa: str | None = None  # a vqa_test.jsonl scored at the end, or "shapes" (the generated world's)
     eval_limit: int | None = 200
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0))
@@ -68,6 +74,10 @@ class TuneConfig:
             raise ValueError(
                 f"lora_r must be >= 1, lora_alpha > 0 and lora_dropout in [0, 1); found "
                 f"r={self.lora_r}, alpha={self.lora_alpha}, dropout={self.lora_dropout}"
+            )
+        if self.tower_cache is not None and (self.unfreeze_tower or self.unfreeze_head):
+            raise ValueError(
+                "tower_cache replaces a frozen tower's forward pass: unset unfreeze_tower/unfreeze_head"
             )
         if self.data is None and self.shapes is None:
             raise ValueError("set 'data' (LLaVA conversation JSON) or 'shapes' (generate the shapes world)")

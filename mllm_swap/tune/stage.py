@@ -77,6 +77,11 @@ class TuneMethod:
 
         loaded = load_for_tuning(self.cfg)
         model, self.processor, self.family = loaded.model, loaded.processor, loaded.family
+        cache = None
+        if self.cfg.tower_cache is not None:
+            from mllm_swap.tune.tower_cache import install
+
+            cache = install(model, self.family.trainable_parts(model)["tower"], self.cfg.tower_cache)
         self.dataset = ConversationDataset(
             self.data,
             self.image_folder,
@@ -84,7 +89,10 @@ class TuneMethod:
             max_length=self.cfg.max_length,
             image_aspect_ratio=self.cfg.image_aspect_ratio,
             on_error=self.cfg.on_error,
+            tower_cache=cache,
         )
+        if cache is not None:
+            cache.check_images(self.dataset, model)
         logger.info("tune data: %s", self.dataset.summary.describe())
         if self.cfg.init_trainables is not None:
             load_non_lora(model, self.cfg.init_trainables)
@@ -154,6 +162,7 @@ class TuneMethod:
 
     def evaluate(self, model: nn.Module) -> dict[str, Any]:
         """Exact-match VQA accuracy on ``cfg.eval_vqa`` (skipped when unset)."""
+        self.restore_tower(model)
         if self.cfg.eval_vqa is None:
             return {}
         from mllm_swap.tune.quick_vqa import evaluate_vqa
@@ -167,11 +176,19 @@ class TuneMethod:
         flat.update({f"chance_{name}": value for name, value in result["chance"].items()})
         return flat
 
+    def restore_tower(self, model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """With a tower cache: the real tower back in the model (and its weights in ``state_dict``)."""
+        if self.cfg.tower_cache is not None:
+            from mllm_swap.tune.tower_cache import restore
+
+            restore(model, self.family.trainable_parts(model)["tower"], state_dict)
+
     def save(self, model: nn.Module, out_dir: Path, state_dict: dict[str, torch.Tensor]) -> None:
         """Adapter (lora) or full checkpoint + non-LoRA trainables, processor and ``tune_info.json``.
 
         Paths are recorded by :func:`mllm_swap.tune.adapter.reference` (relative to ``out_dir``, or ids).
         """
+        self.restore_tower(model, None if self.cfg.stage == "lora" else state_dict)
         base = reference(self.cfg.model, out_dir)
         if self.cfg.stage == "lora":
             model.peft_config[model.active_adapter].base_model_name_or_path = base
