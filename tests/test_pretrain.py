@@ -279,9 +279,11 @@ def test_self_supervised_tower_knows_more_than_the_random_one_and_the_caption_tr
     the 4x4 grid of patches, as ``mllm-swap probe`` reports them), against the random tower and a tiny CLIP
     trained as long on the world's captions.
 
-    Measured (best feature): count 0.720 vs 0.565 random and 0.630 CLIP (the gain); shape 0.605 vs 0.595 and
-    0.570, position 0.980 for all three (the 4x4 grid locates the main object in any tower): at this budget
-    the self-supervised tower has not learned more shape or position, so those are checked as not lost.
+    Measured (best feature, CLIP on the earlier short+long captions): count 0.720 vs 0.565 random and 0.630
+    CLIP (the gain); shape 0.605 vs 0.595 and 0.570, position 0.980 for all three (the 4x4 grid locates the
+    main object in any tower): at this budget the self-supervised tower has not learned more shape or
+    position, so those are checked as not lost. Without the EMA the saved teacher is the random tower itself
+    (count 0.565 = 0.565) and this test fails.
     """
     from align.data.shapes import generate_shapes
     from align.evals.attributes import probe_attributes, read_probe_data
