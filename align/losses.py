@@ -147,9 +147,9 @@ class _ChunkedSigmoidLoss(torch.autograd.Function):
                         grad_s += (ub.to(cdtype) * gv.to(cdtype)).sum(dtype=torch.float64)
                     if want_u:
                         grad_u[start : start + chunk] = gv
-                if want_v:
+                if want_v:  # addmm's out= form: FlopCounterMode misses the in-place addmm_
                     if g_mm.dtype == grad_v.dtype:
-                        grad_v.addmm_(g_mm.T, ub)
+                        torch.addmm(grad_v, g_mm.T, ub, out=grad_v)
                     else:
                         grad_v += g_mm.T @ ub
         coeff = grad_out.to(torch.float64) / denom

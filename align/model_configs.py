@@ -9,6 +9,8 @@ names a custom type (remote code) are built as the transformers architecture the
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,10 @@ from align.errors import UserError
 from align.io import read_json
 from align.paths import shipped
 
-__all__ = ["BUILT_AS", "build_meta", "config_dir", "meta_vision_encoder", "shipped_config", "shipped_ids"]
+__all__ = [
+    "BUILT_AS", "RANDOM_PREFIX", "RandomRef", "build_meta", "config_dir", "is_random_ref", "meta_vision_encoder",
+    "parse_random", "random_model_dir", "shipped_config", "shipped_ids",
+]  # fmt: skip
 
 # custom model type -> (the sub-config holding the transformers part, or None for the top level; its model type)
 BUILT_AS: dict[str, tuple[str | None, str]] = {
@@ -88,3 +93,157 @@ def meta_vision_encoder(hub_id: str) -> Any:
     model = build_meta(tower, getattr(transformers, class_name))
     preprocess = hf_preprocess(str(config_dir(hub_id)), model.config, {})
     return HFVisionEncoder(model, kind, preprocess, hub_id)
+
+
+# ---- random:ORG/NAME[?layers=N]: a shipped config built with seeded random weights, as a local checkpoint ----
+
+RANDOM_PREFIX = "random:"
+RANDOM_VERSION = 1  # bump when what a random build writes changes (rebuilds cached copies)
+RANDOM_KEYS = {
+    "layers": "decoder layers of the language model (an MLLM's text_config; an LLM or text encoder)"
+}
+DUAL_OR_VISION = ("clip", "siglip", "dinov2", "dinov2_with_registers", "clip_vision_model", "siglip_vision_model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt")
+
+
+@dataclass(frozen=True)
+class RandomRef:
+    """A parsed ``random:`` reference: the shipped hub id and the language model's depth (None: as shipped)."""
+
+    hub_id: str
+    layers: int | None = None
+
+    @property
+    def folder_name(self) -> str:
+        """The build's folder under the models directory (one per hub id and depth)."""
+        name = "random--" + self.hub_id.replace("/", "--")
+        return name + (f"--layers-{self.layers}" if self.layers else "")
+
+
+def is_random_ref(spec: object) -> bool:
+    """Whether ``spec`` is a ``random:`` model reference."""
+    return str(spec).startswith(RANDOM_PREFIX)
+
+
+def parse_random(spec: str) -> RandomRef:
+    """``random:ORG/NAME`` or ``random:ORG/NAME?layers=N`` -> :class:`RandomRef`, validated against the
+    shipped config (the id must be shipped; ``layers`` between 1 and the real depth, language models only)."""
+    hub_id, _, query = str(spec)[len(RANDOM_PREFIX) :].partition("?")
+    config_dir(hub_id)
+    if BUILT_AS.get(read_json(config_dir(hub_id) / "config.json").get("model_type"), ("", ""))[1] == "llama":
+        raise UserError(
+            f"'{spec}': original LLaVA checkpoints build only their LLM; use random:llava-hf/llava-1.5-7b-hf"
+        )
+    options: dict[str, str] = {}
+    for item in filter(None, query.split("&")):
+        key, sep, value = item.partition("=")
+        if key not in RANDOM_KEYS or not sep:
+            allowed = "; ".join(f"{k}=N: {v}" for k, v in RANDOM_KEYS.items())
+            raise UserError(f"'{spec}': unknown option '{item}' after '?'; expected {allowed}")
+        options[key] = value
+    if "layers" not in options:
+        return RandomRef(hub_id)
+    value = options["layers"]
+    depth_config = _depth_config(shipped_config(hub_id), spec)
+    depth = depth_config.num_hidden_layers
+    if not value.isdigit() or not 1 <= int(value) <= depth:
+        raise UserError(
+            f"'{spec}': layers must be a whole number from 1 to {depth} (the shipped depth), got '{value}'"
+        )
+    return RandomRef(hub_id, int(value))
+
+
+def _depth_config(config: Any, spec: str) -> Any:
+    """The (sub-)config whose ``num_hidden_layers`` ``layers`` sets: an MLLM's language model, else the model."""
+    if config.model_type in DUAL_OR_VISION:
+        raise UserError(
+            f"'{spec}': layers applies to language models (an MLLM's LLM, an LLM, a text encoder); "
+            f"'{config.model_type}' towers are built at their real depth"
+        )
+    return getattr(config, "text_config", None) or config
+
+
+def random_config(ref: RandomRef) -> Any:
+    """The shipped config of ``ref.hub_id`` with its language model shortened to ``ref.layers``."""
+    config = shipped_config(ref.hub_id)
+    if ref.layers:
+        language = _depth_config(config, ref.hub_id)
+        language.num_hidden_layers = ref.layers
+        if getattr(language, "layer_types", None):  # models that list a type per layer keep one per layer
+            language.layer_types = language.layer_types[: ref.layers]
+    return config
+
+
+def random_model_dir(spec: str) -> Path:
+    """The local checkpoint a ``random:`` reference names, built once under the models directory.
+
+    The folder holds what a hub snapshot of the model holds: ``config.json`` (dtype float32, the
+    language model at ``layers`` when given), weights from the model's own initialisation under seed 0
+    (in bfloat16, which halves build memory and disk; they load as float32), and the shipped
+    preprocessor, processor, chat template and tokenizer files. Tokenizers that are not shipped: CLIP's is written from
+    open_clip's copy of the same BPE vocabulary; a text encoder without one gets the bundled
+    all-MiniLM-L6-v2's uncased WordPiece tokenizer as a stand-in (ids differ from the real model's; shapes,
+    pooling and code paths are the real ones), recorded in ``random_build.json``.
+    """
+    from align.embedded import build_once
+
+    ref = parse_random(spec)
+    config = random_config(ref)
+    return build_once(ref.folder_name, lambda out: _write_random(ref, config, out), version=RANDOM_VERSION)
+
+
+def _write_random(ref: RandomRef, config: Any, out: Path) -> None:
+    import shutil
+
+    import torch
+    import transformers
+
+    raw = read_json(config_dir(ref.hub_id) / "config.json")
+    names = [a for a in raw.get("architectures", []) if hasattr(transformers, a)]
+    if names and raw.get("model_type") not in BUILT_AS:  # the hub's own class (LLaVA: with its LM head)
+        model = getattr(transformers, names[0])._from_config(config, dtype=torch.bfloat16)
+    else:
+        model = transformers.AutoModel.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    for sub in [config, *(getattr(config, k, None) for k in ("text_config", "vision_config"))]:
+        if sub is not None:
+            sub.dtype = "float32"
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(out)
+    record = {"source": RANDOM_PREFIX + ref.hub_id, "layers": ref.layers, "seed": 0, "tokenizer": "shipped"}
+    for item in config_dir(ref.hub_id).iterdir():
+        if item.name != "config.json":
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, out / item.name)
+    if not any((out / name).is_file() for name in TOKENIZER_FILES):
+        record["tokenizer"] = _write_tokenizer(config, out)
+    (out / "random_build.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _write_tokenizer(config: Any, out: Path) -> str | None:
+    """Write a tokenizer for a model whose shipped folder has none; returns what was written (None: none)."""
+    import gzip
+    import shutil
+
+    if config.model_type == "clip":
+        from open_clip.tokenizer import bytes_to_unicode, default_bpe
+        from transformers import CLIPTokenizer
+
+        with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:  # the first line is a header
+            merges = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
+        symbols = list(bytes_to_unicode().values())
+        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+        (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        CLIPTokenizer(
+            str(out / "vocab.json"), str(out / "merges.txt"), pad_token="<|endoftext|>"
+        ).save_pretrained(out)
+        return "CLIP BPE (open_clip's bpe_simple_vocab_16e6)"
+    if config.model_type in DUAL_OR_VISION:
+        return None
+    from align.encoders.registry import minilm_dir
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (minilm_dir() / name).is_file():
+            shutil.copy2(minilm_dir() / name, out / name)
+    return "stand-in: all-MiniLM-L6-v2's uncased WordPiece (bert-base-uncased vocabulary)"

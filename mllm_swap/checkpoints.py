@@ -1,7 +1,9 @@
 """Where an MLLM checkpoint is and how to load it for use: one resolver and one factory.
 
 :func:`resolve_checkpoint` turns a tiny model id (built on first use through the ``mllm_swap.tiny_models``
-hook, :mod:`align.embedded`), a local path or a hub id into a local checkpoint. :func:`load_mllm` loads
+hook, :mod:`align.embedded`), a ``random:ORG/NAME[?layers=N]`` reference (a shipped hub config with seeded
+random weights, its LLM optionally shortened: :func:`align.model_configs.random_model_dir`), a local path or
+a hub id into a local checkpoint. :func:`load_mllm` loads
 one for generation, evaluation or tuning: its family (:func:`mllm_swap.families.detect_family`) reads it
 with :meth:`~mllm_swap.families.base.Family.load`, in the requested dtype, on the requested device.
 """
@@ -17,6 +19,7 @@ import torch
 import mllm_swap.towers  # noqa: F401  (registers the aligned tower with the Auto classes)
 from align.embedded import is_tiny_model, tiny_model_dir, tiny_model_names
 from align.hub import check_hub_id, looks_like_hub_id
+from align.model_configs import is_random_ref, random_model_dir
 from mllm_swap.families import Loaded, detect_family
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -26,12 +29,14 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 def resolve_checkpoint(spec: str | os.PathLike, what: str = "MLLM") -> Path:
     """The local checkpoint (directory, or an OpenFlamingo state-dict file) that ``spec`` names.
 
-    ``spec`` is a tiny model id (built on first use), an existing path (verified against its
+    ``spec`` is a tiny model id (built on first use), a ``random:`` reference (built on first use), an existing path (verified against its
     ``checksums.json`` when it carries one; a LoRA adapter is refused: merge it first) or a hub id
     ``org/name`` (checked to be reachable or cached first, then taken from the local cache or downloaded).
     ``what`` names the thing in messages.
     """
     text = str(spec)
+    if is_random_ref(text):
+        return random_model_dir(text)
     if is_tiny_model(text):
         return tiny_model_dir(text)
     path = Path(text).expanduser()
@@ -43,7 +48,7 @@ def resolve_checkpoint(spec: str | os.PathLike, what: str = "MLLM") -> Path:
     if not path.exists():
         raise FileNotFoundError(
             f"{what} '{text}': no such checkpoint directory or file, not a tiny model id "
-            f"({', '.join(tiny_model_names())}) and not a hub id 'org/name'"
+            f"({', '.join(tiny_model_names())}), not 'random:ORG/NAME' and not a hub id 'org/name'"
         )
     if (path / "adapter_config.json").is_file():
         raise ValueError(

@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 TUNE_DATA = ["--set", "data={shapes}/instruct.json", "--set", "image_folder={shapes}", "--set", "shapes=null",
              "--set", "eval_vqa=null", "--set", "train.steps=1", "--set", "train.batch_size=2"]  # fmt: skip
-SAIL = ["align", "sail", "--config", str(RECIPES / "tiny_sail.yaml"), "--set", "data.train={shapes}"]
+# the recipes name the pretrained tiny-dinov2 (a build of minutes); tests take the random tower
+SAIL = ["align", "sail", "--config", str(RECIPES / "tiny_sail.yaml"), "--set", "vision=tiny-dinov2-random",
+        "--set", "data.train={shapes}"]  # fmt: skip
 
 
 class Evil:
@@ -342,7 +344,7 @@ def test_cache_manifest_with_a_wrong_embed_dim_is_named(shapes_dir, tmp_path, ca
     manifest = read_json(image / "manifest.json")
     manifest["encoder"]["embed_dim"] = 64  # the shards hold [CLS ; mean] of width 2 x 96
     write_json(image / "manifest.json", manifest)
-    code, err = run_cli([*SAIL[:4], "--set", f"data.image_cache={image}", "--set", f"data.text_caches=[{text}]",
+    code, err = run_cli([*SAIL[:6], "--set", f"data.image_cache={image}", "--set", f"data.text_caches=[{text}]",
                          "--set", "train.steps=1", "--out", str(tmp_path / "run")], capsys)  # fmt: skip
     assert code == 2 and "Traceback" not in err
     assert f"{image / 'manifest.json'}: encoder.embed_dim 64" in err and "width 192" in err

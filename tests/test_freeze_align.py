@@ -104,7 +104,7 @@ def test_short_run_learns_and_writes_a_loadable_artifact(tmp_path, capsys):
     generate_shapes(shapes, 100, seed=4, progress=False)
     out = tmp_path / "run"
     args = ["align", "freeze_align", "--config", "recipes/tiny_freeze_align.yaml", "--out", str(out),
-            "--set", f"data.train={shapes}", "--set", "text=tiny-text", "--set", "eval.drift_images=16",
+            "--set", f"data.train={shapes}", "--set", "vision=tiny-dinov2-random", "--set", "text=tiny-text", "--set", "eval.drift_images=16",
             "--set", "train.steps=30", "--set", "train.batch_size=32",
             "--set", "train.log_every=5", "--set", "train.save_every=15", "--set", "train.report_to=[jsonl]"]  # fmt: skip
     assert main(args) == 0

@@ -449,6 +449,7 @@ def test_cli_align_kuea_runs_the_tiny_recipe(shapes_dir: Path, tmp_path: Path, c
     recipe = Path(__file__).parents[1] / "recipes" / "tiny_kuea.yaml"
     sets = [
         "student=tiny-clip",
+        "target=tiny-dinov2-random",
         f"data.train={shapes_dir}",
         "train.steps=2",
         "train.batch_size=8",
@@ -469,8 +470,8 @@ def test_cli_align_kuea_runs_the_tiny_recipe(shapes_dir: Path, tmp_path: Path, c
 
 
 def test_clip_pretraining_builds_a_loadable_clip(tmp_path: Path) -> None:
-    from align.fixtures.clip_shapes import PretrainSettings, pretrain_clip_on_shapes
     from align.load import load_text_encoder
+    from align.pretrain.clip import PretrainSettings, pretrain_clip_on_shapes
 
     record = pretrain_clip_on_shapes(
         tmp_path / "clip", PretrainSettings(shapes=80, steps=3, batch_size=16, warmup=1)

@@ -47,7 +47,7 @@ def test_a_run_recorded_under_an_old_name_is_still_replaced(tmp_path: Path, caps
     shapes = tmp_path / "shapes"
     generate_shapes(shapes, 40, seed=1, progress=False)
     out = tmp_path / "run"
-    sets = [f"data.train={shapes}", "text=tiny-text", "eval.drift_images=4", "eval.limit=8",
+    sets = [f"data.train={shapes}", "vision=tiny-dinov2-random", "text=tiny-text", "eval.drift_images=4", "eval.limit=8",
             "train.steps=1", "train.batch_size=16", "train.report_to=[jsonl]"]  # fmt: skip
     argv = ["align", "freeze_align", "--config", str(RECIPES / "tiny_freeze_align.yaml"), "--out", str(out)]
     argv += [a for s in sets for a in ("--set", s)]

@@ -81,7 +81,8 @@ def test_probe_reaches_scikit_learns_optimum():
 
 @pytest.mark.parametrize("name", ["tiny-clip", "tiny-dinov2-reg-random"])
 def test_features_are_what_plain_transformers_gives(name, world):
-    """CLS after the final norm, and layer -2 patch tokens without the prefix (CLS + 4 registers)."""
+    """CLS after the final norm, and layer -2 patch tokens without the prefix (CLS + 4 registers), averaged
+    over all patches and over the cells of a 4x4 grid."""
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModel
 
@@ -102,8 +103,11 @@ def test_features_are_what_plain_transformers_gives(name, world):
     prefix = 1 + getattr(model.config, "num_register_tokens", 0)
     assert prefix == (5 if name == "tiny-dinov2-reg-random" else 1)
     torch.testing.assert_close(ours["cls"], out.pooler_output, atol=1e-4, rtol=1e-4)  # the normed CLS
-    patch_mean = out.hidden_states[-2][:, prefix:].mean(dim=1)
-    torch.testing.assert_close(ours["patch_mean"], patch_mean, atol=1e-4, rtol=1e-4)
+    patches = out.hidden_states[-2][:, prefix:]
+    torch.testing.assert_close(ours["patch_mean"], patches.mean(dim=1), atol=1e-4, rtol=1e-4)
+    # patch_grid: the 8x8 patches in 2x2 blocks (a 4x4 grid), each block's mean, cells row-major per channel
+    blocks = patches.reshape(6, 4, 2, 4, 2, -1).mean(dim=(2, 4))  # [N, row, col, D]
+    torch.testing.assert_close(ours["patch_grid"], blocks.permute(0, 3, 1, 2).flatten(1), atol=1e-4, rtol=1e-4)
 
 
 def table_rows(text: str) -> list[list[str]]:
@@ -130,7 +134,7 @@ def test_probe_command_on_a_shapes_world(world, tmp_path, capsys):
     assert rows[0] == ["encoder", "feature", "attribute", "accuracy", "stderr", "chance", "majority", "n_test"]
     assert rows == table_rows(printed)
     body = rows[2:]
-    assert len(body) == len(result["results"]) == 2 * 2 * 4
+    assert len(body) == len(result["results"]) == 2 * 3 * 4
     for cells, row in zip(body, result["results"], strict=True):
         assert cells[:3] == [row["encoder"], row["feature"], row["attribute"]]
         assert [float(c) for c in cells[3:7]] == [round(row[k], 3) for k in ("accuracy", "stderr", "chance", "majority")]
@@ -144,7 +148,7 @@ def test_probe_command_on_a_shapes_world(world, tmp_path, capsys):
     for name in ("tiny-clip", "tiny-dinov2-random"):
         encoder = load_vision_encoder(name)
         train, test = encoder_features(encoder, data.train), encoder_features(encoder, data.test)
-        for feature in ("cls", "patch_mean"):
+        for feature in ("cls", "patch_mean", "patch_grid"):
             for label in ("color", "shape", "count", "position"):
                 predicted, _ = sklearn_probe(train[feature], data.train_y[label], test[feature])
                 expected = float((predicted == data.test_y[label]).double().mean())

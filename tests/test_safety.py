@@ -303,7 +303,8 @@ def test_one_resume_vocabulary_for_every_training_command(command) -> None:
 
 def test_cli_align_at_lr_1e30_exits_non_zero_without_an_artifact(tmp_path, shapes_dir, capsys) -> None:
     out = tmp_path / "run"
-    sets = [f"data.train={shapes_dir}", "text=tiny-text", "train.batch_size=32", "train.report_to=[jsonl]"]
+    sets = [f"data.train={shapes_dir}", "vision=tiny-dinov2-random", "text=tiny-text", "train.batch_size=32",
+            "train.report_to=[jsonl]"]  # fmt: skip
     sets += ["train.steps=1", "train.lr=1e30", "train.warmup=0"]
     argv = ["align", "projector", "--config", str(RECIPES / "tiny_freeze_align.yaml"), "--out", str(out)]
     assert main([*argv, *(x for s in sets for x in ("--set", s))]) == 2

@@ -94,7 +94,8 @@ def test_short_run_learns_and_writes_a_loadable_artifact(shapes, tmp_path, capsy
 
     out = tmp_path / "run"
     args = ["align", "sail", "--config", "recipes/tiny_sail.yaml", "--out", str(out),
-            "--set", f"data.train={shapes}", "--set", "data.captions=[caption,long_caption]", "--set", "text=tiny-text",
+            "--set", f"data.train={shapes}", "--set", "vision=tiny-dinov2-random",
+            "--set", "data.captions=[caption,long_caption]", "--set", "text=tiny-text",
             "--set", "eval.drift_images=16", "--set", "train.steps=30", "--set", "train.batch_size=32", "--set", "train.lr=1e-3",
             "--set", "train.log_every=5", "--set", "train.save_every=20", "--set", "train.report_to=[jsonl]"]  # fmt: skip
     assert main(args) == 0
@@ -116,7 +117,7 @@ def test_short_run_learns_and_writes_a_loadable_artifact(shapes, tmp_path, capsy
     assert main(args) == 2 and "choose a new --out" in capsys.readouterr().err
     # prebuilt caches instead of data
     cached = ["align", "sail", "--config", "recipes/tiny_sail.yaml", "--out", str(tmp_path / "cached"),
-              "--set", f"data.image_cache={out / 'cache' / 'image-concat'}",
+              "--set", "vision=tiny-dinov2-random", "--set", f"data.image_cache={out / 'cache' / 'image-concat'}",
               "--set", f"data.text_caches=[{out / 'cache' / 'text-sentence-0'}]",
               "--set", "text=tiny-text", "--set", "train.steps=2", "--set", "train.batch_size=16",
               "--set", "train.report_to=[jsonl]"]  # fmt: skip

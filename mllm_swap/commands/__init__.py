@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from align.errors import explain
 
 # Order here is the order of ``--help``.
-COMMANDS = ("encoders", "data", "encode", "align", "zeroshot", "probe", "curate", "eval", "rank", "tune", "merge",
+COMMANDS = ("encoders", "data", "pretrain", "encode", "align", "zeroshot", "probe", "curate", "eval", "rank", "tune", "merge",
             "swap", "plan", "demo")  # fmt: skip
 
 

@@ -11,9 +11,9 @@ HELP = "linear-probe accuracy of attributes (color, shape, count, position) in f
 DESCRIPTION = (
     "For every --encoder and every --labels attribute of --data's samples (the shapes world's color, "
     "shape, count, position), fit a multinomial logistic regression on the train split's frozen features "
-    "and score it on the test split, next to chance and the majority class. Two features per encoder: its "
+    "and score it on the test split, next to chance and the majority class. Three features per encoder: its "
     "CLS (or projected) output, and the patch tokens an MLLM's connector sees (layer -2, prefix tokens "
-    "dropped), mean-pooled. Writes OUT/probe.json, OUT/probe.md and the bar chart OUT/probe.png."
+    "dropped), mean-pooled and pooled to a 4x4 grid (which keeps where things are). Writes OUT/probe.json, OUT/probe.md and the bar chart OUT/probe.png."
 )
 
 

@@ -1,9 +1,13 @@
-"""The demo's pipeline: how big it runs and its stages, each a list of ``mllm-swap`` command lines.
+"""The demo's pipeline: how big it runs, where each output goes, and its stages as ``mllm-swap`` command lines.
 
-shapes world -> encoder-pair ranking -> SAIL, freeze_align and KUEA alignment -> zero-shot table ->
-a tuned tiny LLaVA as the "existing MLLM" -> drop-in of the KUEA CLIP and rebuild with the SAIL tower ->
-connector + LoRA tuning -> lmms-eval scoring. The command lines use paths relative to the output
-directory they run in (see :func:`mllm_swap.demo.run.run_demo`) and are recorded in the report.
+The story has four numbered sections, each a folder of the run directory:
+``000_world`` (the shapes world, the tiny CLIP and DINOv2 built from the run's seed, linear probes of
+what each tower knows), ``001_freeze_align`` (the debiased CKA ranking with its noise floor, the toy
+CKA-vs-loss experiment, the freeze_align heads), ``002_sail`` (SAIL heads, a tiny LLaVA with the CLIP as
+the existing MLLM, the SAIL tower rebuilt into it and tuned exactly like a control) and ``003_kuea``
+(KUEA with the paper's trainable kernel and anchor, the no-anchor ablation, the drop-in with no tuning
+and after the same tuning). The command lines use paths relative to the run directory they run in (see
+:func:`mllm_swap.demo.run.run_demo`) and are recorded in the report.
 """
 
 from __future__ import annotations
@@ -18,6 +22,23 @@ from mllm_swap.demo.stages import Stage, StageResult
 
 RunCommand = Callable[[list[str]], int]  # runs one mllm-swap command line (argv without the program)
 
+MMVP_PAIRS = "mmvp_pairs.jsonl"  # where `data mmvp` writes them: the shapes folder, where the task finds them
+
+KINDS = ("color", "shape", "count", "position")  # the shapes world's question kinds
+CLIP_BLIND = ("count", "position")  # what the tiny CLIP's captions never say
+RANDOM_TOWERS = ("tiny-dinov2-random", "tiny-dinov2-reg-random", "tiny-siglip")
+TEXT_ENCODERS = ("tiny-text", "minilm")
+# The tuned arms, once per tuning seed: a swapped model and its control get the same tuning from the same
+# state. A rebuild (new tower, re-initialised connector input) trains the connector, then LoRA; its control
+# is the original CLIP rebuilt the same way. A drop-in keeps the connector and gets LoRA; its control is
+# the original itself given the same LoRA.
+ARMS = {  # arm -> (section, starting model, connector stage first)
+    "clip-rebuild": ("002_sail", "002_sail/mllm/clip-rebuild", True),
+    "sail": ("002_sail", "002_sail/mllm/sail-rebuild", True),
+    "clip": ("003_kuea", "002_sail/mllm/base", False),
+    "kuea": ("003_kuea", "003_kuea/mllm/kuea-dropin", False),
+}
+
 
 @dataclass(frozen=True)
 class DemoSize:
@@ -25,19 +46,101 @@ class DemoSize:
 
     shapes: int
     score_n: int
+    toy_instances: int
     align_steps: int
-    tune_steps: int
+    base_steps: int  # LoRA steps that make the existing MLLM
+    connector_steps: int  # the extra tuning of every arm: connector, then LoRA
+    lora_steps: int
     eval_limit: int
-    clip: str  # the CLIP the existing MLLM uses and KUEA starts from
+    seeds: int  # tuning seeds by default
+    pretrain_steps: int | None  # None: `mllm-swap pretrain`'s own budget
     batch: int | None = None  # overrides the recipes' batch sizes (the quick run's world is tiny)
+    mmvp: tuple[str, ...] = ()  # `data mmvp` flags (the quick run's 24 held-out scenes need loose quantiles)
 
 
 FULL = DemoSize(
-    shapes=2000, score_n=500, align_steps=300, tune_steps=300, eval_limit=200, clip="tiny-clip-shapes"
-)
+    shapes=2000, score_n=500, toy_instances=200, align_steps=200, base_steps=200, connector_steps=40,
+    lora_steps=100, eval_limit=400, seeds=3, pretrain_steps=None,
+)  # fmt: skip
 QUICK = DemoSize(
-    shapes=120, score_n=64, align_steps=6, tune_steps=4, eval_limit=8, clip="tiny-clip", batch=16
-)
+    shapes=120, score_n=64, toy_instances=16, align_steps=6, base_steps=4, connector_steps=2, lora_steps=3,
+    eval_limit=16, seeds=1, pretrain_steps=2, batch=16,
+    mmvp=("--clip-quantile", "0.5", "--dino-quantile", "0.9"),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One demo run: its size, the seed everything is generated from, and the tuning seeds."""
+
+    size: DemoSize
+    seed: int = 0
+    seeds: int = 0  # 0: the size's default
+
+    @property
+    def tune_seeds(self) -> list[int]:
+        """The tuning stages' seeds, all derived from the run's seed."""
+        return [1000 * self.seed + k for k in range(self.seeds or self.size.seeds)]
+
+    @property
+    def clip(self) -> str:
+        """The tiny CLIP, built inside the run from its seed (`mllm-swap pretrain clip`)."""
+        return "models/clip"
+
+    @property
+    def dino(self) -> str:
+        """The tiny DINOv2, built inside the run from its seed (`mllm-swap pretrain dino`)."""
+        return "models/dino"
+
+
+WORLD, FREEZE, SAIL, KUEA = (Path(d) for d in ("000_world", "001_freeze_align", "002_sail", "003_kuea"))
+SECTIONS = {  # folder -> the story it tells
+    WORLD.name: "The world and what each tower knows",
+    FREEZE.name: "freeze_align: which vision encoder is already closest to language",
+    SAIL.name: "SAIL: a language-aligned DINOv2 tower rebuilt into the LLaVA",
+    KUEA.name: "KUEA: CLIP pulled toward DINOv2's kernel, dropped into the LLaVA",
+}
+SHAPES = WORLD / "shapes"
+ARTIFACTS = {"freeze_align": FREEZE / "align" / "artifact", "sail": SAIL / "align" / "artifact",
+             "kuea": KUEA / "align" / "artifact", "kuea-noanchor": KUEA / "align-noanchor" / "artifact"}  # fmt: skip
+BASE = SAIL / "mllm" / "base"
+EVAL = {SAIL.name: SAIL / "eval", KUEA.name: KUEA / "eval"}
+
+
+def arm_model(arm: str, tune_seed: int) -> tuple[str, Path]:
+    """The eval name and merged checkpoint of ``arm`` tuned with ``tune_seed``."""
+    name = f"{arm}-s{tune_seed}"
+    return name, Path(ARMS[arm][0]) / "mllm" / name
+
+
+def section_arms(section: Path) -> list[str]:
+    """The tuned arms of ``section``, control first."""
+    return [arm for arm, (folder, _, _) in ARMS.items() if folder == section.name]
+
+
+def eval_models(plan: Plan) -> dict[str, dict[str, Path]]:
+    """``{section: {name: checkpoint}}``: what each section's eval stage scores."""
+    tuned = {arm: dict(arm_model(arm, s) for s in plan.tune_seeds) for arm in ARMS}
+    return {
+        SAIL.name: {"base": BASE, "sail-rebuild": SAIL / "mllm" / "sail-rebuild", **tuned["clip-rebuild"],
+                    **tuned["sail"]},
+        KUEA.name: {"kuea-dropin": KUEA / "mllm" / "kuea-dropin", **tuned["clip"], **tuned["kuea"]},
+    }  # fmt: skip
+
+
+def zeroshot_models(plan: Plan) -> dict[str, dict[str, str | Path]]:
+    """``{section: {name: model}}`` scored zero-shot in that section's folder."""
+    return {FREEZE.name: {"clip": plan.clip, "freeze_align": ARTIFACTS["freeze_align"]},
+            SAIL.name: {"sail": ARTIFACTS["sail"]},
+            KUEA.name: {"kuea": ARTIFACTS["kuea"], "kuea-noanchor": ARTIFACTS["kuea-noanchor"]}}  # fmt: skip
+
+
+def probe_towers(plan: Plan) -> dict[str, dict[str, str | Path]]:
+    """``{probe folder: {name: encoder}}``: the towers whose features are probed."""
+    world = {"clip": plan.clip, "dino": plan.dino, "dino-random": RANDOM_TOWERS[0]}
+    if plan.dino == RANDOM_TOWERS[0]:  # the quick run's DINOv2 is the random one
+        del world["dino-random"]
+    return {str(WORLD / "probe"): world, str(KUEA / "probe"): {"kuea": ARTIFACTS["kuea"]}}
 
 
 def run_step(run_command: RunCommand, argv: list[str]) -> str:
@@ -58,12 +161,9 @@ RECIPES = ("tiny_sail.yaml", "tiny_freeze_align.yaml", "tiny_kuea.yaml", "tiny_l
            "tiny_llava_lora.yaml")  # fmt: skip
 
 
-def build_stages(size: DemoSize, run_command: RunCommand) -> list[Stage]:
-    """The demo's stages, in order, as commands run from inside the output directory by ``run_command``."""
-    shapes, score, aligned, mllm, tuned, zs, ev = (
-        Path(d) for d in ("shapes", "score", "align", "mllm", "tune", "zeroshot", "eval")
-    )
-    recipes = Path("recipes")
+def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
+    """The demo's stages, in order, as commands run from inside the run directory by ``run_command``."""
+    size, recipes = plan.size, Path("recipes")
     batch = _sets(f"train.batch_size={size.batch}") if size.batch else []
 
     def stage(name: str, title: str, commands: list[list[str]], outputs: list[Path]) -> Stage:
@@ -73,156 +173,193 @@ def build_stages(size: DemoSize, run_command: RunCommand) -> list[Stage]:
 
         return Stage(name, title, run)
 
-    def align(method: str, recipe: str, *extra: str) -> list[str]:
-        settings = _sets(f"data.train={shapes}", f"train.steps={size.align_steps}", *extra)
-        return ["align", method, "--config", str(recipes / recipe), *settings, *batch,
-                "--out", str(aligned / method)]  # fmt: skip
+    def align(method: str, recipe: str, out: Path, *extra: str) -> list[str]:
+        settings = _sets(f"data.train={SHAPES}", f"train.steps={size.align_steps}", f"train.seed={plan.seed}",
+                         *extra)  # fmt: skip
+        return ["align", method, "--config", str(recipes / recipe), *settings, *batch, "--out", str(out)]
 
-    def tuning(name: str, model: Path, connector: bool = True) -> list[list[str]]:
-        """[Connector pretraining into ``tune/<name>-connector``,] LoRA into ``tune/<name>-lora``, merged
-        into ``mllm/<name>-lora``."""
-        data = _sets(  # the demo's own shapes world; scoring is the eval stage's (lmms-eval)
-            f"data={shapes / 'instruct.json'}", f"image_folder={shapes}", "shapes=null", "eval_vqa=null",
-            f"train.steps={size.tune_steps}",
-        )  # fmt: skip
-        commands = []
-        if connector:
-            start, model = model, tuned / f"{name}-connector"
-            commands.append(["tune", "--config", str(recipes / "tiny_llava_connector.yaml"),
-                             *_sets(f"model={start}"), *data, "--out", str(model), "--overwrite"])  # fmt: skip
-        adapter = tuned / f"{name}-lora"
-        return [
-            *commands,
-            ["tune", "--config", str(recipes / "tiny_llava_lora.yaml"), *_sets(f"model={model}"), *data,
-             "--out", str(adapter), "--overwrite"],
-            ["merge", "--adapter", str(adapter), "--out", str(mllm / f"{name}-lora")],
-        ]  # fmt: skip
+    def zeroshot(section: Path) -> list[list[str]]:
+        """Classification of colour and shape, and MMVP-VLM on the Shapes-MMVP pairs, per dual encoder."""
+        tasks = [["--task", "classify", "--label", "color"], ["--task", "classify", "--label", "shape"],
+                 ["--task", "pairs"]]  # fmt: skip
+        return [["zeroshot", "--model", str(model), *task, "--data", str(SHAPES),
+                 "--out", str(section / "zeroshot" / f"{name}-{task[-1]}")]
+                for name, model in zeroshot_models(plan)[section.name].items() for task in tasks]  # fmt: skip
+
+    def tune(recipe: str, start: Path, out: Path, steps: int, seed: int) -> list[str]:
+        data = _sets(f"model={start}", f"data={SHAPES / 'instruct.json'}", f"image_folder={SHAPES}", "shapes=null",
+                     "eval_vqa=null", f"train.steps={steps}", f"train.seed={seed}")  # fmt: skip
+        return ["tune", "--config", str(recipes / recipe), *data, "--out", str(out), "--overwrite"]
+
+    def tuning(arm: str, seed: int) -> list[list[str]]:
+        """The tuning of ``arm`` with ``seed``: [connector pretraining, then] LoRA, merged."""
+        (name, merged), (_, start, connector_first) = arm_model(arm, seed), ARMS[arm]
+        folder = merged.parent.parent / "tune"
+        connector, adapter = folder / f"{name}-connector", folder / f"{name}-lora"
+        first = [tune("tiny_llava_connector.yaml", Path(start), connector, size.connector_steps, seed)]
+        return [*(first if connector_first else []),
+                tune("tiny_llava_lora.yaml", connector if connector_first else Path(start), adapter, size.lora_steps,
+                     seed),
+                ["merge", "--adapter", str(adapter), "--out", str(merged), "--overwrite"]]  # fmt: skip
+
+    def tune_stages(section: Path, title: str) -> list[Stage]:
+        arms = section_arms(section)
+        return [stage(f"{section.name}-tune-s{seed}", f"{title} (tuning seed {seed})",
+                      [c for arm in arms for c in tuning(arm, seed)], [arm_model(arm, seed)[1] for arm in arms])
+                for seed in plan.tune_seeds]  # fmt: skip
 
     def swap(mllm_in: str | Path, encoder: str | Path, mode: str, out: Path) -> list[str]:
         return ["swap", "--mllm", str(mllm_in), "--encoder", str(encoder), "--mode", mode,
                 "--out", str(out), "--overwrite"]  # fmt: skip
 
-    artifact = {m: aligned / m / "artifact" for m in ("sail", "freeze_align", "kuea")}
-    zeroshot_models = {"clip": size.clip, "kuea": artifact["kuea"], "sail": artifact["sail"],
-                       "freeze_align": artifact["freeze_align"]}  # fmt: skip
-    base = mllm / "base-lora"
-    models = {  # what the eval stage scores, by the name the report uses
-        "base": base,
-        "base-tuned": mllm / "control-lora",  # the original given the rebuilt model's extra tuning
-        "kuea-dropin": mllm / "kuea-dropin",
-        "sail-rebuild": mllm / "sail-rebuild",
-        "sail-connector": tuned / "sail-connector",
-        "sail-lora": mllm / "sail-lora",
-    }
-    return [
+    def evaluate(section: Path) -> Stage:
+        models = eval_models(plan)[section.name]
+        tasks = "shapes_vqa,shapes_mmvp"
+        argv = ["eval", "--model", ",".join(f"{k}={v}" for k, v in models.items()), "--tasks", tasks,
+                "--shapes", str(SHAPES), "--limit", str(size.eval_limit), "--batch-size", "8",
+                "--out", str(EVAL[section.name])]  # fmt: skip
+        return stage(f"{section.name}-eval", f"{SECTIONS[section.name].split(':')[0]}: score the LLaVAs with lmms-eval ({tasks})", [argv],
+                     [EVAL[section.name] / "comparison.csv"])  # fmt: skip
+
+    def probe(folder: str, towers: dict[str, str | Path]) -> list[str]:
+        return ["probe", "--encoder", ",".join(str(t) for t in towers.values()), "--data", str(SHAPES),
+                "--labels", ",".join(KINDS), "--out", folder, "--overwrite"]  # fmt: skip
+
+    steps = ["--steps", str(size.pretrain_steps)] if size.pretrain_steps else []
+    pretrain = [["pretrain", kind, "--data", str(SHAPES), "--seed", str(plan.seed), *steps, "--out", f"models/{kind}",
+                 "--overwrite"]
+                for kind in ("clip", "dino")]  # fmt: skip
+    (world_probe, world_towers), (kuea_probe, kuea_towers) = probe_towers(plan).items()
+    mmvp = [["data", "mmvp", "--data", str(SHAPES), "--clip", plan.clip, "--dino", plan.dino,
+             "--seed", str(plan.seed), *size.mmvp]]  # fmt: skip
+    rebuild, clip_rebuild, dropin = (Path(ARMS[arm][1]) for arm in ("sail", "clip-rebuild", "kuea"))
+    kuea_student = f"student={plan.clip}", f"target={plan.dino}"
+    stages = [
         stage(
-            "data",
+            "000_world-data",
             "Shapes world",
-            [["data", "shapes", "--out", str(shapes), "--n", str(size.shapes)]],
-            [shapes / "meta.json", shapes / "pairs.jsonl"],
-        ),
+            [["data", "shapes", "--out", str(SHAPES), "--n", str(size.shapes), "--seed", str(plan.seed)]],
+            [SHAPES / "meta.json", SHAPES / "pairs.jsonl"],
+        ),  # fmt: skip
+        *(
+            [
+                stage(
+                    "000_world-models",
+                    "Tiny CLIP and DINOv2 pretrained on this world",
+                    pretrain,
+                    [Path("models")],
+                )
+            ]
+            if pretrain
+            else []
+        ),  # fmt: skip
         stage(
-            "score",
-            "Rank encoder pairs (CKA, mutual kNN)",
+            "000_world-probe",
+            "Linear probes: what each tower knows",
+            [probe(world_probe, world_towers), *mmvp],
+            [Path(world_probe) / "probe.json", *([SHAPES / MMVP_PAIRS] if mmvp else [])],
+        ),  # fmt: skip
+        stage(
+            "001_freeze_align-rank",
+            "Rank encoder pairs (debiased CKA, mutual kNN) and the CKA toy",
             [
                 [
                     "rank",
                     "--vision",
-                    f"{size.clip},tiny-dinov2,tiny-dinov2-reg,tiny-siglip",
+                    ",".join(dict.fromkeys([plan.clip, plan.dino, *RANDOM_TOWERS])),
                     "--text",
-                    "tiny-text,minilm",
+                    ",".join(TEXT_ENCODERS),
                     "--data",
-                    str(shapes),
+                    str(SHAPES),
                     "--n",
                     str(size.score_n),
                     "--metrics",
                     "cka,mknn",
+                    "--seed",
+                    str(plan.seed),
                     "--out",
-                    str(score),
-                ]
-            ],
-            [score / "scores.json"],
-        ),
-        stage("align-sail", "Align: SAIL", [align("sail", "tiny_sail.yaml")], [artifact["sail"]]),
-        stage(
-            "align-freeze_align",
-            "Align: freeze_align",
-            [align("freeze_align", "tiny_freeze_align.yaml")],
-            [artifact["freeze_align"]],
-        ),
-        # KUEA fine-tunes the very CLIP the LLaVA uses, so that it can drop in
-        stage(
-            "align-kuea",
-            "Align: KUEA",
-            [align("kuea", "tiny_kuea.yaml", f"student={size.clip}")],
-            [artifact["kuea"]],
-        ),
-        stage(
-            "zeroshot",
-            "Zero-shot colour and shape classification",
-            [
+                    str(FREEZE / "rank"),
+                ],
                 [
-                    "zeroshot",
-                    "--model",
-                    str(path),
-                    "--task",
-                    "classify",
-                    "--data",
-                    str(shapes),
-                    "--label",
-                    label,
+                    "rank",
+                    "toy",
+                    "--instances",
+                    str(size.toy_instances),
+                    "--seed",
+                    str(plan.seed),
                     "--out",
-                    str(zs / f"{name}-{label}"),
-                ]
-                for name, path in zeroshot_models.items()
-                for label in ("color", "shape")
+                    str(FREEZE / "toy"),
+                ],
             ],
-            [zs],
-        ),
+            [FREEZE / "rank" / "scores.json", FREEZE / "toy" / "toy.json"],
+        ),  # fmt: skip
         stage(
-            "base",
-            "The existing MLLM: tiny LLaVA with the shapes CLIP, LoRA-tuned",
+            "001_freeze_align-align",
+            "Align: freeze_align, zero-shot",
             [
-                swap("tiny-llava", size.clip, "dropin", mllm / "base-untuned"),
-                *tuning("base", mllm / "base-untuned", connector=False),
+                align("freeze_align", "tiny_freeze_align.yaml", FREEZE / "align", f"vision={plan.dino}"),
+                *zeroshot(FREEZE),
             ],
-            [base],
-        ),
+            [ARTIFACTS["freeze_align"], FREEZE / "zeroshot"],
+        ),  # fmt: skip
         stage(
-            "swap",
-            "Swap: KUEA CLIP drop-in, SAIL tower rebuild",
+            "002_sail-align",
+            "Align: SAIL, zero-shot",
+            [align("sail", "tiny_sail.yaml", SAIL / "align", f"vision={plan.dino}"), *zeroshot(SAIL)],
+            [ARTIFACTS["sail"], SAIL / "zeroshot"],
+        ),  # fmt: skip
+        stage(
+            "002_sail-base",
+            "The existing MLLM: tiny LLaVA with the CLIP, LoRA-tuned",
             [
-                swap(base, artifact["kuea"], "dropin", models["kuea-dropin"]),
-                swap(base, artifact["sail"], "rebuild", models["sail-rebuild"]),
+                swap("tiny-llava", plan.clip, "dropin", SAIL / "mllm" / "base-untuned"),
+                tune(
+                    "tiny_llava_lora.yaml",
+                    SAIL / "mllm" / "base-untuned",
+                    SAIL / "tune" / "base-lora",
+                    size.base_steps,
+                    plan.seed,
+                ),
+                ["merge", "--adapter", str(SAIL / "tune" / "base-lora"), "--out", str(BASE), "--overwrite"],
             ],
-            [models["kuea-dropin"] / "swap_report.json", models["sail-rebuild"] / "swap_report.json"],
-        ),
+            [BASE],
+        ),  # fmt: skip
         stage(
-            "tune",
-            "Tune the rebuilt model (connector, then LoRA), and the original the same way as a control",
-            [*tuning("sail", models["sail-rebuild"]), *tuning("control", base)],
-            [models["sail-lora"], models["base-tuned"]],
-        ),
-        stage(
-            "eval",
-            "Score every model with lmms-eval (shapes_vqa, shapes_mc)",
+            "002_sail-rebuild",
+            "Swap: the SAIL tower rebuilt into the LLaVA, and the CLIP rebuilt the same way (the control)",
             [
-                [
-                    "eval",
-                    "--model",
-                    ",".join(f"{k}={v}" for k, v in models.items()),
-                    "--tasks",
-                    "shapes_vqa,shapes_mc",
-                    "--shapes",
-                    str(shapes),
-                    "--limit",
-                    str(size.eval_limit),
-                    "--batch-size",
-                    "8",
-                    "--out",
-                    str(ev),
-                ]
+                swap(BASE, ARTIFACTS["sail"], "rebuild", rebuild),
+                swap(BASE, plan.clip, "rebuild", clip_rebuild),
             ],
-            [ev / "comparison.md", ev / "comparison.csv"],
+            [rebuild / "swap_report.json", clip_rebuild / "swap_report.json"],
         ),
+        *tune_stages(SAIL, "Tune both rebuilds alike: connector, then LoRA"),
+        evaluate(SAIL),
+        stage(
+            "003_kuea-align",
+            "Align: KUEA and its no-anchor ablation, zero-shot, probes",
+            [
+                align("kuea", "tiny_kuea.yaml", KUEA / "align", *kuea_student),
+                align(
+                    "kuea", "tiny_kuea.yaml", KUEA / "align-noanchor", *kuea_student, "loss.anchor_weight=0"
+                ),
+                *zeroshot(KUEA),
+                probe(kuea_probe, kuea_towers),
+            ],
+            [
+                ARTIFACTS["kuea"],
+                ARTIFACTS["kuea-noanchor"],
+                KUEA / "zeroshot",
+                Path(kuea_probe) / "probe.json",
+            ],
+        ),  # fmt: skip
+        stage(
+            "003_kuea-dropin",
+            "Swap: the KUEA CLIP dropped into the LLaVA (no tuning)",
+            [swap(BASE, ARTIFACTS["kuea"], "dropin", dropin)],
+            [dropin / "swap_report.json"],
+        ),
+        *tune_stages(KUEA, "Tune the KUEA drop-in and the original alike: LoRA"),
+        evaluate(KUEA),
     ]
+    return stages

@@ -1,9 +1,10 @@
-"""``mllm-swap demo``: the whole mission on the embedded default, as the same commands a user would type.
+"""``mllm-swap demo``: the three papers' stories on the embedded default, as the same commands a user would type.
 
 The stages (:mod:`mllm_swap.demo.pipeline`) run inside the output directory with paths relative to it
 (the recipes they use are copied into ``recipes/`` there), so the directory travels and nothing in it names
 the machine's paths; finished stages are skipped on rerun once their outputs check out
-(:mod:`mllm_swap.demo.stages`), and ``report.md`` is written from what they left (:mod:`mllm_swap.demo.report`).
+(:mod:`mllm_swap.demo.stages`), and ``findings.json`` and ``report.md`` are written from what they left
+(:mod:`mllm_swap.demo.report`).
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ import shutil
 from pathlib import Path
 
 from align.paths import shipped
-from mllm_swap.demo.pipeline import FULL, QUICK, RECIPES, RunCommand, build_stages
+from mllm_swap.demo.pipeline import RECIPES, Plan, RunCommand, build_stages
 from mllm_swap.demo.report import write_report
 from mllm_swap.demo.stages import run_stages
 
 
-def run_demo(out: str | Path, run_command: RunCommand, quick: bool = False) -> Path:
-    """Run (or resume) the demo under ``out``, each step through ``run_command``; returns ``report.md``."""
+def run_demo(out: str | Path, run_command: RunCommand, plan: Plan) -> Path:
+    """Run (or resume) the demo ``plan`` under ``out``, each step through ``run_command``; returns ``report.md``."""
     root = Path(out).resolve()
     (root / "recipes").mkdir(parents=True, exist_ok=True)
     for name in RECIPES:  # the exact recipes the commands use, next to them
         shutil.copyfile(shipped("recipes") / name, root / "recipes" / name)
     with contextlib.chdir(root):
-        records = run_stages(build_stages(QUICK if quick else FULL, run_command), Path("."))
-    return write_report(root, records)
+        records = run_stages(build_stages(plan, run_command), Path("."))
+    return write_report(root, records, plan)

@@ -1,42 +1,43 @@
-"""The demo report's sections, one per stage (:data:`SECTIONS`): markdown tables, figures and the prose
-that says what they show, each built from the files that stage wrote."""
+"""The demo report's per-stage sections (:data:`STAGE_SECTIONS`): markdown tables, figures and the prose
+that says what they show. Every number in a table comes from ``findings.json``'s record
+(:mod:`mllm_swap.demo.findings`), formatted with :func:`num`, so the two always agree."""
 
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from align.evals.pairs import null_note, score_cell, table_columns
 from align.io import read_jsonl
-from align.paths import locate
 from align.plots import pyplot, save_figure
-from mllm_swap.demo.outputs import eval_scores, load_json, vqa_samples, zeroshot_results
+from mllm_swap.demo.findings import GROUPS, MARGIN, MMVP
+from mllm_swap.demo.outputs import load_json
+from mllm_swap.demo.pipeline import EVAL, FREEZE, KINDS, KUEA, SAIL, SHAPES, WORLD, section_arms
 
-TRAINING_RUNS = {  # run folder -> panel title
-    "align/sail": "SAIL (sigmoid)",
-    "align/freeze_align": "freeze_align (InfoNCE)",
-    "align/kuea": "KUEA (kernel + anchor)",
-    "tune/base-lora": "base LLaVA: LoRA",
-    "tune/sail-connector": "SAIL rebuild: connector",
-    "tune/sail-lora": "SAIL rebuild: LoRA",
-    "tune/control-connector": "control (base): connector",
-    "tune/control-lora": "control (base): LoRA",
-}
-SWAPS = ("kuea-dropin", "sail-rebuild")
+Section = Callable[[Path, dict], str]
+
+
+def num(v: Any) -> str:
+    """A number as every table shows it: 3 decimals (``-`` for None)."""
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def sig(v: float) -> str:
+    """A small positive quantity (a kernel discrepancy) with 4 significant digits."""
+    return f"{v:.4g}"
+
+
+def pm(cell: dict, key: str = "accuracy") -> str:
+    """``value ± stderr``."""
+    return f"{num(cell[key])} ± {num(cell['stderr'])}"
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    """A markdown table; floats with 3 decimals, None as ``-``."""
-
-    def cell(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else "-" if v is None else str(v)
-
+    """A markdown table; numbers through :func:`num`."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(num(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -45,41 +46,95 @@ def image_link(root: Path, path: Path, alt: str) -> str:
     return f"![{alt}]({os.path.relpath(path, root)})" if path.is_file() else ""
 
 
-def data_section(root: Path) -> str:
-    meta = load_json(root / "shapes" / "meta.json")
-    test = root / "shapes" / "vqa_test.jsonl"
+def data_section(root: Path, found: dict) -> str:
+    meta = load_json(root / SHAPES / "meta.json")
+    test = root / SHAPES / "vqa_test.jsonl"
     if not meta or not test.is_file():
         return ""
     images = list(dict.fromkeys(row["image"] for row in read_jsonl(test)))[:6]
-    gallery = " ".join(image_link(root, root / "shapes" / image, Path(image).stem) for image in images)
+    gallery = " ".join(image_link(root, root / SHAPES / image, Path(image).stem) for image in images)
     counts = meta["counts"]
     return (
-        f"{meta['n']} scenes of {meta['size']}x{meta['size']} pixels: {counts['train']} train, "
-        f"{counts['test']} held out; every score below is on held-out scenes. Some of them:\n\n{gallery}"
+        f"{meta['n']} scenes of {meta['size']}x{meta['size']} pixels from seed {meta['seed']}: {counts['train']} "
+        f"train, {counts['test']} held out; every score below is on held-out scenes. Some of them:\n\n{gallery}"
     )
 
 
-def score_section(root: Path) -> str:
-    scores = load_json(root / "score" / "scores.json")
-    if not scores:
+def probe_section(root: Path, found: dict, folder: Path = WORLD) -> str:
+    towers = {t: found["probe"][t] for t in found["probe"] if (folder == KUEA) == (t == "kuea")}
+    if not towers:
         return ""
-    metrics = scores["metrics"]
-    columns = table_columns(metrics)
-    rows = [[p["vision"], p["text"], *[score_cell(p, c) for c in columns]] for p in scores["pairs"]]
-    plots = " ".join(image_link(root, root / "score" / f"heatmap_{m}.png", m) for m in metrics)
+    rows = [[tower, feature, *[pm(attrs[a]) for a in KINDS]]
+            for tower, features in towers.items() for feature, attrs in features.items()]  # fmt: skip
+    any_tower = next(iter(towers.values()))
+    rows.append(["chance", "", *[num(next(iter(any_tower.values()))[a]["chance"]) for a in KINDS]])
+    diffs = [[f"{name}: {feature}", *[f"{pm(c[a], 'diff')} ({c[a]['verdict']})" for a in KINDS]]
+             for name, features in found["probe_differences"].items() if (folder == KUEA) == name.startswith("kuea")
+             for feature, c in features.items()]  # fmt: skip
     return (
-        "How alike each vision/text pair's similarity structure is on the same scenes (linear CKA, mutual "
-        "k-nearest neighbours; higher is more alike). freeze_align picks its pair from such a ranking.\n\n"
-        + markdown_table(["vision", "text", *columns], rows)
+        "Linear probes (`mllm-swap probe`): a logistic regression on frozen features of the train split, scored "
+        "on held-out scenes (accuracy ± standard error). `cls` is the global embedding, `patch_mean` the patch "
+        "tokens the LLaVA's connector sees, mean-pooled.\n\n"
+        + markdown_table(["tower", "feature", *KINDS], rows)
+        + "\n\nDifferences (± combined standard error; a verdict needs more than two):\n\n"
+        + markdown_table(["towers: feature", *KINDS], diffs)
         + "\n\n"
-        + null_note(scores)
-        + "\n\n"
-        + plots
+        + image_link(root, root / folder / "probe" / "probe.png", "probe accuracy")
+    )
+
+
+def rank_section(root: Path, found: dict) -> str:
+    ranking = found["ranking"]
+    if not ranking:
+        return ""
+    texts = list(ranking["cka"])
+    visions = list(dict.fromkeys(v for t in texts for v in ranking["cka"][t]))
+    rows = [[v, *[f"{num(c['cka'])} (null {num(c['null_mean'])} ± {num(c['null_sd'])})"
+                  for t in texts if (c := ranking["cka"][t].get(v))]] for v in visions]  # fmt: skip
+    lines = [f"- against {t}: DINOv2 minus the best random tower = {num(v['margin_over_best_random'])} "
+             f"(two noise-floor sd: {num(v['two_null_sd'])}): {v['verdict']}."
+             for t, v in ranking["dino_vs_random"].items()]  # fmt: skip
+    toy = ranking["toy"]
+    if toy:
+        lines.append(f"- toy ({toy['instances']} instances): Pearson r between linear CKA and the CLIP loss "
+                     f"reached = {num(toy['pearson_r'])} (95 % interval {num(toy['interval'][0])} to "
+                     f"{num(toy['interval'][1])}): {toy['verdict']}.")  # fmt: skip
+    plots = " ".join(
+        image_link(root, root / FREEZE / "rank" / f"heatmap_{m}.png", m) for m in ("cka", "mknn")
+    )
+    return (
+        "Debiased linear CKA (unbiased HSIC) of each vision tower's features against each text encoder's, on the "
+        "same held-out scenes, with its noise floor (the CKA against row-shuffled text features, mean ± sd). "
+        "`dino-random`-like ids are randomly initialised towers: the floor a tower must beat to have learned "
+        "anything language can use.\n\n"
+        + markdown_table(["vision", *texts], rows)
+        + "\n\n" + "\n".join(lines) + "\n\n" + plots + " "
+        + image_link(root, root / FREEZE / "toy" / "toy.png", "toy")
+    )  # fmt: skip
+
+
+def zeroshot_section(root: Path, found: dict, models: tuple[str, ...]) -> str:
+    zs = {m: found["zeroshot"][m] for m in models if m in found["zeroshot"]}
+    if not zs:
+        return ""
+    rows = [[m, *[f"{pm(r[label], 'acc1')} (chance {num(r[label]['chance'])}, {r[label]['verdict']})"
+                  for label in ("color", "shape")]] for m, r in zs.items()]  # fmt: skip
+    mmvp = [[m, f"{pm(v, 'score')} (chance {num(v['chance'])}, {v['n']} pairs)"]
+            for m in models if (v := found["mmvp_vlm"].get(m))]  # fmt: skip
+    vlm = (
+        "\n\nMMVP-VLM on the Shapes-MMVP pairs (`zeroshot --task pairs`): a CLIP-blind pair counts when each "
+        "image picks its own statement (± standard error).\n\n" + markdown_table(["model", "MMVP-VLM"], mmvp)
+    )
+    return (
+        "Zero-shot classification of held-out scenes: each model's image embedding against its own text "
+        "tower's class prompts (acc1 ± standard error).\n\n"
+        + markdown_table(["model", "colour", "shape"], rows)
+        + (vlm if mmvp else "")
     )
 
 
 def training_section(root: Path, runs: list[str]) -> str:
-    """Loss curves of ``runs`` (keys of TRAINING_RUNS) in one figure."""
+    """Loss curves of the training ``runs`` (folders with a ``metrics.jsonl``) in one figure."""
     curves = {
         r: read_jsonl(root / r / "metrics.jsonl") for r in runs if (root / r / "metrics.jsonl").is_file()
     }
@@ -91,134 +146,97 @@ def training_section(root: Path, runs: list[str]) -> str:
     for ax, (run, rows) in zip(axes.flat, curves.items(), strict=True):
         points = [(row["step"], row["loss"]) for row in rows if "loss" in row]
         ax.plot(*zip(*points, strict=True), marker=".", markersize=3)
-        ax.set_title(TRAINING_RUNS[run], fontsize=9)
+        ax.set_title(run, fontsize=8)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
     axes.flat[0].set_ylabel("training loss", fontsize=8)
     fig.tight_layout()
-    name = "loss_" + "_".join(Path(r).name for r in curves) + ".png"
+    name = "loss_" + "_".join(r.replace("/", "-") for r in curves) + ".png"
     path = save_figure(fig, root / "figures" / name, dpi=110)
-    finals = ", ".join(f"{TRAINING_RUNS[r]} {rows[-1]['loss']:.3f}" for r, rows in curves.items())
+    finals = ", ".join(f"{r} {num(rows[-1]['loss'])}" for r, rows in curves.items())
     return f"{image_link(root, path, 'training loss')}\n\nFinal logged loss: {finals}."
 
 
-def zeroshot_section(root: Path) -> str:
-    zs = zeroshot_results(root)
-    if not zs:
-        return ""
-    labels = ("color", "shape")
-    rows = [[m, *[r[label]["acc1"] if label in r else "-" for label in labels]] for m, r in zs.items()]
-    any_result = next(iter(zs.values()))
-    for base in ("chance", "majority"):
-        rows.append([base, *[any_result[label][base] if label in any_result else "-" for label in labels]])
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 2.8))
-    width = 0.8 / len(labels)
-    for j, label in enumerate(labels):
-        values = [zs[m][label]["acc1"] if label in zs[m] else 0.0 for m in zs]
-        ax.bar([i + j * width for i in range(len(zs))], values, width, label=label)
-        if label in any_result:
-            ax.axhline(any_result[label]["chance"], color=f"C{j}", linestyle=":", linewidth=1)
-    ax.set_xticks([i + width / 2 for i in range(len(zs))], list(zs), fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("acc1 (dotted: chance)", fontsize=8)
-    ax.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    path = save_figure(fig, root / "figures" / "zeroshot.png", dpi=110)
-    return (
-        "Each model's image embedding against its own text tower's embeddings of class prompts "
-        "(held-out scenes; `clip` is the CLIP the original LLaVA uses, the others are the three alignments).\n\n"
-        + markdown_table(["model", "colour acc1", "shape acc1"], rows)
-        + "\n\n"
-        + image_link(root, path, "zero-shot accuracy")
-    )
-
-
-def swap_section(root: Path) -> str:
-    rows = []
-    for name in SWAPS:
-        report = load_json(root / "mllm" / name / "swap_report.json")
-        if not report:
-            continue
-        d, old, new = report["drift"], report["old_tower"], report["new_tower"]
-        rows.append(
-            [
-                name,
-                report["mode"],
-                f"{old.get('width')} -> {new.get('width')}",
-                f"{old.get('image_tokens')} -> {new.get('image_tokens')}",
-                d.get("cosine_mean"),
-                d.get("next_token_kl"),
-                ", ".join(report["untrained"]) or "none",
-            ]
-        )
+def vqa_section(
+    root: Path, found: dict, section: Path, models: list[str], arms: list[str], comparisons: list[str]
+) -> str:
+    groups = [g for g in GROUPS if any(g in found["vqa"][m] for m in models if m in found["vqa"])]
+    rows = [[m, *[pm(found["vqa"][m][g]) for g in groups]] for m in models if m in found["vqa"]]
+    rows += [[f"{arm} (mean over {len(a['all']['per_seed'])} seed(s))",
+              *[f"{pm(a[g])} (seed sd {num(a[g]['seed_sd'])})" for g in groups]]
+             for arm in arms if (a := found["vqa_arms"].get(arm))]  # fmt: skip
+    diffs = [[name, *[f"{pm(c['kinds'][g], 'diff')} (seed sd {num(c['kinds'][g]['seed_sd'])}; {c['kinds'][g]['verdict']})"
+                      for g in groups]] for name in comparisons if (c := found["comparisons"].get(name))]  # fmt: skip
     if not rows:
         return ""
-    header = ["swap", "mode", "width", "image tokens", "feature cosine", "next-token KL", "untrained"]
     return (
-        "A drop-in keeps the connector, so the new tower's features can be compared with the old one's "
-        "(cosine) and so can the LLM's next-token distribution (KL). A rebuild changes the width, so the "
-        "connector is new and untrained until the next stage: no drift is defined.\n\n"
-        + markdown_table(header, rows)
-    )
+        "lmms-eval `shapes_vqa` (open answer, exact match) on held-out questions, by question kind "
+        f"(`clip_blind`: {', '.join(found['clip_blind_kinds'])}); accuracy ± standard error over questions. A "
+        "tuned arm is averaged over its tuning seeds (seed sd: the spread of the per-seed accuracies). "
+        f"`{MMVP}`: lmms-eval `shapes_mmvp`, a CLIP-blind pair counts only when both answers are right "
+        "(chance 0.25).\n\n"
+        + markdown_table(["model", *groups], rows)
+        + "\n\nSwapped minus control, paired per question (± standard error over questions; seed sd over tuning "
+        "seeds; a verdict needs more than two standard errors and every seed agreeing):\n\n"
+        + markdown_table(["comparison", *groups], diffs)
+        + "\n\n" + image_link(root, root / EVAL[section.name] / "comparison.png", "scores")
+    )  # fmt: skip
 
 
-def _vqa_by_kind(root: Path, models: list[str]) -> str:
-    per: dict[str, dict[str, list[float]]] = {m: defaultdict(list) for m in models}
-    for m in models:
-        for s in vqa_samples(root, m):
-            per[m][s["doc"].get("kind") or "all"].append(float(s["exact_match"]))
-    kinds = sorted({k for m in models for k in per[m]})
-    if not kinds:
-        return ""
-    rows = [[k, *[sum(v) / len(v) if (v := per[m].get(k)) else "-" for m in models]] for k in kinds]
-    return "Shapes VQA exact match by question kind:\n\n" + markdown_table(["kind", *models], rows)
-
-
-def _gallery(root: Path, models: list[str], n: int = 4) -> str:
-    samples = {m: {s["doc"]["id"]: s for s in vqa_samples(root, m)} for m in models}
-    shown = next((m for m in models if samples[m]), None)
-    first = samples[shown] if shown else {}
+def kuea_section(root: Path, found: dict) -> str:
     rows = []
-    for doc_id in list(first)[:: max(1, len(first) // n)][:n]:
-        doc = first[doc_id]["doc"]
-        answers = [
-            samples[m][doc_id]["filtered_resps"][0].strip() if doc_id in samples[m] else "-" for m in models
+    for name, k in found["kuea"].items():
+        kd = k["kernel_discrepancy"]
+        zs = [
+            f"{num(z['before'])} -> {num(z['after'])} ({'kept' if z['kept'] else 'lost'})"
+            for z in k["zeroshot"].values()
         ]
-        image = Path(locate(doc["image"], root / "eval" / shown))  # recorded relative to its samples file
-        rows.append([image_link(root, image, doc["id"]), doc["question"], doc["answer"], *answers])
-    return markdown_table(["image", "question", "answer", *models], rows) if rows else ""
-
-
-def eval_section(root: Path) -> str:
-    md = root / "eval" / "comparison.md"
-    if not md.is_file():
+        rows.append([name, sig(kd["before"]), sig(kd["after"]), sig(kd["after_initial_kernel"]),
+                     num(k["cosine_to_original"]), *zs])  # fmt: skip
+    if not rows:
         return ""
-    models, comparison = list(next(iter(eval_scores(root).values()), {})), md.read_text()
-    parts = [
-        "Every model scored by lmms-eval through the `mllm_swap` model plugin: `shapes_vqa` is open answer "
-        "(exact match), `shapes_mc` picks one of four options by log-likelihood (chance 0.25).",
-        comparison[comparison.find("\n|") + 1 :].strip(),  # its title and command are in this report
-        image_link(root, root / "eval" / "comparison.png", "scores"),
-        _vqa_by_kind(root, models),
-        _gallery(root, models),
-    ]
-    return "\n\n".join(p for p in parts if p)
+    labels = list(next(iter(found["kuea"].values()))["zeroshot"])
+    return (
+        "KUEA's compatibility report on held-out scenes: kernel discrepancy to DINOv2 (the training objective's "
+        "kernel term) before, after, and after with the initial kernel parameters (what the embeddings "
+        f"learned, not the trainable kernel); zero-shot before -> after through the frozen text tower (kept: "
+        f"lost at most {MARGIN}). `kuea-noanchor` is the ablation with anchor weight 0.\n\n"
+        + markdown_table(["model", "discrepancy before", "after", "after (initial kernel)", "cosine to CLIP",
+                          *[f"zero-shot {label}" for label in labels]], rows)
+        + "\n\n" + training_section(root, [str(KUEA / "align"), str(KUEA / "align-noanchor")])
+    )  # fmt: skip
 
 
-def _curves(*runs: str) -> Callable[[Path], str]:
-    return partial(training_section, runs=list(runs))
+def _tuning(folder: Path, arms: tuple[str, ...]) -> Section:
+    def section(root: Path, found: dict) -> str:
+        runs = sorted(str(p.relative_to(root)) for p in (root / folder).glob("*") if p.name.startswith(arms))
+        return training_section(root, runs)
+
+    return section
 
 
-SECTIONS = {
-    "data": data_section,
-    "score": score_section,
-    "align-sail": _curves("align/sail"),
-    "align-freeze_align": _curves("align/freeze_align"),
-    "align-kuea": _curves("align/kuea"),
-    "zeroshot": zeroshot_section,
-    "base": _curves("tune/base-lora"),
-    "swap": swap_section,
-    "tune": _curves("tune/sail-connector", "tune/sail-lora", "tune/control-connector", "tune/control-lora"),
-    "eval": eval_section,
-}
+def stage_sections(seeds: list[int]) -> dict[str, Section]:
+    """Stage name -> its section renderer."""
+    out: dict[str, Section] = {
+        "000_world-data": data_section,
+        "000_world-probe": probe_section,
+        "001_freeze_align-rank": rank_section,
+        "001_freeze_align-align": lambda root, f: "\n\n".join(
+            [zeroshot_section(root, f, ("clip", "freeze_align")), training_section(root, [str(FREEZE / "align")])]),
+        "002_sail-align": lambda root, f: "\n\n".join(
+            [zeroshot_section(root, f, ("sail",)), training_section(root, [str(SAIL / "align")])]),
+        "002_sail-base": lambda root, f: training_section(root, [str(SAIL / "tune" / "base-lora")]),
+        "002_sail-eval": partial(vqa_section, section=SAIL, models=["base", "sail-rebuild"], arms=section_arms(SAIL),
+                                 comparisons=["sail_vs_control"]),
+        "003_kuea-align": lambda root, f: "\n\n".join(
+            [kuea_section(root, f), zeroshot_section(root, f, ("kuea", "kuea-noanchor")),
+             probe_section(root, f, KUEA)]),
+        "003_kuea-eval": partial(vqa_section, section=KUEA, models=["base", "kuea-dropin"], arms=section_arms(KUEA),
+                                 comparisons=["kuea_dropin_vs_base", "kuea_vs_control"]),
+    }  # fmt: skip
+    for seed in seeds:
+        for section in (SAIL, KUEA):
+            out[f"{section.name}-tune-s{seed}"] = _tuning(
+                section / "tune", tuple(f"{a}-s{seed}" for a in section_arms(section))
+            )
+    return out

@@ -27,9 +27,25 @@ from mllm_swap.families.base import (
 from mllm_swap.towers import FUSED_MODEL_TYPE, MODEL_TYPE, NewTower, prefix_tokens_of
 
 
-def feed_view(vision_config, strategy: str, layer: int | list[int], source: str) -> TowerView:
-    """How a Llava model with this tower config, strategy and layer feeds image tokens to its connector."""
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+def fed_image_size(image_processor: Any) -> int | None:
+    """The side of the pixels ``image_processor`` feeds the tower (its crop, else its resize); None if unknown.
+
+    It sets the patch count, not the tower config's ``image_size``: DINOv2's config says 518 (its position
+    table) while its processor feeds 224 (256 patches), and the tower interpolates.
+    """
+    crop = getattr(image_processor, "do_center_crop", False) and getattr(image_processor, "crop_size", None)
+    size = dict(crop or getattr(image_processor, "size", None) or {})
+    side = size.get("height") or size.get("shortest_edge")
+    return int(side) if side else None
+
+
+def feed_view(
+    vision_config, strategy: str, layer: int | list[int], source: str, image_size: int | None = None
+) -> TowerView:
+    """How a Llava model with this tower config, strategy and layer feeds image tokens to its connector,
+    for ``image_size`` pixels a side (the processor's, :func:`fed_image_size`; None: the config's)."""
+    image_size = int(image_size or vision_config.image_size)
+    patches = (image_size // vision_config.patch_size) ** 2
     if vision_config.model_type in (MODEL_TYPE, FUSED_MODEL_TYPE):
         out_prefix = vision_config.num_output_prefix_tokens
         rule = f"tower rule '{vision_config.token_rule}'" + (" + head" if vision_config.head_config else "")
@@ -43,7 +59,7 @@ def feed_view(vision_config, strategy: str, layer: int | list[int], source: str)
         arch=arch_of(vision_config),
         width=int(vision_config.hidden_size) * (len(layer) if isinstance(layer, list) else 1),
         num_tokens=tokens,
-        image_size=int(vision_config.image_size),
+        image_size=image_size,
         patch_size=int(vision_config.patch_size),
         prefix_rule=rule,
         select_layer=layer,
@@ -87,7 +103,8 @@ class LlavaHF(Family):
         cfg = loaded.model.config
         vc = cfg.vision_config
         source = getattr(vc, "source", "") or vc.name_or_path or f"{loaded.path} (vision_tower)"
-        return feed_view(vc, cfg.vision_feature_select_strategy, cfg.vision_feature_layer, source)
+        side = fed_image_size(getattr(loaded.processor, "image_processor", None))
+        return feed_view(vc, cfg.vision_feature_select_strategy, cfg.vision_feature_layer, source, side)
 
     def plan(self, loaded: Loaded, tower: NewTower, mode: str, select_layer: int | None) -> SwapPlan:
         if tower.config is None:
@@ -98,7 +115,11 @@ class LlavaHF(Family):
         cfg = loaded.model.config
         old = self.old_view(loaded)
         same = feed_view(
-            tower.config, cfg.vision_feature_select_strategy, cfg.vision_feature_layer, tower.source
+            tower.config,
+            cfg.vision_feature_select_strategy,
+            cfg.vision_feature_layer,
+            tower.source,
+            tower.image_size,
         )
         same.num_tokens = tower.num_tokens  # what the tower's token contract feeds (prefix rule applied)
         diffs = mismatches(old, same)
@@ -130,7 +151,7 @@ class LlavaHF(Family):
         strategy, _ = strategy_for(tower)
         layer = select_layer if select_layer is not None else tower.head_layer
         layer = cfg.vision_feature_layer if layer is None else layer
-        new = feed_view(tower.config, strategy, layer, tower.source)
+        new = feed_view(tower.config, strategy, layer, tower.source, tower.image_size)
         if new.num_tokens != tower.num_tokens:
             raise AssertionError(f"token accounting: view {new.num_tokens} vs tower {tower.num_tokens}")
         hidden = cfg.text_config.hidden_size

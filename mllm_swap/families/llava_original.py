@@ -32,7 +32,7 @@ from mllm_swap.families.base import (
     require_files,
     save_checkpoint,
 )
-from mllm_swap.families.llava_hf import LlavaHF, feed_view
+from mllm_swap.families.llava_hf import LlavaHF, fed_image_size, feed_view
 from mllm_swap.towers import NewTower, add_remote_code
 
 TOWER_PREFIX = "model.vision_tower.vision_tower."
@@ -264,8 +264,9 @@ class LlavaOriginal(LlavaHF):
     def old_view(self, loaded: Loaded) -> TowerView:
         cfg = loaded.model.config
         source = loaded.extra["config"]["mm_vision_tower"]
+        side = fed_image_size(getattr(loaded.processor, "image_processor", None))
         return feed_view(
-            cfg.vision_config, cfg.vision_feature_select_strategy, cfg.vision_feature_layer, source
+            cfg.vision_config, cfg.vision_feature_select_strategy, cfg.vision_feature_layer, source, side
         )
 
     def plan(self, loaded: Loaded, tower: NewTower, mode: str, select_layer: int | None) -> SwapPlan:
