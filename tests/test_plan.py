@@ -194,3 +194,47 @@ def test_swap_plan_follows_the_swap_rules(encoder: str, image_tokens: int, tower
     assert (stage.image_tokens, parts["vision tower"].tokens) == (image_tokens, tower_tokens)
     assert 304e6 < parts["vision tower"].frozen < 305e6
     assert parts["connector"].trainable == 1024 * 4096 + 4096 + 4096 * 4096 + 4096  # linear_1 from 1024
+
+
+def _swapped_checkpoint_config(out: Path, encoder: str) -> Path:
+    """A LLaVA-1.5-7B checkpoint folder swapped to ``encoder`` (no weights): the swapped config and the
+    processor a swap saves (the encoder's image processor, LLaVA's tokenizer), written by transformers."""
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaProcessor
+
+    from align.model_configs import config_dir
+    from mllm_swap.tune.plan import swapped
+
+    llava = "llava-hf/llava-1.5-7b-hf"
+    config, tower = swapped(shipped_config(llava), encoder)
+    config.save_pretrained(out)
+    processor = LlavaProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(str(config_dir(encoder))),
+        tokenizer=AutoTokenizer.from_pretrained(str(config_dir(llava))),
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=tower.num_prefix_tokens,
+    )
+    processor.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("model", "image_tokens", "tower_tokens"),
+    [("dinov2", 256, 257), ("llava-hf/llava-1.5-7b-hf", 576, 577)],
+)
+def test_checkpoint_plan_counts_the_tokens_its_processor_feeds(
+    model: str, image_tokens: int, tower_tokens: int, tmp_path: Path
+) -> None:
+    """A swapped checkpoint's image tokens follow its processor's pixels: DINOv2-L is fed 224 px (16 x 16
+    patches), not its config's 518 (1,369); CLIP-L/14-336 in LLaVA-1.5-7B is fed 336 px (24 x 24)."""
+    from align.recipes import load_config
+    from mllm_swap.tune.config import TuneConfig
+    from mllm_swap.tune.plan import tune_stage
+
+    if model == "dinov2":
+        model = str(_swapped_checkpoint_config(tmp_path / "swapped", "facebook/dinov2-large"))
+        assert shipped_config("facebook/dinov2-large").image_size == 518  # the config alone would say 37 x 37
+    cfg = load_config(TuneConfig, RECIPES / "llava15_lora.yaml", [f"model={model}"])
+    stage = tune_stage(cfg)
+    parts = {p.name: p for p in stage.parts}
+    assert (stage.image_tokens, parts["vision tower"].tokens) == (image_tokens, tower_tokens)

@@ -19,7 +19,7 @@ from align.cost import Part, Stage
 from align.errors import UserError
 from align.model_configs import build_meta, config_dir, shipped_config
 from mllm_swap.families import family_by_name
-from mllm_swap.families.llava_hf import feed_view, strategy_for
+from mllm_swap.families.llava_hf import fed_image_size, feed_view, strategy_for
 from mllm_swap.towers import prefix_tokens_of
 from mllm_swap.tune.config import TuneConfig
 from mllm_swap.tune.model import add_lora, select_trainable
@@ -33,19 +33,30 @@ DATASETS: dict[str, tuple[int, int]] = {
 }
 
 
-def _config(model: str) -> Any:
+def _config(model: str) -> tuple[Any, Path]:
+    """The config of ``model`` and the folder it came from (a checkpoint, or the shipped configs)."""
     from transformers import AutoConfig
 
     if Path(model, "config.json").is_file():
-        return AutoConfig.from_pretrained(model)
+        return AutoConfig.from_pretrained(model), Path(model)
     try:
-        config_dir(model)
+        folder = config_dir(model)
     except UserError as err:
         raise UserError(
             f"model '{model}': no checkpoint directory there and {err}; plan a swapped model by its base "
             "with --set model=llava-hf/llava-1.5-7b-hf"
         ) from None
-    return shipped_config(model)
+    return shipped_config(model), folder
+
+
+def _fed_side(folder: Path) -> int | None:
+    """The pixels a side the image processor in ``folder`` feeds the tower (None: no processor there)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        return fed_image_size(AutoImageProcessor.from_pretrained(str(folder)))
+    except (OSError, ValueError):
+        return None
 
 
 def swapped(config: Any, encoder: str) -> tuple[Any, Any]:
@@ -68,7 +79,7 @@ def tune_stage(
     :data:`DATASETS`; ``encoder``: swapped with that tower)."""
     from transformers import LlavaForConditionalGeneration
 
-    config = _config(cfg.model)
+    config, folder = _config(cfg.model)
     if config.model_type != "llava":
         raise UserError(f"model '{cfg.model}': plan knows HF Llava models (model_type llava), found {config.model_type!r}")
     new = None
@@ -81,14 +92,18 @@ def tune_stage(
     select_trainable(model, cfg, family)
     paths = family.trainable_parts(model)
     vision, text = config.vision_config, config.text_config
+    notes = []
     if new is not None:  # the encoder's processor sets the image size (DINOv2: 224, its config 518)
         image_tokens, tower_tokens = new.num_tokens, new.num_patches + new.num_prefix_tokens
     else:
         strategy, layer = config.vision_feature_select_strategy, config.vision_feature_layer
-        image_tokens = feed_view(vision, strategy, layer, cfg.model).num_tokens  # what the connector receives
-        tower_tokens = (vision.image_size // vision.patch_size) ** 2 + prefix_tokens_of(vision)
+        side = _fed_side(folder)  # the processor's pixels set the patches (a DINOv2 tower: 224, its config 518)
+        if side is None:
+            notes.append(f"no image processor in {folder}: image size {vision.image_size} from the vision config")
+        view = feed_view(vision, strategy, layer, cfg.model, side)
+        image_tokens = view.num_tokens  # what the connector receives
+        tower_tokens = (view.image_size // view.patch_size) ** 2 + prefix_tokens_of(vision)
     known = DATASETS.get(Path(str(cfg.data)).name) if cfg.data else None
-    notes = []
     if text_tokens is None:
         text_tokens = known[1] if known else cfg.max_length - image_tokens
         notes.append(f"{text_tokens} text tokens per sample ({'assumed average' if known else 'max_length bound'}; --text-tokens)")
