@@ -331,3 +331,27 @@ def test_lora_under_deepspeed_zero3_on_cpu(shapes_dir: Path, tmp_path: Path) -> 
     )
     assert adapter["base_model.model.lm_head.weight"].shape == (512, 64)  # modules_to_save, gathered
     assert main(["merge", "--adapter", str(out), "--out", str(tmp_path / "merged")]) == 0
+
+
+@pytest.mark.parametrize("recipe", ["llava15_pretrain.yaml", "llava15_lora.yaml"])
+def test_deepspeed_recipe_without_launcher_names_the_launch(
+    recipe: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A recipe's `deepspeed` file outside a launcher: exit 2 before loading anything, naming the shipped
+    accelerate config that launches that same DeepSpeed file."""
+    from mllm_swap.tune.stage import PROCESS_GROUP_VARIABLES
+
+    for name in (*PROCESS_GROUP_VARIABLES, "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(RECIPES.parent)  # the recipes name their DeepSpeed file from the repository root
+    out = tmp_path / "out"
+    assert main(["tune", "--config", str(RECIPES / recipe), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "accelerate launch --config_file " in err, err
+    accelerate = err.split("accelerate launch --config_file ", 1)[1].split()[0]
+    launcher = yaml.safe_load((RECIPES.parent / accelerate).read_text())
+    assert (
+        launcher["deepspeed_config"]["deepspeed_config_file"]
+        == yaml.safe_load((RECIPES / recipe).read_text())["deepspeed"]
+    )
+    assert "RANK" in err and "--set deepspeed=null" in err and not out.exists()

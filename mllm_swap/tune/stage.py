@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from align.distributed import launched_world_size, summed_over_processes
+from align.errors import UserError
 from align.integrity import record_checksums
 from align.io import read_json, write_json
+from align.paths import shipped
 from align.rundir import OutDir
 from align.train.config import TrainConfig
 from align.train.resume import RUN_FILES
@@ -220,12 +222,31 @@ class TuneMethod:
         write_json(out_dir / INFO_FILE, info)
 
 
+# What DeepSpeed's process group is built from (set by `accelerate launch`, torchrun, the deepspeed launcher).
+PROCESS_GROUP_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def deepspeed_kwargs(cfg: TuneConfig) -> dict[str, Any]:
-    """A DeepSpeed plugin for ``cfg.deepspeed`` unless the launcher already configured DeepSpeed."""
+    """A DeepSpeed plugin for ``cfg.deepspeed`` unless the launcher already configured DeepSpeed.
+
+    Outside a launcher there is no process group for DeepSpeed to join: a :class:`UserError` names the
+    ``accelerate launch`` command (the accelerate config shipped for that DeepSpeed file) before anything runs.
+    """
     if cfg.deepspeed is None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         return {}
     if not Path(cfg.deepspeed).is_file():
         raise FileNotFoundError(f"deepspeed: {cfg.deepspeed}: config file not found")
+    missing = [name for name in PROCESS_GROUP_VARIABLES if name not in os.environ]
+    if missing:
+        accelerate = f"recipes/accelerate/deepspeed_{Path(cfg.deepspeed).stem}.yaml"
+        if not (shipped("recipes").parent / accelerate).is_file():
+            accelerate = "recipes/accelerate/deepspeed_zero2.yaml"
+        raise UserError(
+            f"deepspeed: {cfg.deepspeed}: DeepSpeed runs in a launched process group, and this process was not "
+            f"launched ({', '.join(missing)} unset). Run it under `accelerate launch --config_file {accelerate} "
+            "--num_processes N -m mllm_swap tune --config ...` from the repository root, or without DeepSpeed "
+            "(--set deepspeed=null)"
+        )
     from accelerate.utils import DeepSpeedPlugin
 
     return {"deepspeed_plugin": DeepSpeedPlugin(hf_ds_config=str(cfg.deepspeed))}
@@ -239,6 +260,7 @@ def run_tune(
 
     from align.train.loop import train
 
+    accelerator_kwargs = deepspeed_kwargs(cfg)  # before anything is written
     with OutDir(out_dir, "tune", overwrite, collective=True):
         method = TuneMethod(cfg)
         result = train(
@@ -247,7 +269,7 @@ def run_tune(
             out_dir,
             resume,
             overwrite=overwrite,
-            accelerator_kwargs=deepspeed_kwargs(cfg),
+            accelerator_kwargs=accelerator_kwargs,
             config_to_save=cfg,
         )
         if PartialState().is_main_process:
