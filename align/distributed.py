@@ -189,6 +189,19 @@ def _from_deepspeed(hook: Any) -> bool:
     return str(getattr(getattr(hook, "func", hook), "__module__", "")).startswith("deepspeed")
 
 
+def settle_partitions(engine: Any) -> None:
+    """Under DeepSpeed ZeRO-3, wait for and release every parameter the prefetcher left gathered or in flight.
+
+    The prefetcher follows the order it recorded during training (with gradient checkpointing, the backward's
+    recomputation too), so a forward in another order (the final loss check, in eval mode) ends with
+    parameters still in flight, and gathering them for the whole copy then fails in DeepSpeed ("Cannot
+    partition a param in flight"; seen on a GPU, not on CPU). Nothing to do for any other model.
+    """
+    release = getattr(engine, "empty_partition_cache", None)  # a DeepSpeedEngine; ZeRO-3 acts on it
+    if callable(release):
+        release()
+
+
 def whole_model(module: nn.Module, *, copy_always: bool = False) -> nn.Module:
     """``module`` with every parameter whole: itself (a copy with ``copy_always``), or under DeepSpeed
     ZeRO-3 a plain copy.

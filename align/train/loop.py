@@ -29,7 +29,14 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from align.distributed import check_world_size, launch_record, start_line, whole_model, whole_models
+from align.distributed import (
+    check_world_size,
+    launch_record,
+    settle_partitions,
+    start_line,
+    whole_model,
+    whole_models,
+)
 from align.io import append_jsonl, read_json, write_json
 from align.paths import portable_tree
 from align.recipes import config_to_dict, save_config
@@ -206,7 +213,9 @@ def train(
                     accelerator, out_dir, step, ckpt_state, cfg.keep_checkpoints, protect=last_ckpt
                 )
         pbar.close()
+        settle_partitions(model)
         problem = guard.final_problem(method, model, batch, accelerator)
+        settle_partitions(model)  # that check's forward ran out of the recorded order
         if problem:
             raise stop_error(f"{problem} after the last step {step}", out_dir, pending, last_ckpt, is_main)
         last_ckpt = pending or last_ckpt
