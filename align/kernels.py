@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from align.losses import ScalarParameters, scalar_parameter
+
 __all__ = [
     "KINDS",
     "CosineKernel",
@@ -79,14 +81,14 @@ def cosine_kernel(x: Tensor) -> Tensor:
 
 
 def _scalar(module: nn.Module, name: str, value: float, trainable: bool) -> None:
-    tensor = torch.tensor(float(value), dtype=torch.float32)
+    """``name`` as a ``[1]`` parameter (trainable: DeepSpeed flattens no 0-d one) or a fixed buffer."""
     if trainable:
-        module.register_parameter(name, nn.Parameter(tensor))
+        module.register_parameter(name, scalar_parameter(value))
     else:
-        module.register_buffer(name, tensor)
+        module.register_buffer(name, torch.tensor([float(value)]))
 
 
-class PolynomialKernel(nn.Module):
+class PolynomialKernel(ScalarParameters):
     """Normalized polynomial kernel with ``gamma`` and ``coef0`` as parameters or fixed buffers."""
 
     def __init__(
@@ -114,7 +116,7 @@ class PolynomialKernel(nn.Module):
         return f"{vals}, degree={self.degree}, trainable={self.trainable}"
 
 
-class GaussianKernel(nn.Module):
+class GaussianKernel(ScalarParameters):
     """Gaussian kernel with its bandwidth as a parameter or a fixed buffer (sign is irrelevant)."""
 
     def __init__(self, bandwidth: float, trainable: bool = False) -> None:

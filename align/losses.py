@@ -235,23 +235,25 @@ def infonce_loss(
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
-def _scalar_parameter(value: float) -> nn.Parameter:
-    """A learnable scalar stored with shape ``[1]``: DeepSpeed's engine cannot broadcast 0-d parameters."""
+def scalar_parameter(value: float) -> nn.Parameter:
+    """A learnable scalar stored with shape ``[1]``: DeepSpeed's engine cannot broadcast or flatten 0-d
+    parameters ("self.dim() cannot be 0 to view Float as Byte")."""
     return nn.Parameter(torch.tensor([float(value)]))
 
 
-class _ScalarParameters(nn.Module):
-    """Loads state dicts that stored its scalars 0-d (written before they were ``[1]``)."""
+class ScalarParameters(nn.Module):
+    """A module of ``[1]``-shaped scalars (parameters or buffers) that also loads state dicts which stored
+    them 0-d (written before they were ``[1]``)."""
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        for name, param in self._parameters.items():
+        for name, tensor in {**self._parameters, **self._buffers}.items():
             key = prefix + name
-            if param is not None and key in state_dict and state_dict[key].dim() == 0:
-                state_dict[key] = state_dict[key].reshape(param.shape)
+            if tensor is not None and key in state_dict and state_dict[key].dim() == 0:
+                state_dict[key] = state_dict[key].reshape(tensor.shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class LogitScale(_ScalarParameters):
+class LogitScale(ScalarParameters):
     """SAIL/SigLIP learnable logit scale and bias: ``forward() -> (exp(t), b)`` (0-d tensors).
 
     ``t`` starts at ``ln(init_scale)`` (ln 20) and ``clamp_()`` keeps it in
@@ -271,8 +273,8 @@ class LogitScale(_ScalarParameters):
             raise ValueError(
                 f"LogitScale: need 0 < min_scale <= init_scale <= max_scale, found {min_scale}, {init_scale}, {max_scale}"
             )
-        self.log_scale = _scalar_parameter(math.log(init_scale))
-        self.bias = _scalar_parameter(init_bias)
+        self.log_scale = scalar_parameter(math.log(init_scale))
+        self.bias = scalar_parameter(init_bias)
         self.log_min, self.log_max = math.log(min_scale), math.log(max_scale)
 
     def forward(self) -> tuple[Tensor, Tensor]:
@@ -286,7 +288,7 @@ class LogitScale(_ScalarParameters):
         return self
 
 
-class Temperature(_ScalarParameters):
+class Temperature(ScalarParameters):
     """freeze_align learnable temperature ``tau``: ``forward() -> 1 / tau`` (the logit multiplier).
 
     Starts at ``init`` (0.07); ``clamp_()`` keeps it in ``[min_value, max_value]`` = [0.001, 0.5].
@@ -299,7 +301,7 @@ class Temperature(_ScalarParameters):
             raise ValueError(
                 f"Temperature: need 0 < min <= init <= max, found {min_value}, {init}, {max_value}"
             )
-        self.temperature = _scalar_parameter(init)
+        self.temperature = scalar_parameter(init)
         self.min_value, self.max_value = float(min_value), float(max_value)
 
     def forward(self) -> Tensor:

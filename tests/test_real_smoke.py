@@ -2,11 +2,11 @@
 ``?layers=N`` shortens an LLM), run through the commands users type, each under a stated memory cap.
 
 The fast tests check the reference syntax, the shipped LLaVA-1.5 tokenizer against LLaMA's published token
-ids, and a random build against the meta-device model and open_clip's tokenizer. The ``slow`` ones reload
-LLaVA-1.5-7B shortened to one LLM layer and swap DINOv2-L-with-registers into it (token counts, the
-processor's ``<image>`` expansion, a reload and forward in a fresh process that never imports this project).
-The ``real`` ones (deselected by default, about 15 min and ~8 GB of builds on 2 cores: ``pytest -m real
-tests/test_real_smoke.py``) swap SigLIP-so400m and DINOv2-L and run every real recipe for a step.
+ids, and a random build against the meta-device model and open_clip's tokenizer. The ``slow`` one reloads
+LLaVA-1.5-7B shortened to one LLM layer in a fresh process that never imports this project (576 image tokens,
+the processor's ``<image>`` expansion, a forward). The ``real`` ones (deselected by default, about 15 min and
+~8 GB of builds on 2 cores: ``pytest -m real tests/test_real_smoke.py``) swap SigLIP-so400m, DINOv2-L and
+DINOv2-L-with-registers into it (token counts, expansion, reload) and run every real recipe for a step.
 Peak memory is the child's own ``ru_maxrss`` (``os.wait4``); set ``MLLM_SWAP_SMOKE_LOG=FILE`` to collect
 a table of (run, seconds, peak GiB).
 """
@@ -213,7 +213,8 @@ SWAPS = [  # encoder, tokens the LLM receives per image (its processor's side / 
         "random:google/siglip-so400m-patch14-384", (384 // 14) ** 2, False, marks=pytest.mark.real, id="siglip-so400m"
     ),
     pytest.param(  # CLS + 4 registers dropped
-        "random:facebook/dinov2-with-registers-large", (224 // 14) ** 2, True, id="dinov2-l-reg"
+        "random:facebook/dinov2-with-registers-large", (224 // 14) ** 2, True, marks=pytest.mark.real,
+        id="dinov2-l-reg",
     ),
 ]
 DINOV2_L = ("random:facebook/dinov2-large", (224 // 14) ** 2, False)  # crop 224 (config 518), CLS dropped
