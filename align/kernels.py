@@ -88,6 +88,18 @@ def _scalar(module: nn.Module, name: str, value: float, trainable: bool) -> None
         module.register_buffer(name, torch.tensor([float(value)]))
 
 
+def _read(scalar: Tensor) -> float:
+    """The value of a kernel scalar. Under DeepSpeed ZeRO-3 a trainable one is partitioned outside the
+    kernel's forward (this process may hold none of it): gathered first, by every process at once, as the
+    training step logs it on every process."""
+    if hasattr(scalar, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([scalar]):
+            return float(scalar.detach())
+    return float(scalar.detach())
+
+
 class PolynomialKernel(ScalarParameters):
     """Normalized polynomial kernel with ``gamma`` and ``coef0`` as parameters or fixed buffers."""
 
@@ -109,7 +121,7 @@ class PolynomialKernel(ScalarParameters):
 
     def values(self) -> dict[str, float]:
         """Current parameter values, for logging."""
-        return {"gamma": float(self.gamma.detach()), "coef0": float(self.coef0.detach())}
+        return {"gamma": _read(self.gamma), "coef0": _read(self.coef0)}
 
     def extra_repr(self) -> str:
         vals = ", ".join(f"{k}={v:.6g}" for k, v in self.values().items())
@@ -134,7 +146,7 @@ class GaussianKernel(ScalarParameters):
 
     def values(self) -> dict[str, float]:
         """Current parameter values, for logging."""
-        return {"bandwidth": float(self.bandwidth.detach())}
+        return {"bandwidth": _read(self.bandwidth)}
 
     def extra_repr(self) -> str:
         return f"bandwidth={float(self.bandwidth.detach()):.6g}, trainable={self.trainable}"
