@@ -214,9 +214,23 @@ def test_truncation_keeps_image_tokens_or_fails(tmp_path: Path, processor: Llava
     ds = ConversationDataset(path, tmp_path / "img", processor, max_length=80)
     item = ds[0]
     assert len(item["input_ids"]) == 80 and int((item["input_ids"] == processor.image_token_id).sum()) == 64
-    ds.max_length = 30
     with pytest.raises(ValueError, match="record good: image tokens reach position"):
-        ds[0]
+        ConversationDataset(path, tmp_path / "img", processor, max_length=65)  # when tokenised, before training
+
+
+def test_items_equal_encoding_each_record_with_its_image(tmp_path: Path, processor: LlavaProcessor) -> None:
+    """Conversations are tokenised once, without the image's pixels; an item equals ``encode`` of its record
+    with its real image (a wide one padded to square too), text-only records included."""
+    records = [GOOD, {"id": "text", "conversations": _conv("hi", "yo")}, dict(GOOD, id="wide", image="w.png")]
+    path = _write_data(tmp_path, records, {"a.png": (64, 64), "w.png": (64, 32)})
+    ds = ConversationDataset(path, tmp_path / "img", processor, max_length=256)
+    for index, record in enumerate(records):
+        image = ds.load_image(record)
+        expected = encode(processor, to_messages(record["conversations"], image is not None), image)
+        item = ds[index]
+        assert item.keys() - {"id"} == expected.keys()
+        for key, value in expected.items():
+            assert torch.equal(item[key], value), (record["id"], key)
 
 
 def test_length_grouped_sampler_is_deterministic_and_groups() -> None:

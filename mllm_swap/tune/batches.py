@@ -1,5 +1,5 @@
-"""Batches of LLaVA conversations for training: the torch dataset that encodes records on the fly
-(:mod:`mllm_swap.tune.conversations`), the length-grouped sampler and the padding collator."""
+"""Batches of LLaVA conversations for training: the torch dataset (conversations tokenised once, images read
+per item; :mod:`mllm_swap.tune.conversations`), the length-grouped sampler and the padding collator."""
 
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ from mllm_swap.tune.conversations import (
 
 
 class ConversationDataset(Dataset):
-    """LLaVA conversations encoded on the fly; ``summary`` says what was kept and skipped. With a
-    ``tower_cache`` an item's ``pixel_values`` are its image's cached tower tokens (the image is not read)."""
+    """LLaVA conversations, tokenised once when the dataset is made (:meth:`tokenise`); an item adds its
+    image's ``pixel_values``, read and processed per item, or with a ``tower_cache`` its image's cached tower
+    tokens (the image is not read). ``summary`` says what was kept and skipped."""
 
     def __init__(
         self,
@@ -53,6 +54,23 @@ class ConversationDataset(Dataset):
         self.tower_cache = tower_cache  # a tune.tower_cache.TowerCache: tokens instead of pixels
         if self.summary.with_image and self.image_tokens >= max_length:
             raise ValueError(f"max_length {max_length} leaves no room after {self.image_tokens} image tokens")
+        self.texts = [self.tokenise(index) for index in range(len(self.records))]
+
+    def tokenise(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record ``index``'s conversation as (``input_ids`` int32, assistant-label mask): its ids do not depend on
+        the image's pixels (the processor expands the placeholder to ``image_tokens``), so a blank image stands in."""
+        record = self.records[index]
+        blank = Image.new("RGB", (8, 8)) if "image" in record else None
+        item = encode(
+            self.processor,
+            to_messages(record["conversations"], blank is not None),
+            blank,
+            template=self.template,
+            max_length=self.max_length,
+            append_eos=self.append_eos,
+            record_id=str(record.get("id", index)),
+        )
+        return item["input_ids"].to(torch.int32), item["labels"] != IGNORE_INDEX
 
     def __len__(self) -> int:
         return len(self.records)
@@ -66,21 +84,20 @@ class ConversationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        cached = self.tower_cache is not None and "image" in record
-        image = Image.new("RGB", (8, 8)) if cached else self.load_image(record)  # cached: for the text only
-        messages = to_messages(record["conversations"], image is not None)
-        item = encode(
-            self.processor,
-            messages,
-            image,
-            template=self.template,
-            max_length=self.max_length,
-            append_eos=self.append_eos,
-            record_id=str(record.get("id", index)),
-        )
-        item["id"] = str(record.get("id", index))
-        if cached:
-            item["pixel_values"] = self.tower_cache.tokens(record)
+        ids, scored = self.texts[index]
+        ids = ids.long()
+        item = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": torch.where(scored, ids, IGNORE_INDEX),
+            "id": str(record.get("id", index)),
+        }
+        if "image" in record:
+            if self.tower_cache is not None:
+                item["pixel_values"] = self.tower_cache.tokens(record)
+            else:
+                pixels = self.processor.image_processor(images=[self.load_image(record)], return_tensors="pt")
+                item["pixel_values"] = pixels["pixel_values"]
         return item
 
     def lengths(self) -> list[int]:
