@@ -144,16 +144,24 @@ class TuneMethod:
         (``num_items_in_batch``, the HF Trainer's mechanism), times the number of processes: DDP's
         (or DeepSpeed's) average of the processes' gradients is then the one-process gradient of the
         same global batch, however the tokens fall between processes. ``tokens`` (input tokens) and
-        ``label_tokens`` (the tokens the loss scores) count the global batch.
+        ``label_tokens`` (the tokens the loss scores) count the global batch; with a tower cache,
+        ``cached_images`` the images whose tower tokens the batch carries instead of pixels.
         """
-        if "pixel_values" in batch:
+        images = batch.get("pixel_values")
+        if images is not None:
             dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-            batch = {**batch, "pixel_values": batch["pixel_values"].to(dtype)}
+            batch = {**batch, "pixel_values": images.to(dtype)}
         scored = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()  # next-token targets: labels shifted by one
-        counts, processes = summed_over_processes(torch.stack([batch["attention_mask"].sum(), scored]))
+        cached = images.shape[0] if images is not None and images.dim() == 3 else 0  # [B, N, D]: tokens
+        counts, processes = summed_over_processes(
+            torch.stack([batch["attention_mask"].sum(), scored, scored.new_tensor(cached)])
+        )
         out = model(**batch, num_items_in_batch=counts[1])
         self.tokens_seen += int(counts[0])
-        return out.loss * processes, {"tokens": counts[0].float(), "label_tokens": counts[1].float()}
+        logged = {"tokens": counts[0].float(), "label_tokens": counts[1].float()}
+        if self.cfg.tower_cache is not None:
+            logged["cached_images"] = counts[2].float()
+        return out.loss * processes, logged
 
     def state_dict(self) -> dict[str, Any]:
         """Counters that continue across a resume (saved in the loop's checkpoints)."""

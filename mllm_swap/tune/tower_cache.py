@@ -23,6 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from align.data.cache import fingerprint, probe_pixels
 from align.data.cache_read import EmbeddingCache
+from align.distributed import whole_model
 from align.errors import UserError
 
 # how far a fingerprint may drift (relative to the tokens' scale) between two runs of the same weights
@@ -152,8 +153,13 @@ class TowerCache:
 
 
 def install(model: nn.Module, tower_path: str, cache_dir: str | Path) -> TowerCache:
-    """Check ``cache_dir`` against ``model``'s tower at ``tower_path`` and put :class:`CachedTokens` in its place."""
-    tower = model.get_submodule(tower_path)
+    """Check ``cache_dir`` against ``model``'s tower at ``tower_path`` and put :class:`CachedTokens` in its place.
+
+    Under DeepSpeed ZeRO-3 the loaded tower is partitioned; it leaves the model before DeepSpeed wraps it, so it
+    is kept whole (a plain copy, gathered by every process: :func:`align.distributed.whole_model`) to be checked
+    against the cache now and put back whole for evaluation and saving.
+    """
+    tower = whole_model(model.get_submodule(tower_path))
     cache = TowerCache(cache_dir, model, tower)
     cfg = model.config
     stand_in = CachedTokens(
