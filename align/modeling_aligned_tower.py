@@ -224,7 +224,8 @@ class FusedTowerConfig(PretrainedConfig):
     ``parts``: the towers' :class:`AlignedTowerConfig` dicts; ``pixels``: per tower its ``image_size``,
     ``image_mean`` and ``image_std``. The tower takes ``[0, 1]`` pixels at ``image_size`` (the largest tower's
     resolution, one resize/crop for all) and derives each tower's input: resized (bicubic, antialiased)
-    to its resolution when smaller, normalised with its mean/std.
+    to its resolution when smaller, normalised with its mean/std. ``head_config``: a per-token head on the fused
+    tokens (a bridge onto an old tower's tokens), which sets the output width and grid.
     """
 
     model_type = FUSED_MODEL_TYPE
@@ -248,9 +249,10 @@ class FusedTowerConfig(PretrainedConfig):
         if not self.parts or len(self.parts) != len(self.pixels or []):
             raise ValueError(f"a fused tower needs parts and one pixels entry per part, found {self.parts}")
         configs = self.part_configs()
+        head = self.head_config or {}
         self.image_size = max(int(p["image_size"]) for p in self.pixels)
-        self.patch_size = output_patch_size(self.image_size, int(self.grid))
-        self.hidden_size = sum(c.hidden_size for c in configs)
+        self.patch_size = output_patch_size(self.image_size, int(head.get("out_grid") or self.grid))
+        self.hidden_size = int(head.get("out_dim") or sum(c.hidden_size for c in configs))
         self.num_hidden_layers = min(c.num_hidden_layers for c in configs)
 
     def part_configs(self) -> list[AlignedTowerConfig]:
@@ -262,8 +264,8 @@ class FusedTowerConfig(PretrainedConfig):
 
     @property
     def num_output_tokens(self) -> int:
-        """Tokens per image the tower hands the MLLM (the fused grid)."""
-        return int(self.grid) ** 2
+        """Tokens per image the tower hands the MLLM (the fused grid, or the head's output grid)."""
+        return int((self.head_config or {}).get("out_grid") or self.grid) ** 2
 
 
 class FusedTower(AlignedTower):
@@ -279,7 +281,7 @@ class FusedTower(AlignedTower):
     def __init__(self, config: FusedTowerConfig):
         PreTrainedModel.__init__(self, config)
         self.parts = nn.ModuleList(AlignedTower(c) for c in config.part_configs())
-        self.head = None
+        self.head = build_token_head(config.head_config) if config.head_config else None
         self.post_init()
 
     def part_pixels(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
@@ -306,8 +308,8 @@ class FusedTower(AlignedTower):
         return [torch.cat([states[len(states) - n + i] for states in per_part], dim=-1) for i in range(n)]
 
     def transform(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Fused states are already patch tokens on the fused grid."""
-        return tokens
+        """Fused states are already patch tokens on the fused grid; the head (if any) maps them."""
+        return tokens if self.head is None else self.head(tokens, num_prefix_tokens=0)
 
 
 class FusedLlavaConfig(LlavaConfig):

@@ -32,6 +32,7 @@ from align.rundir import OutDir, claims_out_dir
 from align.train.config import TrainConfig
 from mllm_swap.checkpoints import resolve_checkpoint
 from mllm_swap.families import Family, Loaded, detect_family
+from mllm_swap.fuse import is_fuse_spec, load_fuse_parts
 from mllm_swap.swap import DEFAULT_PROMPT, REPORT, SwapReport, check_select_layer, feature_drift
 from mllm_swap.towers import NewTower, bridged_tower, new_tower, openclip_as_hf
 
@@ -116,7 +117,8 @@ class BridgeMethod:
         self.train_images, self.held_images = train_images, held_images
         self.new_processor = plain.image_processor or loaded.processor.image_processor
         self.vqa: Path | None = None  # the quick VQA's questions (a shapes world's)
-        self.encoder = plain.encoder.eval()
+        # a fused tower's tokens come from the fused tower itself; an encoder's from the encoder
+        self.encoder = plain.module() if plain.kind == "fused" else plain.encoder.eval()
 
     def build_model(self, cfg: TrainConfig) -> nn.Module:
         return build_token_head(self.head_config)
@@ -135,7 +137,12 @@ class BridgeMethod:
         old = self.family.consumed_tokens(self.loaded, images)
         pixels = self.new_processor(images=images, return_tensors="pt")["pixel_values"]
         param = next(self.encoder.parameters())
-        return old.float(), self.encoder(pixels.to(param.device, param.dtype), layer=self.layer).float()
+        pixels = pixels.to(param.device, param.dtype)
+        if self.plain.kind == "fused":
+            new = self.encoder(pixels, output_hidden_states=self.layer).hidden_states[self.layer]
+        else:
+            new = self.encoder(pixels, layer=self.layer)
+        return old.float(), new.float()
 
     def loss(self, model: nn.Module, batch: list) -> tuple[torch.Tensor, dict]:
         old, new = self.pair(batch)
@@ -182,20 +189,27 @@ def prepare_bridge(
     family: Family, src: Path, enc: Any, out: Path, data: Any, image_dir: Any, settings: BridgeSettings,
     select_layer: int | None,
 ) -> BridgeMethod:  # fmt: skip
-    """The adapter's training job for ``enc`` into the HF Llava at ``src`` (loaded here), checked first."""
+    """The adapter's training job for ``enc`` (a ``VisionEncoder``, or the two of a fused tower) into the HF Llava
+    at ``src`` (loaded here), checked first."""
     if family.name != "llava_hf":
         raise UserError(
             f"--mode bridge: supported for HF Llava checkpoints; {src} is a {family.name} checkpoint"
         )
-    check_select_layer(select_layer, getattr(enc, "num_layers", None), getattr(enc, "source", enc))
-    if getattr(enc, "kind", "") == "aligned" and enc.image_head is not None:
-        raise UserError(
-            f"--mode bridge: {enc.source} has an image head; bridge its backbone or swap it with rebuild"
-        )
-    plain = new_tower(enc, prefix="drop")
-    if plain.kind == "openclip":
-        plain = openclip_as_hf(plain)
-    plain.source = portable(plain.source, out)
+    if isinstance(enc, list):  # "A+B": the fused tower, its tokens bridged
+        from mllm_swap.fuse import fused_tower
+
+        plain = fused_tower(enc, out)
+        check_select_layer(select_layer, plain.config.num_hidden_layers, plain.source)
+    else:
+        check_select_layer(select_layer, getattr(enc, "num_layers", None), getattr(enc, "source", enc))
+        if getattr(enc, "kind", "") == "aligned" and enc.image_head is not None:
+            raise UserError(
+                f"--mode bridge: {enc.source} has an image head; bridge its backbone or swap it with rebuild"
+            )
+        plain = new_tower(enc, prefix="drop")
+        if plain.kind == "openclip":
+            plain = openclip_as_hf(plain)
+        plain.source = portable(plain.source, out)
     train_refs, held_refs, vqa = bridge_images(data, image_dir, settings)
     loaded = family.load(src)
     layer = loaded.model.config.vision_feature_layer if select_layer is None else select_layer
@@ -294,7 +308,9 @@ def bridge_swap(
     src = resolve_checkpoint(mllm)
     family = detect_family(src)
     if isinstance(encoder, nn.Module):
-        enc = encoder
+        enc: Any = encoder
+    elif is_fuse_spec(encoder):
+        enc = load_fuse_parts(encoder)
     else:
         from align.load import load_vision_encoder
 
@@ -339,8 +355,10 @@ def bridge_swap(
         encoder=plain.source if isinstance(encoder, nn.Module) else str(encoder),
         out=str(out),
         old_tower=old.describe(),
-        new_tower={**plan.new.describe(), "kind": tower.kind},
-        new_modules=[f"model.vision_tower (AlignedTower: {plain.source} + bridge head {head_config})"],
+        new_tower={**plan.new.describe(), "kind": tower.kind,
+                   **({"parts": tower.parts, "fuse_rule": plain.prefix_rule} if tower.parts else {})},
+        new_modules=[f"model.vision_tower ({type(tower.config).__name__[:-6]}: {plain.source} + bridge head "
+                     f"{head_config})"],
         untrained=[],
         drift=drift,
         notes=[

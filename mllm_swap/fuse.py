@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 from typing import Any
 
 from align.errors import UserError
@@ -31,6 +32,11 @@ from mllm_swap.towers import (
 )
 
 SEPARATOR = "+"
+
+
+def is_fuse_spec(encoder: Any) -> bool:
+    """Whether ``encoder`` names two encoders joined by ``+`` (not an existing path that holds a ``+``)."""
+    return isinstance(encoder, (str, os.PathLike)) and SEPARATOR in str(encoder) and not Path(encoder).expanduser().exists()
 
 
 def fuse_spec_parts(spec: str) -> list[str]:

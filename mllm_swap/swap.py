@@ -204,9 +204,12 @@ def swap_tower(
         enc = encoder
     else:
         from align.load import load_vision_encoder
+        from mllm_swap.fuse import is_fuse_spec
 
-        if "+" in str(encoder) and not Path(encoder).expanduser().exists():
-            raise UserError(f"--encoder {encoder}: two encoders joined by '+' are fused by --mode fuse")
+        if is_fuse_spec(encoder):
+            raise UserError(
+                f"--encoder {encoder}: two encoders joined by '+' are fused by --mode fuse (or --mode bridge)"
+            )
         enc = load_vision_encoder(encoder)
     check_select_layer(select_layer, getattr(enc, "num_layers", None), encoder)
     tower = new_tower(enc, prefix=prefix)

@@ -7,9 +7,8 @@ one CLS is dropped by the MLLM's own rule (HF ``"default"``, original ``"patch"`
 (DINOv2-with-registers) are dropped inside an ``AlignedTower`` with token rule ``"patch"``, because the MLLMs'
 rules remove index 0 only. ``"keep"`` feeds every token. Aligned artifacts bring their own rule.
 
-The aligned tower itself (``AlignedTowerConfig``, ``AlignedTower``, its token rule; the fused tower of
-``swap --mode fuse``, built by :mod:`mllm_swap.fuse`) lives in
-:mod:`align.modeling_aligned_tower`, a self-contained module that is also the checkpoints' remote code.
+The aligned tower itself (``AlignedTowerConfig``, ``AlignedTower``, its token rule; the fused tower built by
+:mod:`mllm_swap.fuse`) lives in :mod:`align.modeling_aligned_tower`, also the checkpoints' remote code.
 Importing this module (``import mllm_swap`` does it) registers the tower with ``AutoConfig`` /
 ``AutoModel``, so checkpoints with an aligned tower reload with plain ``from_pretrained`` and no
 ``trust_remote_code``. :func:`add_remote_code` makes a written checkpoint load without this package.
@@ -252,25 +251,24 @@ def new_tower(encoder: Any, prefix: str = "drop") -> NewTower:
     )
 
 
-def bridged_tower(
-    tower: NewTower, head_config: dict[str, Any], head_state: dict[str, torch.Tensor], layer: int
-) -> NewTower:
+def bridged_tower(tower: NewTower, head_config: dict[str, Any], head_state: dict[str, torch.Tensor], layer: int) -> NewTower:  # fmt: skip
     """``tower`` (a plain HF or token-rule tower) carrying a trained bridge head (:class:`align.heads.TokenBridgeHead`)
     applied on ``layer``: an :class:`AlignedTower` feeding the head's ``out_grid``-squared tokens of width
-    ``out_dim``; its patch size is the output grid's (:func:`~align.modeling_aligned_tower.output_patch_size`),
-    which is how Llava's processor counts the image tokens."""
-    backbone, state = backbone_parts(tower, "carry a bridge")
-    config = AlignedTowerConfig(
-        vision_backbone=backbone_config(backbone),
-        head_config=head_config,
-        token_rule="patch",
-        source=tower.source,
-    )
+    ``out_dim`` (a fused tower: on its fused tokens); its patch size is the output grid's (how Llava's processor
+    counts the image tokens: :func:`~align.modeling_aligned_tower.output_patch_size`)."""
+    if tower.kind == "fused":
+        c = tower.config
+        config: Any = FusedTowerConfig(parts=c.parts, pixels=c.pixels, grid=c.grid, source=c.source, head_config=head_config)  # fmt: skip
+        state, rule = dict(tower.state_dict), tower.prefix_rule
+    else:
+        backbone, state = backbone_parts(tower, "carry a bridge")
+        config = AlignedTowerConfig(vision_backbone=backbone_config(backbone), head_config=head_config, token_rule="patch", source=tower.source)  # fmt: skip
+        rule = f"drop CLS + registers ({tower.num_prefix_tokens} prefix tokens)"
     grid = int(head_config["out_grid"])
     return NewTower(
         source=tower.source,
         encoder=tower.encoder,
-        kind="aligned",
+        kind=tower.kind if tower.kind == "fused" else "aligned",
         config=config,
         state_dict={**state, **{f"head.{k}": v for k, v in head_state.items()}},
         image_processor=tower.image_processor,
@@ -279,9 +277,10 @@ def bridged_tower(
         patch_size=config.patch_size,
         num_prefix_tokens=tower.num_prefix_tokens,
         num_tokens=grid * grid,
-        prefix_rule=f"drop CLS + registers ({tower.num_prefix_tokens} prefix tokens), bridge to a {grid}x{grid} grid",
+        prefix_rule=f"{rule}, bridge to a {grid}x{grid} grid",
         head_layer=layer,
         notes=list(tower.notes),
+        parts=list(tower.parts),
     )
 
 

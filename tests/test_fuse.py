@@ -137,23 +137,21 @@ def test_one_processor_gives_each_tower_its_own_input(fused, sig32: Path) -> Non
     assert err < 0.05 < other_norm, (err, other_norm)
 
 
-def test_fused_llava_loads_and_generates_without_the_project(fused, sig32, tmp_path, without_project) -> None:
-    """A fresh process that cannot import align/mllm_swap loads the checkpoint with plain transformers
-    (trust_remote_code=True), gets the same logits, and generates."""
+MESSAGES = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}
+]
+
+
+def reload_without_project(out: Path, tmp_path: Path, without_project: str) -> dict:
+    """Load ``out`` with plain transformers (trust_remote_code=True) in a fresh process that cannot import
+    align/mllm_swap, generate 4 tokens; its logits must equal this process's. Returns what it saw."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    out, _ = fused
     image = tmp_path / "probe.png"
     sample_images(1)[0].save(image)
-    msgs = [
-        {
-            "role": "user",
-            "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}],
-        }
-    ]
     model = AutoModelForImageTextToText.from_pretrained(out).eval()
     proc = AutoProcessor.from_pretrained(out)
-    inputs = proc(images=sample_images(1)[0], text=proc.apply_chat_template(msgs, add_generation_prompt=True),
+    inputs = proc(images=sample_images(1)[0], text=proc.apply_chat_template(MESSAGES, add_generation_prompt=True),
                   return_tensors="pt")  # fmt: skip
     with torch.no_grad():
         want = model(**inputs).logits
@@ -166,7 +164,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 proc = AutoProcessor.from_pretrained({str(out)!r}, trust_remote_code=True)
 model = AutoModelForImageTextToText.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
 inputs = proc(images=Image.open({str(image)!r}).convert("RGB"),
-              text=proc.apply_chat_template({msgs!r}, add_generation_prompt=True), return_tensors="pt")
+              text=proc.apply_chat_template({MESSAGES!r}, add_generation_prompt=True), return_tensors="pt")
 with torch.no_grad():
     torch.save(model(**inputs).logits, {str(tmp_path / "logits.pt")!r})
     gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
@@ -178,10 +176,17 @@ print(json.dumps({{"tower": type(model.model.vision_tower).__name__, "new": gen.
     proc_ = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                            env={**__import__("os").environ, **env})  # fmt: skip
     assert proc_.returncode == 0, proc_.stderr[-3000:]
-    got = json.loads(proc_.stdout.strip().splitlines()[-1])
-    assert got == {"tower": "FusedTower", "new": 4, "modules": []}
     logits = torch.load(tmp_path / "logits.pt", weights_only=True)
     assert torch.allclose(logits, want, atol=1e-5)
+    return json.loads(proc_.stdout.strip().splitlines()[-1])
+
+
+def test_fused_llava_loads_and_generates_without_the_project(fused, sig32, tmp_path, without_project) -> None:
+    """A fresh process that cannot import align/mllm_swap loads the checkpoint with plain transformers
+    (trust_remote_code=True), gets the same logits, and generates."""
+    out, _ = fused
+    got = reload_without_project(out, tmp_path, without_project)
+    assert got == {"tower": "FusedTower", "new": 4, "modules": []}
     text = (out / "swap_report.json").read_text() + (out / "config.json").read_text()
     assert str(out.parent) not in text  # the checkpoint travels
     source = read_report(out)["new_tower"]["parts"][1]["source"]  # relative to the checkpoint
@@ -232,3 +237,47 @@ def test_connector_tuning_trains_the_new_input_layer_of_the_fused_model(
     (key,) = [k for k in trained if k.endswith("multi_modal_projector.linear_1.weight")]
     assert trained[key].shape[1] == 112 and not torch.equal(trained[key], before[key])
     assert not [k for k in trained if ".vision_tower." in k]
+
+
+def test_a_fused_tower_with_a_bridge_keeps_the_connector_and_reloads(
+    sig32: Path, shapes_dir: Path, tmp_path: Path, without_project: str
+) -> None:
+    """``swap --mode bridge --encoder A+B``: the adapter is trained on the fused tokens (width 64 + 48, 8x8) onto
+    tiny-llava's CLIP tokens (width 64); the old connector is kept; the tower's tokens are the trained head
+    applied to the plain fused tower's tokens (built here apart); it reloads without this project and generates."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from align.heads import build_token_head
+    from mllm_swap.bridge import HEAD_FILE, TRAIN_DIR
+    from mllm_swap.checkpoints import load_mllm
+
+    out = tmp_path / "bridged"
+    args = ["swap", "--mllm", "tiny-llava", "--encoder", f"tiny-clip+{sig32}", "--mode", "bridge", "--data",
+            str(shapes_dir), "--steps", "30", "--batch-size", "8", "--lr", "1e-2", "--vqa-limit", "4", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    report = read_report(out)
+    new, head = report["new_tower"], report["bridge"]["head"]
+    assert (report["mode"], new["kind"], new["width"], new["image_tokens"]) == ("bridge", "fused", 64, 64)
+    assert [p["grid"] for p in new["parts"]] == [8, 4] and (head["in_dim"], head["out_dim"]) == (64 + 48, 64)
+    assert report["untrained"] == []
+    drift = report["drift"]
+    assert drift["cosine_after_adapter_training"] > drift["cosine_before_adapter_training"] + 0.2, drift
+    compare = report["bridge"]["compare"]
+    assert compare["rebuild"]["available"] and not compare["dropin"]["available"]  # the fuse rebuild beside it
+    original, bridged = load_mllm("tiny-llava").model.state_dict(), load_mllm(out).model.state_dict()
+    connector = [k for k in original if ".multi_modal_projector." in k]
+    assert connector and all(torch.equal(original[k], bridged[k]) for k in connector)  # kept unchanged
+
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    pixels = AutoProcessor.from_pretrained(out).image_processor(images=sample_images(3), return_tensors="pt")
+    layer = model.config.vision_feature_layer
+    with torch.no_grad():
+        got = model.model.vision_tower(pixels["pixel_values"], output_hidden_states=layer).hidden_states[layer]
+        plain = fused_tower([load_vision_encoder("tiny-clip"), load_vision_encoder(sig32)], tmp_path).module()
+        fused_tokens = plain(pixels["pixel_values"], output_hidden_states=layer).hidden_states[layer]
+        adapter = build_token_head(head)
+        adapter.load_state_dict(load_file(out / TRAIN_DIR / HEAD_FILE))
+        want = adapter(fused_tokens, num_prefix_tokens=0)
+    assert got.shape == (3, 64, 64) and torch.allclose(got, want, atol=1e-5)
+    assert reload_without_project(out, tmp_path, without_project) == {"tower": "FusedTower", "new": 4, "modules": []}

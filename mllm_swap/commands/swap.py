@@ -16,7 +16,8 @@ DESCRIPTION = (
     "(--data SHAPES_DIR or --images DIR; default a generated shapes world) to reproduce the old tower's tokens, "
     "so the old connector and LLM answer at once (resumable: rerun the same command after a kill); fuse "
     "(HF Llava, --encoder A+B) installs both towers, their patch tokens concatenated along channels on the finer "
-    "token grid, and re-initialises the connector's first layer (width wA+wB). "
+    "token grid, and re-initialises the connector's first layer (width wA+wB); bridge with --encoder A+B keeps "
+    "the connector and trains the adapter on the fused tokens instead. "
     "Families: HF Llava (and LLaVA-NeXT drop-in), original LLaVA-1.5, IDEFICS, OpenFlamingo."
 )
 
@@ -78,7 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--encoder",
         required=True,
-        help="encoder id or path (tiny-*, hub id, open_clip, aligned artifact); A+B with --mode fuse",
+        help="encoder id or path (tiny-*, hub id, open_clip, aligned artifact); A+B (a fused tower) with --mode "
+        "fuse (new connector input layer) or bridge (the old connector, a trained adapter)",
     )
     p.add_argument("--out", required=True, help="output directory (must be new or empty unless --overwrite)")
     p.add_argument("--mode", choices=("auto", "dropin", "rebuild", "bridge", "fuse"), default="auto")
