@@ -263,6 +263,9 @@ def test_a_fused_tower_with_a_bridge_keeps_the_connector_and_reloads(
     assert report["untrained"] == []
     drift = report["drift"]
     assert drift["cosine_after_adapter_training"] > drift["cosine_before_adapter_training"] + 0.2, drift
+    # what the adapter trained on (its held-out cosine) is what the installed tower feeds at the consumed layer
+    trained = report["bridge"]["train"]["eval"]["held_out_cosine"]
+    assert drift["cosine_after_adapter_training"] == pytest.approx(trained, abs=1e-4)
     compare = report["bridge"]["compare"]
     assert compare["rebuild"]["available"] and not compare["dropin"]["available"]  # the fuse rebuild beside it
     original, bridged = load_mllm("tiny-llava").model.state_dict(), load_mllm(out).model.state_dict()
