@@ -87,7 +87,7 @@ def run_case(case: str, model: str, encoder: str, args: argparse.Namespace, work
     cache_bytes, image_bytes = dir_bytes(cache), dir_bytes(shapes / "images")
     summary = {
         "case": case,
-        "model": model,
+        "model": model if case == "tiny" else f"tiny-llava with {encoder} swapped in (rebuild)",
         "encoder": encoder,
         "speed_ratio": round(ratio, 2),
         "encode_s": round(encode_s, 2),
