@@ -7,7 +7,8 @@ after its select strategy). Objective: relative MSE + (1 - cosine) per token (:f
 is a ``Method`` of the shared loop (``align.train.loop.train``) in ``out/bridge_training/``: checkpointed
 atomically, resumed by rerunning the same command. The swapped checkpoint is an HF Llava whose tower is an
 :class:`~align.modeling_aligned_tower.AlignedTower` carrying the adapter as its head (remote code included);
-the connector and the LLM are the old ones, unchanged. ``swap_report.json`` holds the drift on held-out
+the connector and the LLM are the old ones, unchanged. ``encoder`` ``"A+B"`` bridges a fused tower
+(:mod:`mllm_swap.fuse`): the adapter maps its fused tokens, and the saved tower is a ``FusedTower`` with the head. ``swap_report.json`` holds the drift on held-out
 images (cosine to the old tokens before/after training the adapter, and at the LLM's input beside the
 untrained rebuild and, when the towers allow it, the drop-in) and a quick VQA of each at zero LLM tuning.
 """

@@ -4,7 +4,9 @@ As prismatic's DINOv2+SigLIP and Eagle's "CLIP+X": each tower drops all its pref
 at the consumed layer; the token grids are reconciled on the finer one (the coarser tower's patch grid is
 resampled bilinearly, ``align_corners=False``, as Cambrian and Eagle interpolate), and the tokens are
 concatenated along channels: ``grid^2`` tokens of width ``w_A + w_B``. The result is a
-:class:`~align.modeling_aligned_tower.FusedTower` (remote code as for aligned towers).
+:class:`~align.modeling_aligned_tower.FusedTower` (remote code as for aligned towers). ``--mode fuse`` rebuilds the
+connector's input layer for it; ``--mode bridge --encoder A+B`` (:mod:`mllm_swap.bridge`) keeps the old connector
+and the tower carries a bridge head trained on the fused tokens.
 
 Preprocessing from one image: the checkpoint's processor is the highest-resolution tower's own (its resize
 and crop) with normalisation off, so ``pixel_values`` are ``[0, 1]`` pixels at that resolution; inside, each
@@ -44,8 +46,8 @@ def fuse_spec_parts(spec: str) -> list[str]:
     parts = [p.strip() for p in str(spec).split(SEPARATOR)]
     if len(parts) != 2 or not all(parts):
         raise UserError(
-            f"--encoder {spec!r}: --mode fuse expects two encoders joined by '{SEPARATOR}' (A+B, each an encoder "
-            f"id or path), found {len(parts)} part(s){' with an empty one' if not all(parts) else ''}"
+            f"--encoder {spec!r}: a fused tower (--mode fuse, or bridge) takes two encoders joined by '{SEPARATOR}' "
+            f"(A+B, each an encoder id or path), found {len(parts)} part(s){' with an empty one' if not all(parts) else ''}"
         )
     return parts
 

@@ -200,6 +200,7 @@ def test_fused_llava_loads_and_generates_without_the_project(fused, sig32, tmp_p
         (["--mode", "fuse", "--encoder", "tiny-clip+"], "found 2 part(s) with an empty one"),
         (["--mode", "fuse", "--encoder", "tiny-clip+tiny-siglip+tiny-clip"], "found 3 part(s)"),
         (["--mode", "fuse", "--encoder", "tiny-clip+no-such-encoder"], "part 2 ('no-such-encoder') does not load"),
+        (["--mode", "bridge", "--encoder", "tiny-clip+no-such-encoder"], "part 2 ('no-such-encoder') does not load"),
         (["--mode", "rebuild", "--encoder", "tiny-clip+tiny-siglip"], "are fused by --mode fuse"),
         (["--mode", "fuse", "--prefix", "keep", "--encoder", "tiny-clip+tiny-siglip"], "every prefix token is dropped"),
         (["--mode", "fuse", "--mllm", "tiny-llava-original", "--encoder", "tiny-clip+tiny-siglip"],

@@ -10,6 +10,8 @@ consumes, naming what differs: the layer (the model's ``vision_feature_layer``),
 ``pixel_values`` carry the cached tokens and it hands them to Llava's own feature selection at the consumed
 layer, so the connector and everything after it run exactly as with the live tower (the same losses up to
 the cache's storage precision). The real tower is put back before evaluation and saving (:func:`restore`).
+Under ``accelerate launch`` each process reads its own batches' rows; under DeepSpeed ZeRO-3 the tower is kept
+whole outside the engine (:func:`install`). A run's ``metrics.jsonl`` counts ``cached_images`` per step.
 """
 
 from __future__ import annotations
