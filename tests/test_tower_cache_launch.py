@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import RECIPES, deepspeed_run_checks, launch, sets, start_line
+from test_distributed import RECIPES, launch, sets, start_line
 
 from align.data.cache import write_cache
 from align.io import read_json, read_jsonl
@@ -83,15 +83,20 @@ def test_cached_stage_two_processes_equal_the_live_tower(
     _check_against_live(out, live)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize(("stage", "processes"), [(2, 1), (3, 2)])
 def test_cached_stage_under_shipped_zero(
-    stage: int, live: Path, cache: Path, shapes_dir: Path, tmp_path: Path
+    stage: int, processes: int, live: Path, cache: Path, shapes_dir: Path, tmp_path: Path
 ) -> None:
-    """The shipped ZeRO-2 / ZeRO-3 accelerate configs as shipped (ZeRO-3 partitions the model at load: the
-    tower leaves it before DeepSpeed wraps it, whole, and comes back whole for saving)."""
+    """The shipped ZeRO-2 / ZeRO-3 accelerate configs as shipped (ZeRO-3 over two processes partitions the model
+    at load across them: the tower leaves it before DeepSpeed wraps it, gathered whole, and comes back whole for
+    saving)."""
     pytest.importorskip("deepspeed")
     out = tmp_path / f"zero{stage}"
     config = RECIPES / "accelerate" / f"deepspeed_zero{stage}.yaml"
-    stdout = launch(_args(shapes_dir, out, 4, f"tower_cache={cache}"), processes=1, config_file=config)
-    deepspeed_run_checks(out, stdout, stage=stage)
+    args = _args(shapes_dir, out, 4 // processes, f"tower_cache={cache}")
+    line = start_line(launch(args, processes=processes, config_file=config))
+    assert f"world size {processes} (DEEPSPEED), batch {4 // processes} per process" in line, line
+    assert f"DeepSpeed ZeRO-{stage} (DeepSpeedEngine)" in line, line
+    launched = read_json(out / "result.json")["launch"]
+    assert (launched["engine"], launched["zero_stage"]) == ("DeepSpeedEngine", stage)
     _check_against_live(out, live)
