@@ -3,6 +3,7 @@ per item; :mod:`mllm_swap.tune.conversations`), the length-grouped sampler and t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,9 @@ class ConversationDataset(Dataset):
         self.tower_cache = tower_cache  # a tune.tower_cache.TowerCache: tokens instead of pixels
         if self.summary.with_image and self.image_tokens >= max_length:
             raise ValueError(f"max_length {max_length} leaves no room after {self.image_tokens} image tokens")
+        start = time.perf_counter()
         self.texts = [self.tokenise(index) for index in range(len(self.records))]
+        self.tokenise_s = time.perf_counter() - start  # the one-off cost, logged by the stage
 
     def tokenise(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Record ``index``'s conversation as (``input_ids`` int32, assistant-label mask): its ids do not depend on

@@ -95,7 +95,11 @@ class TuneMethod:
         )
         if cache is not None:
             cache.check_images(self.dataset, model)
-        logger.info("tune data: %s", self.dataset.summary.describe())
+        logger.info(
+            "tune data: %s; conversations tokenised once in %.1f s",
+            self.dataset.summary.describe(),
+            self.dataset.tokenise_s,
+        )
         if self.cfg.init_trainables is not None:
             load_non_lora(model, self.cfg.init_trainables)
         if train_cfg.gradient_checkpointing:
