@@ -57,8 +57,9 @@ def check_encoders(encoders: list[str]) -> None:
         for part in parts:
             try:
                 load_vision_encoder(part)
-            except (ValueError, OSError) as err:
-                raise UserError(f"--encoder {encoder}: cannot load {part!r}: {err}") from err
+            except (ValueError, KeyError, OSError) as err:
+                detail = err.args[0] if isinstance(err, KeyError) and err.args else err
+                raise UserError(f"--encoder {encoder}: cannot load {part!r}: {detail}") from err
 
 
 def calibration_budget(table: Path) -> Budget:
