@@ -76,7 +76,7 @@ def scenes(n: int, size: int = 64, seed: int = SCENE_SEED) -> HeldOut:
 
 
 def held_out(data: str | os.PathLike | None, n: int = DEFAULT_IMAGES) -> HeldOut:
-    """The first ``n`` held-out images of ``data``: a shapes world's test split (with its attributes), any image
+    """The first ``n`` (or all, when fewer) held-out images of ``data``: a shapes world's test split (with its attributes), any image
     folder or data source (no labels), or (``None``) seeded shapes scenes."""
     if n < 4:
         raise UserError(f"measurements: need at least 4 held-out images (debiased CKA), asked for {n}")
@@ -87,16 +87,16 @@ def held_out(data: str | os.PathLike | None, n: int = DEFAULT_IMAGES) -> HeldOut
 
     shapes = (Path(data) / "pairs.jsonl").is_file()
     samples = [s for s in open_data(str(data), split="test" if shapes else None).samples if s.image is not None]
-    if len(samples) < n:
+    if len(samples) < 4:
         raise UserError(f"--data {data}: {len(samples)} held-out image(s){' (test split)' if shapes else ''}; the "
-                        f"measurements need {n}")  # fmt: skip
+                        "measurements need at least 4")  # fmt: skip
     samples = samples[:n]
     images = [open_image(s.image).convert("RGB") for s in samples]
     attrs = [s.meta.get("attributes") for s in samples]
     labels = None
     if shapes and all(isinstance(a, dict) and all(k in a for k in PROBED) for a in attrs):
         labels = {k: [str(a[k]) for a in attrs] for k in PROBED}
-    return HeldOut(images, labels, f"{data} ({'test split, ' if shapes else ''}first {n})")
+    return HeldOut(images, labels, f"{data} ({'test split, ' if shapes else ''}first {len(images)})")
 
 
 @dataclass
