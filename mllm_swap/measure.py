@@ -2,7 +2,7 @@
 
 On held-out images (a shapes world's test split, an image folder, or seeded shapes scenes), the tokens the
 MLLM consumes from its tower (the family's :meth:`~mllm_swap.families.Family.consumed_tokens`: its layer,
-after its prefix rule) are taken before the swap (old) and after it (new: the drop-in, the bridged tower,
+after its prefix rule; prefix tokens a ``keep`` rule feeds are left out here) are taken before the swap (old) and after it (new: the drop-in, the bridged tower,
 the rebuild or the fused tower), new patch grids resampled to the old grid when they differ
 (:func:`align.heads.resample_grid`). An image's feature is its tokens mean-pooled to a 4x4 grid
 (:func:`align.evals.attributes.grid_pool`, the probes' ``patch_grid``), so CKA and k-NN compare images and
@@ -29,6 +29,7 @@ shapes scenes instead.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,12 @@ class Snapshot:
     probe: float
 
 
+def patch_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """The square patch grid of consumed ``tokens [N, T, D]``: prefix tokens a ``keep`` rule feeds (first) dropped."""
+    side = math.isqrt(tokens.shape[1])
+    return tokens[:, tokens.shape[1] - side * side :]
+
+
 def image_features(tokens: torch.Tensor) -> torch.Tensor:
     """Tokens ``[N, T, D]`` on a square grid -> ``[N, 16 D]`` (4x4 grid means, the probes' ``patch_grid``)."""
     from align.evals.attributes import grid_pool
@@ -143,13 +150,13 @@ def probe_accuracy(features: torch.Tensor, labels: dict[str, list[str]]) -> floa
 @torch.no_grad()
 def snapshot(family: Family, loaded: Loaded, held: HeldOut) -> Snapshot:
     """Run the MLLM's current tower (and connector) over ``held``."""
-    tokens = family.consumed_tokens(loaded, held.images).float().cpu()
+    tokens = patch_tokens(family.consumed_tokens(loaded, held.images).float().cpu())
     if held.labels is not None:
         probe = probe_accuracy(image_features(tokens), held.labels)
     else:
         probe_set = scenes(len(held.images))
-        probe = probe_accuracy(image_features(family.consumed_tokens(loaded, probe_set.images).float().cpu()),
-                               probe_set.labels)  # fmt: skip
+        scene_tokens = patch_tokens(family.consumed_tokens(loaded, probe_set.images).float().cpu())
+        probe = probe_accuracy(image_features(scene_tokens), probe_set.labels)
     return Snapshot(tokens, connector_outputs(family, loaded, tokens), probe)
 
 

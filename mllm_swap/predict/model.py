@@ -161,6 +161,7 @@ def fit(table: Table) -> Fitted:
             "spearman": spearman(loeo, table.y),
             "mae": float(np.mean(np.abs(loeo - table.y))),
             "mae_predicting_the_mean": float(np.mean(np.abs(table.y - table.y.mean()))),
+            "rows_beyond_2se": int(np.sum(np.abs(table.y) > 2 * table.se)),
             "predictions": [float(v) for v in loeo],
         },
         "interval": {"level": LEVEL, "halfwidth": halfwidth, "from": "leave-one-encoder-out residuals "
@@ -172,12 +173,13 @@ def fit(table: Table) -> Fitted:
 
 
 def write_table(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Write ``rows`` (each with :data:`KEYS` and the measurements) as ``calibration.csv``, atomically."""
+    """Write ``rows`` (each with :data:`KEYS`, the measurements and, when known, both VQA accuracies) as
+    ``calibration.csv``, atomically."""
     from align.io import atomic_path
     from mllm_swap.measure import NAMES
 
     path = Path(path)
-    columns = [*KEYS, *NAMES]
+    columns = [*KEYS, "vqa", "control_vqa", *NAMES]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
