@@ -1,9 +1,10 @@
 """What a swap changes, measured before any LLM training: the ``measurements`` of ``swap_report.json``.
 
-On held-out images (a shapes world's test split, an image folder, or seeded shapes scenes), the tokens the
-MLLM consumes from its tower (the family's :meth:`~mllm_swap.families.Family.consumed_tokens`: its layer,
-after its prefix rule; prefix tokens a ``keep`` rule feeds are left out here) are taken before the swap (old) and after it (new: the drop-in, the bridged tower,
-the rebuild or the fused tower), new patch grids resampled to the old grid when they differ
+On held-out images (a shapes world's test split, an image folder, or seeded shapes scenes), the patch tokens
+the MLLM consumes from its tower (the family's :meth:`~mllm_swap.families.Family.consumed_tokens`: its layer,
+after its prefix rule; prefix tokens a ``keep`` rule feeds are left out here) are taken before the swap (old)
+and after it (new: the drop-in, the bridged tower, the rebuild or the fused tower), new patch grids resampled
+to the old grid when they differ
 (:func:`align.heads.resample_grid`). An image's feature is its tokens mean-pooled to a 4x4 grid
 (:func:`align.evals.attributes.grid_pool`, the probes' ``patch_grid``), so CKA and k-NN compare images and
 keep where things are. ``LLM inputs`` are the connector over the consumed tokens (the new one after a swap:

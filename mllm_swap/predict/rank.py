@@ -38,7 +38,7 @@ def candidates(encoders: list[str], modes: list[str] | None) -> list[tuple[str, 
         raise UserError("--encoder: expected encoder ids or paths, comma-separated (A+B for a fused pair)")
     pairs = []
     for encoder in encoders:
-        fused = "+" in encoder and not Path(encoder).expanduser().exists()
+        fused = len(fused_parts(encoder)) > 1
         wanted = ["fuse"] if fused else [m for m in (modes or DEFAULT_MODES) if m != "fuse"]
         if modes is not None and fused and "fuse" not in modes:
             raise UserError(f"--encoder {encoder}: a fused pair is swapped by --mode fuse, not {','.join(modes)}")
@@ -48,13 +48,23 @@ def candidates(encoders: list[str], modes: list[str] | None) -> list[tuple[str, 
     return pairs
 
 
+def fused_parts(encoder: str) -> list[str]:
+    """The parts of a fused pair ``A+B`` (one part for anything else, e.g. a path with a ``+`` in it)."""
+    return encoder.split("+") if "+" in encoder and not Path(encoder).expanduser().exists() else [encoder]
+
+
+def absolute(encoder: str) -> str:
+    """``encoder`` with every part that is an existing path made absolute (the swaps run inside ``OUT``)."""
+    return "+".join(str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() else p
+                    for p in fused_parts(encoder))  # fmt: skip
+
+
 def check_encoders(encoders: list[str]) -> None:
     """Fail early, naming the encoder, when one (or a fused part) cannot be loaded."""
     from align.load import load_vision_encoder
 
     for encoder in encoders:
-        parts = encoder.split("+") if "+" in encoder and not Path(encoder).expanduser().exists() else [encoder]
-        for part in parts:
+        for part in fused_parts(encoder):
             try:
                 load_vision_encoder(part)
             except (ValueError, KeyError, OSError) as err:
@@ -90,6 +100,7 @@ def predict_swaps(
     import contextlib
 
     from align.io import atomic_path, write_json
+    from align.paths import portable_tree
 
     pairs = candidates(encoders, modes)
     table_path = Path(calibration) if calibration is not None else shipped_table()
@@ -99,11 +110,12 @@ def predict_swaps(
     data = Path(data).resolve() if data is not None else default_world(budget)
     out = Path(out).resolve()
     mllm_arg = str(Path(mllm).resolve()) if Path(mllm).expanduser().exists() else mllm
+    jobs = [(encoder, mode, absolute(encoder), f"swaps/{slug('+'.join(Path(p).name for p in fused_parts(encoder)), mode)}")
+            for encoder, mode in pairs]  # fmt: skip
     rows = []
     with contextlib.chdir(out):
-        for encoder, mode in pairs:
-            folder = f"swaps/{slug(Path(encoder).name if Path(encoder).exists() else encoder, mode)}"
-            argv = swap_argv(mllm_arg, encoder, mode, str(data), folder, budget.measure_images, budget.bridge_steps)
+        for encoder, mode, spec, folder in jobs:
+            argv = swap_argv(mllm_arg, spec, mode, str(data), folder, budget.measure_images, budget.bridge_steps)
             code = run_command(argv)
             if code != 0:
                 raise UserError(f"candidate {encoder} ({mode}): the swap failed (exit {code}; its error is above)")
@@ -114,9 +126,10 @@ def predict_swaps(
     rows.sort(key=lambda r: -r["predicted_change"])
     for i, row in enumerate(rows):
         row["rank"] = i + 1
-    record = {"mllm": mllm, "data": str(data), "calibration": {**fitted.record, "source": str(table_path)},
+    source = str(table_path) if calibration is not None else "shipped: mllm_swap/predict/calibration.csv"
+    record = {"mllm": mllm, "data": str(data), "calibration": {**fitted.record, "source": source},
               "candidates": rows}  # fmt: skip
-    write_json(out / "predictions.json", record)
+    write_json(out / "predictions.json", portable_tree(record, out))
     with atomic_path(out / "predictions.md") as tmp:
         Path(tmp).write_text(format_predictions(record))
     OutDir.current(out).finish(owns=["predictions.json", "predictions.md", "swaps"])
