@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     loeo = cal["leave_one_encoder_out"]
     rho = "n/a" if loeo["spearman"] is None else f"{loeo['spearman']:+.3f}"
     print(f"{args.out}/calibration.csv: {cal['rows']} rows, {len(cal['encoders'])} encoders; leave-one-encoder-out "
-          f"Spearman {rho}, MAE {loeo['mae']:.4f} (predicting the mean: {loeo['mae_predicting_the_mean']:.4f}); "
+          f"Spearman {rho} (permutation p {loeo['spearman_permutation_p']}), MAE {loeo['mae']:.4f} (predicting the mean: {loeo['mae_predicting_the_mean']:.4f}); "
           f"{record['elapsed_s']:.0f} s")  # fmt: skip
     return 0
 

@@ -6,7 +6,8 @@ after a fixed tuning budget minus its control's, tuned the same way from the sam
 scikit-learn's ``RidgeCV`` (penalty chosen by its efficient leave-one-out error over ``ALPHAS``) on the
 standardized :data:`FEATURES`. Its honesty check is leave-one-encoder-out (LOEO): every encoder's rows are
 predicted by a model fitted without that encoder (penalty chosen inside the fold); the Spearman rank
-correlation and mean absolute error of those predictions are reported. The interval is a split-conformal one
+correlation (with a permutation p-value: the same LOEO on shuffled changes) and mean absolute error of those
+predictions are reported, beside the error of predicting the mean and how many changes exceed 2 SE. The interval is a split-conformal one
 from the LOEO residuals: ``prediction +- q``, ``q`` the ``ceil((n + 1) * LEVEL)``-th smallest absolute
 residual (the largest when ``n`` is too small for that rank, said in ``interval_note``). Calibrated on the
 shapes world with tiny models: the numbers say how well measurements rank swaps there, nowhere else.
@@ -32,6 +33,7 @@ KEYS = ("encoder", "mode", "seed", "measured_change", "measured_se")
 ALPHAS = tuple(float(a) for a in np.logspace(-2, 3, 11))
 LEVEL = 0.9  # the interval's nominal coverage
 MIN_ROWS, MIN_ENCODERS = 6, 3
+PERMUTATIONS = 100  # shuffles behind the LOEO Spearman's p-value
 
 
 @dataclass
@@ -92,14 +94,29 @@ def regressor() -> Any:
     return make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS))
 
 
-def leave_one_encoder_out(table: Table) -> np.ndarray:
-    """Each row predicted by a model fitted on the rows of the other encoders."""
+def leave_one_encoder_out(table: Table, y: np.ndarray | None = None) -> np.ndarray:
+    """Each row predicted by a model fitted on the rows of the other encoders (targets ``y``, default the table's)."""
+    y = table.y if y is None else y
     groups = np.array(table.encoders)
-    out = np.empty_like(table.y)
+    out = np.empty_like(y)
     for encoder in sorted(set(table.encoders)):
         held = groups == encoder
-        out[held] = regressor().fit(table.x[~held], table.y[~held]).predict(table.x[held])
+        out[held] = regressor().fit(table.x[~held], y[~held]).predict(table.x[held])
     return out
+
+
+def permutation_p(table: Table, observed: float | None, permutations: int = PERMUTATIONS, seed: int = 0) -> float | None:
+    """How often the LOEO Spearman reaches ``observed`` when the measured changes are shuffled over the rows
+    (the whole LOEO refitted each time): ``(1 + hits) / (1 + permutations)``; ``None`` without a correlation."""
+    if observed is None:
+        return None
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(permutations):
+        y = rng.permutation(table.y)
+        rho = spearman(leave_one_encoder_out(table, y), y)
+        hits += rho is not None and rho >= observed
+    return (1 + hits) / (1 + permutations)
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
@@ -143,6 +160,7 @@ def fit(table: Table) -> Fitted:
     model = regressor().fit(table.x, table.y)
     loeo = leave_one_encoder_out(table)
     halfwidth, note = conformal_halfwidth(table.y - loeo)
+    rho = spearman(loeo, table.y)
     ridge = model[-1]
     record = {
         "source": table.source,
@@ -158,7 +176,8 @@ def fit(table: Table) -> Fitted:
             "intercept": float(ridge.intercept_),
         },
         "leave_one_encoder_out": {
-            "spearman": spearman(loeo, table.y),
+            "spearman": rho,
+            "spearman_permutation_p": permutation_p(table, rho),
             "mae": float(np.mean(np.abs(loeo - table.y))),
             "mae_predicting_the_mean": float(np.mean(np.abs(table.y - table.y.mean()))),
             "rows_beyond_2se": int(np.sum(np.abs(table.y) > 2 * table.se)),

@@ -149,7 +149,7 @@ def format_predictions(record: dict[str, Any]) -> str:
                      f"[{r['interval'][0]:+.3f}, {r['interval'][1]:+.3f}] | {m['token_cka']:.3f} | "
                      f"{m['llm_input_cka']:.3f} | {m['probe_new']:.3f} |")  # fmt: skip
     lines += ["", f"Model: {cal['fit']['model']}, fitted on {cal['rows']} swaps of {len(cal['encoders'])} encoders "
-              f"({Path(cal['source']).name}). Leave-one-encoder-out: Spearman {rho}, MAE {loeo['mae']:.3f} "
+              f"({Path(cal['source']).name}). Leave-one-encoder-out: Spearman {rho} (permutation p {loeo['spearman_permutation_p']}), MAE {loeo['mae']:.3f} "
               f"(predicting the mean: {loeo['mae_predicting_the_mean']:.3f}); {loeo['rows_beyond_2se']} of {cal['rows']} measured "
               f"changes exceed 2 SE. Interval: {cal['interval']['level']:.0%} "
               f"split-conformal from those residuals.", "", f"Range: {cal['range']}.", "",
