@@ -34,6 +34,15 @@ from align.train.config import TrainConfig
 from mllm_swap.checkpoints import resolve_checkpoint
 from mllm_swap.families import Family, Loaded, detect_family
 from mllm_swap.fuse import is_fuse_spec, load_fuse_parts
+from mllm_swap.measure import (
+    DEFAULT_IMAGES,
+    HeldOut,
+    connector_outputs,
+    held_out,
+    mean_cosine,
+    measure_after,
+    measure_before,
+)
 from mllm_swap.swap import DEFAULT_PROMPT, REPORT, SwapReport, check_select_layer, feature_drift
 from mllm_swap.towers import NewTower, bridged_tower, new_tower, openclip_as_hf
 
@@ -236,13 +245,7 @@ def train_bridge(method: BridgeMethod, settings: BridgeSettings, run_dir: Path, 
 
 def llm_inputs(family: Family, loaded: Loaded, images: list) -> torch.Tensor:
     """What the LLM receives for ``images``: the connector over the consumed tokens."""
-    connector = loaded.model.get_submodule(family.trainable_parts(loaded.model)["connector"])
-    with torch.no_grad():
-        return connector(family.consumed_tokens(loaded, images).to(loaded.model.dtype)).float()
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean())
+    return connector_outputs(family, loaded, family.consumed_tokens(loaded, images))
 
 
 def quick_vqa(loaded: Loaded, vqa: Path | None, limit: int) -> float | None:
@@ -272,7 +275,7 @@ def compare_swaps(
         family.apply(loaded, plain, plan)
         out[mode] = {
             "available": True,
-            "llm_input_cosine": cosine(llm_inputs(family, loaded, held), old_inputs),
+            "llm_input_cosine": mean_cosine(llm_inputs(family, loaded, held), old_inputs),
             "vqa_accuracy": quick_vqa(loaded, vqa, limit),
         }
         del loaded
@@ -292,6 +295,7 @@ def bridge_swap(
     prompt: str = DEFAULT_PROMPT,
     compare: bool = True,
     vqa_limit: int = 100,
+    measure_images: int = DEFAULT_IMAGES,
     overwrite: bool = False,
     verbose: bool = True,
 ) -> SwapReport:
@@ -300,6 +304,7 @@ def bridge_swap(
     ``data`` (a shapes world) or ``image_dir`` (any images) are what the adapter trains on; ``select_layer``
     the new tower's layer (default: the MLLM's ``vision_feature_layer``). ``compare`` also builds the untrained
     rebuild and the drop-in in memory for the report; the quick VQA needs a shapes world's ``vqa_test.jsonl``.
+    ``measure_images``: held-out images of ``data`` (or ``image_dir``'s held-out ones) for the ``measurements``.
     """
     settings = settings or BridgeSettings()
     out = Path(out).expanduser().resolve()
@@ -332,6 +337,8 @@ def bridge_swap(
     plan = family.plan(loaded, tower, "rebuild", layer)
     connector = loaded.model.get_submodule(family.trainable_parts(loaded.model)["connector"])
     kept = {k: v.clone() for k, v in connector.state_dict().items()}
+    measured = held_out(data, measure_images) if image_dir is None else HeldOut(held, None, f"{image_dir} (held out)")
+    unswapped = measure_before(family, loaded, measured)
     family.apply(loaded, tower, plan)
     connector.load_state_dict(kept)  # a rebuild installs the tower; the bridge keeps the old connector
     drift = feature_drift(old_tokens, family.consumed_tokens(loaded, held))
@@ -340,7 +347,7 @@ def bridge_swap(
         images=len(held),
         cosine_before_adapter_training=before,
         cosine_after_adapter_training=drift["cosine_mean"],
-        llm_input_cosine=cosine(bridge_inputs, old_inputs),
+        llm_input_cosine=mean_cosine(bridge_inputs, old_inputs),
     )
     compared = (
         compare_swaps(family, src, plain, select_layer, held, old_inputs, vqa, vqa_limit) if compare else {}
@@ -377,6 +384,7 @@ def bridge_swap(
             "vqa_zero_tuning": {**vqa_table, "n": vqa_limit if vqa else None},
         },
     )
+    report.measurements, report.measured_on = measure_after(family, loaded, measured, unswapped)
     tmp = claim.temp_dir()
     family.save(loaded, tmp, out, plan, tower)
     write_json(tmp / REPORT, portable_tree(report.to_dict(), out))

@@ -33,6 +33,7 @@ from align.paths import portable, portable_tree
 from align.rundir import OutDir, claims_out_dir
 from mllm_swap.checkpoints import resolve_checkpoint
 from mllm_swap.families import Family, Loaded, SwapPlan, detect_family
+from mllm_swap.measure import DEFAULT_IMAGES, held_out, measure_after, measure_before
 from mllm_swap.towers import PREFIX_RULES, NewTower, new_tower, openclip_as_hf
 
 MODES = ("auto", "dropin", "rebuild", "fuse")
@@ -58,6 +59,8 @@ class SwapReport:
     notes: list[str] = field(default_factory=list)
     sample: dict[str, Any] = field(default_factory=dict)
     bridge: dict[str, Any] = field(default_factory=dict)  # a bridge swap's training and comparisons
+    measurements: dict[str, float | None] = field(default_factory=dict)  # :mod:`mllm_swap.measure`
+    measured_on: dict[str, Any] = field(default_factory=dict)  # the held-out images they come from
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,6 +104,9 @@ class SwapReport:
         vqa = {k: v for k, v in self.bridge.get("vqa_zero_tuning", {}).items() if k != "n" and v is not None}
         if vqa:
             lines.append("  quick VQA, no LLM tuning: " + ", ".join(f"{k} {v:.3f}" for k, v in vqa.items()))
+        if self.measurements:
+            lines.append("  measurements (held-out, before any LLM training): " + ", ".join(
+                f"{k} {v:.3f}" for k, v in self.measurements.items() if v is not None))  # fmt: skip
         lines += [f"  note: {x}" for x in self.notes]
         lines.append(f"  written: {self.out}")
         return "\n".join(lines)
@@ -233,6 +239,8 @@ def swap(
     to_hf: bool = False,
     prompt: str = DEFAULT_PROMPT,
     num_images: int = 4,
+    data: str | os.PathLike | None = None,
+    measure_images: int = DEFAULT_IMAGES,
     overwrite: bool = False,
     verbose: bool = True,
 ) -> SwapReport:
@@ -240,6 +248,7 @@ def swap(
     path); write ``out``.
 
     ``to_hf`` additionally writes an HF-layout copy to ``out/hf`` (original LLaVA checkpoints).
+    ``data``/``measure_images``: the held-out images of the report's ``measurements`` (:mod:`mllm_swap.measure`).
     """
     if mode not in MODES:
         raise ValueError(f"mode '{mode}': expected one of {list(MODES)}")
@@ -258,6 +267,8 @@ def swap(
     plan = family.plan(loaded, tower, "rebuild" if mode == "fuse" else mode, select_layer)
     if mode == "fuse":
         plan.mode, plan.reason = "fuse", f"requested: {tower.source} fused along channels"
+    held = held_out(data, measure_images)
+    before = measure_before(family, loaded, held)
     drift, new_images = apply_and_measure(family, loaded, tower, plan, prompt, num_images)
     generated = family.generate(loaded, new_images[0], prompt)
     report = SwapReport(
@@ -279,6 +290,7 @@ def swap(
         notes=plan.notes + tower.notes,
         sample={"prompt": prompt, "generated": generated} if generated is not None else {},
     )
+    report.measurements, report.measured_on = measure_after(family, loaded, held, before)
     tmp = claim.temp_dir()  # inside --out: a killed run's is removed by the next one
     family.save(loaded, tmp, out, plan, tower)
     if to_hf:

@@ -17,7 +17,7 @@ from align.errors import explain
 
 # Order here is the order of ``--help``.
 COMMANDS = ("encoders", "data", "pretrain", "encode", "align", "zeroshot", "probe", "curate", "eval", "rank", "tune", "merge",
-            "swap", "plan", "demo")  # fmt: skip
+            "swap", "plan", "predict", "calibrate", "demo")  # fmt: skip
 
 
 def package_version() -> str:

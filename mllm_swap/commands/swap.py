@@ -48,15 +48,14 @@ def run(args: argparse.Namespace) -> int:
         bridge_swap(
             args.mllm, args.encoder, args.out, data=args.data, image_dir=image_dir, settings=settings,
             select_layer=args.select_layer, prompt=args.prompt, compare=not args.no_compare,
-            vqa_limit=args.vqa_limit, overwrite=args.overwrite,
+            vqa_limit=args.vqa_limit, measure_images=args.measure_images, overwrite=args.overwrite,
         )  # fmt: skip
         return 0
     from mllm_swap.swap import swap
 
-    if image_dir is not None or args.data is not None:
-        raise UserError(
-            "--data and --images DIR are the bridge's training images: use them with --mode bridge"
-        )
+    if image_dir is not None:
+        raise UserError("--images DIR: the bridge's training images; use it with --mode bridge (--data SHAPES_DIR "
+                        "gives any mode its measurement images)")  # fmt: skip
     swap(
         args.mllm,
         args.encoder,
@@ -67,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         to_hf=args.to_hf,
         prompt=args.prompt,
         num_images=args.images,
+        data=args.data,
+        measure_images=args.measure_images,
         overwrite=args.overwrite,
     )
     return 0
@@ -97,9 +98,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=count_or_dir, default=4,
                    help="N: sample images for the feature drift; DIR (bridge): train the adapter on these images, "
                    "the last 10%% held out for the drift")  # fmt: skip
+    p.add_argument("--data", help="a shapes world or image folder: its held-out images (test split) give the "
+                   "report's measurements; bridge: its train split trains the adapter, its vqa_test.jsonl gives the "
+                   "quick VQA")  # fmt: skip
+    p.add_argument("--measure-images", type=at_least(4), default=64,
+                   help="held-out images of the report's measurements (default 64; seeded shapes scenes without "
+                   "--data)")  # fmt: skip
     bridge = p.add_argument_group("bridge (--mode bridge)")
-    bridge.add_argument("--data", help="a shapes world (train split trains the adapter, test split measures; "
-                        "its vqa_test.jsonl gives the quick VQA)")  # fmt: skip
     bridge.add_argument("--steps", type=at_least(1), default=300, help="adapter training steps")
     bridge.add_argument("--batch-size", type=at_least(1), default=16)
     bridge.add_argument("--lr", type=float, default=1e-3)

@@ -1,0 +1,202 @@
+"""Build the calibration table on the shapes world: swaps into the tiny LLaVA, each tuned exactly like its control.
+
+Every step is an ``mllm-swap`` command line run by the function the command hands in
+(:func:`mllm_swap.commands.run_argv`, as the demo runs its stages), from inside the output directory, and is
+skipped on a rerun when its output is complete (a swap's ``swap_report.json``, a tuning's ``result.json``,
+a merge's ``config.json``). The steps:
+
+1. ``world``: a shapes world (``data shapes``); its test split gives every measurement and the VQA.
+2. ``mllm/base``: the existing MLLM, ``tiny-llava`` (its tower: ``tiny-clip``) LoRA-tuned on the world so that
+   it answers, merged.
+3. ``swaps/<encoder>-<mode>``: every swap of :data:`SWAPS` into the base (measurements in its report), and the
+   control of the rebuild-like modes: the original ``tiny-clip`` rebuilt the same way.
+4. ``tune/s<seed>/<name>``: per tuning seed, each swap and both controls tuned with the same budget from the
+   same seed: rebuild and fuse (new connector input) train the connector, then LoRA; drop-in and bridge
+   (connector kept) get the LoRA alone, and their control is the base given that LoRA. The final LoRA stage
+   scores the world's VQA (:mod:`mllm_swap.tune.quick_vqa`, ``eval_limit`` questions).
+
+``measured_change`` is the swap's accuracy minus its control's (same seed); ``measured_se`` its standard
+error from the two binomial errors (treated as independent: conservative for the paired questions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from align.errors import UserError
+from align.io import read_json, write_json
+from align.paths import shipped
+
+RunCommand = Callable[[list[str]], int]
+ORIGINAL = "tiny-clip"  # the tiny LLaVA's tower
+MLLM = "tiny-llava"
+KEEPS = ("dropin", "bridge")  # modes that keep the connector
+SWAPS = (("tiny-clip-shapes", "dropin"), ("tiny-clip-shapes", "bridge"), ("tiny-dinov2", "bridge"),
+         ("tiny-dinov2", "rebuild"), ("tiny-dinov2-random", "rebuild"), ("tiny-dinov2-reg-random", "rebuild"),
+         ("tiny-siglip", "bridge"), ("tiny-siglip", "rebuild"), ("tiny-clip+tiny-dinov2", "fuse"))  # fmt: skip
+RECIPES = {"connector": "tiny_llava_connector.yaml", "lora": "tiny_llava_lora.yaml"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How big the build runs: the world, the base's tuning, every arm's tuning, the bridge adapters, the VQA."""
+
+    shapes: int = 400
+    world_seed: int = 0
+    base_steps: int = 100
+    connector_steps: int = 10
+    lora_steps: int = 20
+    bridge_steps: int = 40
+    eval_limit: int = 300
+    measure_images: int = 64
+    seeds: tuple[int, ...] = (0, 1)
+    swaps: tuple[tuple[str, str], ...] = SWAPS
+
+
+@dataclass
+class Build:
+    """The build's state: where it runs, how it runs commands, and what it ran (for the record)."""
+
+    out: Path
+    run_command: RunCommand
+    budget: Budget
+    ran: list[str] = field(default_factory=list)
+    skipped: int = 0
+
+    def step(self, argv: list[str], done: str) -> None:
+        """Run ``argv`` (in ``out``, the working directory) unless ``done`` exists; fail on a non-zero exit."""
+        import shlex
+
+        if (self.out / done).exists():
+            self.skipped += 1
+            return
+        line = "mllm-swap " + shlex.join(argv)
+        code = self.run_command(list(argv))
+        if code != 0:
+            raise UserError(f"calibrate step failed (exit {code}): {line}")
+        self.ran.append(line)
+
+
+def slug(encoder: str, mode: str) -> str:
+    """A swap's folder name."""
+    return f"{encoder.replace('+', '_')}-{mode}"
+
+
+def swap_argv(mllm: str, encoder: str, mode: str, data: str, out: str, measure_images: int, bridge_steps: int,
+              seed: int = 0) -> list[str]:  # fmt: skip
+    """The ``swap`` command line of one candidate (what ``calibrate`` and ``predict`` both run)."""
+    argv = ["swap", "--mllm", mllm, "--encoder", encoder, "--mode", mode, "--data", data,
+            "--measure-images", str(measure_images), "--out", out, "--overwrite"]  # fmt: skip
+    if mode == "bridge":
+        argv += ["--steps", str(bridge_steps), "--seed", str(seed), "--no-compare", "--vqa-limit", "0"]
+    return argv
+
+
+def tune_argv(stage: str, start: str, out: str, steps: int, seed: int, budget: Budget, score: bool) -> list[str]:
+    """One tuning stage on the world (recipes copied into ``recipes/``); ``score``: the VQA at its end."""
+    sets = [f"model={start}", "data=world/instruct.json", "image_folder=world", "shapes=null",
+            f"train.steps={steps}", f"train.seed={seed}",
+            *([ "eval_vqa=world/vqa_test.jsonl", f"eval_limit={budget.eval_limit}"] if score else ["eval_vqa=null"])]  # fmt: skip
+    return ["tune", "--config", f"recipes/{RECIPES[stage]}", *(a for kv in sets for a in ("--set", kv)),
+            "--out", out, "--overwrite"]  # fmt: skip
+
+
+def tune_arm(build: Build, name: str, start: str, rebuilt: bool, seed: int) -> str:
+    """Tune one arm (connector first when ``rebuilt``); returns the folder of its scored LoRA stage."""
+    folder, b = f"tune/s{seed}", build.budget
+    if rebuilt:
+        build.step(tune_argv("connector", start, f"{folder}/{name}-connector", b.connector_steps, seed, b, False),
+                   f"{folder}/{name}-connector/result.json")  # fmt: skip
+        start = f"{folder}/{name}-connector"
+    build.step(tune_argv("lora", start, f"{folder}/{name}-lora", b.lora_steps, seed, b, True),
+               f"{folder}/{name}-lora/result.json")  # fmt: skip
+    return f"{folder}/{name}-lora"
+
+
+def accuracy(build: Build, folder: str) -> tuple[float, int]:
+    """(VQA accuracy, questions) of a scored tuning output."""
+    ev = read_json(build.out / folder / "result.json")["eval"]
+    return float(ev["vqa_accuracy"]), int(ev["vqa_n"])
+
+
+def difference(swapped: tuple[float, int], control: tuple[float, int]) -> tuple[float, float]:
+    """(accuracy difference, its standard error from two independent binomial errors)."""
+    (p, n), (q, m) = swapped, control
+    return p - q, math.sqrt(p * (1 - p) / n + q * (1 - q) / m)
+
+
+def build_table(out: str | Path, run_command: RunCommand, budget: Budget) -> dict[str, Any]:
+    """Run (or resume) the whole build in ``out``; write ``calibration.csv`` and ``calibration.json``."""
+    out = Path(out).resolve()
+    (out / "recipes").mkdir(parents=True, exist_ok=True)
+    for name in RECIPES.values():  # the exact recipes the commands use, next to them
+        shutil.copyfile(shipped("recipes") / name, out / "recipes" / name)
+    with contextlib.chdir(out):
+        return run_build(Build(out, run_command, budget))
+
+
+def run_build(build: Build) -> dict[str, Any]:
+    """The steps of the module doc, from inside ``build.out``."""
+    from mllm_swap.predict.model import fit, read_table, write_table
+
+    start, out, b = time.monotonic(), build.out, build.budget
+    build.step(["data", "shapes", "--out", "world", "--n", str(b.shapes), "--seed", str(b.world_seed)],
+               "world/meta.json")  # fmt: skip
+    build.step(["swap", "--mllm", MLLM, "--encoder", ORIGINAL, "--mode", "dropin", "--out", "mllm/base-untuned",
+                "--overwrite"], "mllm/base-untuned/swap_report.json")  # fmt: skip
+    build.step(tune_argv("lora", "mllm/base-untuned", "tune/base-lora", b.base_steps, b.world_seed, b, True),
+               "tune/base-lora/result.json")  # fmt: skip
+    build.step(["merge", "--adapter", "tune/base-lora", "--out", "mllm/base", "--overwrite"], "mllm/base/config.json")
+    swaps = [(ORIGINAL, "rebuild"), *b.swaps]
+    for encoder, mode in swaps:
+        folder = f"swaps/{slug(encoder, mode)}"
+        build.step(swap_argv("mllm/base", encoder, mode, "world", folder, b.measure_images, b.bridge_steps),
+                   f"{folder}/swap_report.json")  # fmt: skip
+    rows = []
+    for seed in b.seeds:
+        controls = {"keep": accuracy(build, tune_arm(build, "control-keep", "mllm/base", False, seed)),
+                    "rebuild": accuracy(build, tune_arm(build, "control-rebuild", f"swaps/{slug(ORIGINAL, 'rebuild')}",
+                                                        True, seed))}  # fmt: skip
+        for encoder, mode in b.swaps:
+            name = slug(encoder, mode)
+            scored = accuracy(build, tune_arm(build, name, f"swaps/{name}", mode not in KEEPS, seed))
+            control = controls["keep" if mode in KEEPS else "rebuild"]
+            change, se = difference(scored, control)
+            report = read_json(out / "swaps" / name / "swap_report.json")
+            rows.append({"encoder": encoder, "mode": mode, "seed": seed, "measured_change": change,
+                         "measured_se": se, "vqa": scored[0], "control_vqa": control[0], **report["measurements"]})  # fmt: skip
+    table_path = write_table(rows, out / "calibration.csv")
+    fitted = fit(read_table(table_path))
+    record = {
+        "calibration": {**fitted.record, "source": "calibration.csv"},
+        "budget": asdict(b),
+        "mllm": f"{MLLM} ({ORIGINAL} tower) LoRA-tuned {b.base_steps} steps on the world: mllm/base",
+        "controls": {"dropin, bridge": "the base given the same LoRA",
+                     "rebuild, fuse": f"{ORIGINAL} rebuilt into the base, tuned the same way"},  # fmt: skip
+        "rows": rows,
+        "commands_run": len(build.ran),
+        "commands_skipped": build.skipped,
+        "elapsed_s": time.monotonic() - start,
+    }
+    write_json(out / "calibration.json", record)
+    return record
+
+
+def parse_swaps(value: str | None) -> tuple[tuple[str, str], ...]:
+    """``--swaps ENC:MODE,...`` (default :data:`SWAPS`)."""
+    if not value:
+        return SWAPS
+    pairs = []
+    for item in (v.strip() for v in value.split(",") if v.strip()):
+        encoder, _, mode = item.rpartition(":")
+        if not encoder or mode not in ("dropin", "bridge", "rebuild", "fuse"):
+            raise UserError(f"--swaps {item!r}: expected ENCODER:MODE with MODE one of dropin, bridge, rebuild, fuse")
+        pairs.append((encoder, mode))
+    return tuple(pairs)
