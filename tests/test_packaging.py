@@ -38,3 +38,6 @@ def test_wheel_ships_every_config_file(tmp_path: Path) -> None:
         if p.is_file() and "__pycache__" not in p.parts
     }
     assert names == expected
+    # package data: the predictor's shipped calibration table
+    packaged = set(zipfile.ZipFile(wheel).namelist())
+    assert {"mllm_swap/predict/calibration.csv", "mllm_swap/predict/calibration.json"} <= packaged
