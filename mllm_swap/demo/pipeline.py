@@ -143,9 +143,14 @@ def probe_towers(plan: Plan) -> dict[str, dict[str, str | Path]]:
     return {str(WORLD / "probe"): world, str(KUEA / "probe"): {"kuea": ARTIFACTS["kuea"]}}
 
 
+def command_line(argv: list[str]) -> str:
+    """``argv`` as the ``mllm-swap`` command line a user types."""
+    return "mllm-swap " + shlex.join(argv)
+
+
 def run_step(run_command: RunCommand, argv: list[str]) -> str:
     """Run one ``mllm-swap`` command line with ``run_command``; return it. Fails on a non-zero exit."""
-    line = "mllm-swap " + shlex.join(argv)
+    line = command_line(argv)
     code = run_command(list(argv))
     if code != 0:  # the step printed its own error above
         raise UserError(f"demo step failed (exit {code}): {line}")
@@ -171,7 +176,7 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
             lines = [run_step(run_command, argv) for argv in commands]
             return StageResult(summary={}, outputs=outputs, command="\n".join(lines))
 
-        return Stage(name, title, run)
+        return Stage(name, title, run, "\n".join(command_line(argv) for argv in commands))
 
     def align(method: str, recipe: str, out: Path, *extra: str) -> list[str]:
         settings = _sets(f"data.train={SHAPES}", f"train.steps={size.align_steps}", f"train.seed={plan.seed}",
