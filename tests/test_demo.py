@@ -287,6 +287,9 @@ def test_compare_puts_runs_side_by_side(demo: Path, findings: dict, tmp_path: Pa
     toy = findings["ranking"]["toy"]
     assert (f"| toy: Pearson r (linear CKA, CLIP loss) | {toy['pearson_r']:.3f} ({toy['verdict']}) | "
             f"{toy['pearson_r']:.3f} ({toy['verdict']}) | yes |") in table  # fmt: skip
+    kd = findings["kuea"]["kuea"]["kernel_discrepancy"]
+    cells = f"{kd['before']:.4g} -> {kd['after']:.4g}"
+    assert f"| kuea: kernel discrepancy to DINOv2, before -> after | {cells} | {cells} | - |" in table
     rows_json = {r["finding"]: r for r in read_json(out / "comparison.json")["rows"]}
     assert rows_json["VQA sail - control, clip_blind"]["values"] == {"seed 0": before["diff"], "seed 1": 0.25}
     zs = findings["zeroshot"]["kuea"]["color"]["acc1"]

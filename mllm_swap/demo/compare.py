@@ -38,7 +38,7 @@ def rows(found: dict) -> Iterator[Row]:
         yield f"MMVP-VLM {name.replace('_vs_', ' - ')}", cell, "diff" if "_vs_" in name else "score"
     for name, k in found["kuea"].items():
         kd = k["kernel_discrepancy"]
-        yield f"{name}: kernel discrepancy after (before {sig(kd['before'])})", kd, "after"
+        yield f"{name}: kernel discrepancy to DINOv2, before -> after", kd, "after"
         for label, z in k["zeroshot"].items():
             yield f"{name}: zero-shot {label} lost", z, "drop"
     for arm, groups in found["vqa_arms"].items():
@@ -55,7 +55,7 @@ def cell_text(cell: dict | None, key: str) -> str:
     """``value ± stderr (verdict)``, as much of it as the cell has (``-`` when the run lacks the row)."""
     if cell is None:
         return "-"
-    value = sig(cell[key]) if key == "after" else num(cell[key])
+    value = f"{sig(cell['before'])} -> {sig(cell[key])}" if key == "after" else num(cell[key])
     se = f" ± {num(cell['stderr'])}" if "stderr" in cell else ""
     word = cell.get("verdict") or ({True: "kept", False: "lost"}[cell["kept"]] if "kept" in cell else "")
     return f"{value}{se}" + (f" ({word})" if word else "")
