@@ -144,7 +144,7 @@ def test_report_tables_show_the_findings(demo: Path, findings: dict) -> None:
         lines = [line for line in report.splitlines() if line.startswith(f"| {tower} | patch_mean |")]
         cells = findings["probe"][tower]["patch_mean"]
         assert lines == ["| " + " | ".join([tower, "patch_mean", *[
-            f"{f3(cells[a]['accuracy'])} ± {f3(cells[a]['stderr'])}" for a in ("color", "shape", "count", "position")
+            f"{f3(cells[a]['accuracy'])} ± {f3(cells[a]['stderr'])}" for a in QUICK.probe_labels
         ]]) + " |"]  # fmt: skip
     for model in ("clip", "freeze_align", "sail", "kuea"):
         cells = rows(report, model)
@@ -265,3 +265,71 @@ def test_steps_run_through_the_runner_given_and_a_failing_one_stops_the_demo() -
     with pytest.raises(UserError, match=re.escape(f"demo step failed (exit 2): {line}")):
         first.run()
     assert calls == [["data", "shapes", "--out", "000_world/shapes", "--n", str(QUICK.shapes), "--seed", "0"]]
+
+
+def test_compare_puts_runs_side_by_side(demo: Path, findings: dict, tmp_path: Path) -> None:
+    """`demo --compare RUN RUN`: one row per headline finding, one column per run read from its own
+    findings.json, and whether the runs' verdicts agree."""
+    other = tmp_path / "other"
+    other.mkdir()
+    changed = json.loads(json.dumps(findings))
+    changed["seed"] = 1
+    cell = changed["comparisons"]["sail_vs_control"]["kinds"]["clip_blind"]
+    cell.update(diff=0.25, stderr=0.05, verdict="higher")
+    (other / "findings.json").write_text(json.dumps(changed))
+    out = tmp_path / "side"
+    assert main(["demo", "--compare", str(demo), str(other), "--out", str(out)]) == 0
+    table = (out / "comparison.md").read_text()
+    assert "| finding | seed 0 | seed 1 | same verdict |" in table
+    before = findings["comparisons"]["sail_vs_control"]["kinds"]["clip_blind"]
+    assert (f"| VQA sail - control, clip_blind | {before['diff']:.3f} ± {before['stderr']:.3f} "
+            f"({before['verdict']}) | 0.250 ± 0.050 (higher) | no |") in table  # fmt: skip
+    toy = findings["ranking"]["toy"]
+    assert (f"| toy: Pearson r (linear CKA, CLIP loss) | {toy['pearson_r']:.3f} ({toy['verdict']}) | "
+            f"{toy['pearson_r']:.3f} ({toy['verdict']}) | yes |") in table  # fmt: skip
+    kd = findings["kuea"]["kuea"]["kernel_discrepancy"]
+    cells = f"{kd['before']:.4g} -> {kd['after']:.4g}"
+    assert f"| kuea: kernel discrepancy to DINOv2, before -> after | {cells} | {cells} | - |" in table
+    rows_json = {r["finding"]: r for r in read_json(out / "comparison.json")["rows"]}
+    assert rows_json["VQA sail - control, clip_blind"]["values"] == {"seed 0": before["diff"], "seed 1": 0.25}
+    zs = findings["zeroshot"]["kuea"]["color"]["acc1"]
+    assert rows_json["zero-shot kuea, color"]["values"] == {"seed 0": zs, "seed 1": zs}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--compare", "RUN"], "--compare: expected at least two demo run directories, found 1"),
+        (["--compare", "RUN", "MISSING"], "MISSING: no findings.json; expected a finished `mllm-swap demo` run"),
+        (["--seed", "0,0"], "--seed 0,0: a seed is repeated"),
+        (["--seed", "1,x"], "--seed 1,x: expected an integer >= 0, or several comma-separated"),
+    ],
+)
+def test_bad_compare_and_seed_lists_are_refused(
+    demo: Path, tmp_path: Path, capsys, flags: list[str], message: str
+) -> None:
+    flags = [str(demo) if f == "RUN" else str(tmp_path / f) if f == "MISSING" else f for f in flags]
+    message = message.replace("MISSING", str(tmp_path / "MISSING"))
+    assert main(["demo", "--out", str(tmp_path / "out"), "--quick", *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_several_world_seeds_run_apart_then_side_by_side(findings: dict, tmp_path: Path, monkeypatch) -> None:
+    """`demo --seed 0,1`: one run per world seed in OUT/seed-S, each with its own plan, then the comparison of
+    their findings in OUT (the runs themselves are stood in for: each writes findings for its seed)."""
+    import mllm_swap.demo.run as run_module
+
+    plans = {}
+
+    def fake_run(out, run_command, plan: Plan) -> Path:
+        plans[Path(out)] = plan
+        Path(out).mkdir(parents=True)
+        (Path(out) / "findings.json").write_text(json.dumps({**findings, "seed": plan.seed}))
+        return Path(out) / "report.md"
+
+    monkeypatch.setattr(run_module, "run_demo", fake_run)
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--seed", "0,1", "--seeds", "2"]) == 0
+    assert {out: (p.seed, p.seeds, p.size) for out, p in plans.items()} == {
+        tmp_path / "seed-0": (0, 2, QUICK), tmp_path / "seed-1": (1, 2, QUICK)}  # fmt: skip
+    assert "| finding | seed 0 | seed 1 | same verdict |" in (tmp_path / "comparison.md").read_text()

@@ -43,3 +43,25 @@ def test_stage_that_does_not_write_its_outputs_fails(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="never.txt"):
         run_stages([stage], tmp_path, log=lambda _: None)
     assert not (tmp_path / "stages" / "bad.json").exists()
+
+
+def test_stage_made_by_another_command_runs_again(tmp_path: Path) -> None:
+    """A stage that declares its command up front is skipped only when the record says the same command made
+    it (e.g. a demo rerun with another --seed into the same folder must not reuse the first seed's outputs)."""
+    calls: list[str] = []
+
+    def stage(command: str) -> Stage:
+        def run() -> StageResult:
+            calls.append(command)
+            (tmp_path / "out.txt").write_text(command)
+            return StageResult({}, [tmp_path / "out.txt"], command=command)
+
+        return Stage("s", "S", run, command=command)
+
+    logs: list[str] = []
+    run_stages([stage("make --seed 0")], tmp_path, log=logs.append)
+    run_stages([stage("make --seed 0")], tmp_path, log=logs.append)
+    assert calls == ["make --seed 0"] and "outputs verified, skipped" in logs[-1]
+    run_stages([stage("make --seed 1")], tmp_path, log=logs.append)
+    assert calls == ["make --seed 0", "make --seed 1"] and (tmp_path / "out.txt").read_text() == "make --seed 1"
+    assert any("made earlier by another command, running again" in line for line in logs)

@@ -48,24 +48,28 @@ class DemoSize:
     score_n: int
     toy_instances: int
     align_steps: int
-    base_steps: int  # LoRA steps that make the existing MLLM
-    connector_steps: int  # the extra tuning of every arm: connector, then LoRA
+    base_steps: int  # LoRA steps in which the existing MLLM's never-trained LLM learns the answers' language
+    base_lora_steps: int  # its LoRA after its fresh connector (the stage where it learns to use the image)
+    connector_steps: int  # the extra tuning of every arm (and the base's fresh connector): connector, then LoRA
     lora_steps: int
     eval_limit: int
     seeds: int  # tuning seeds by default
     pretrain_steps: int | None  # None: `mllm-swap pretrain`'s own budget
     batch: int | None = None  # overrides the recipes' batch sizes (the quick run's world is tiny)
     mmvp: tuple[str, ...] = ()  # `data mmvp` flags (the quick run's 24 held-out scenes need loose quantiles)
+    probe_labels: tuple[str, ...] = KINDS  # the attributes the linear probes fit (each one a probe per feature)
+    random_floor: bool = True  # probe a random DINOv2 too, as the floor a learned tower must beat
 
 
 FULL = DemoSize(
-    shapes=2000, score_n=500, toy_instances=200, align_steps=200, base_steps=200, connector_steps=40,
-    lora_steps=100, eval_limit=400, seeds=3, pretrain_steps=None,
+    shapes=2000, score_n=500, toy_instances=200, align_steps=200, base_steps=200, base_lora_steps=200,
+    connector_steps=40, lora_steps=100, eval_limit=400, seeds=3, pretrain_steps=None,
 )  # fmt: skip
 QUICK = DemoSize(
-    shapes=120, score_n=64, toy_instances=16, align_steps=6, base_steps=4, connector_steps=2, lora_steps=3,
+    shapes=120, score_n=64, toy_instances=16, align_steps=6, base_steps=4, base_lora_steps=3, connector_steps=2,
+    lora_steps=3,
     eval_limit=16, seeds=1, pretrain_steps=2, batch=16,
-    mmvp=("--clip-quantile", "0.5", "--dino-quantile", "0.9"),
+    mmvp=("--clip-quantile", "0.5", "--dino-quantile", "0.9"), probe_labels=CLIP_BLIND, random_floor=False,
 )  # fmt: skip
 
 
@@ -137,15 +141,20 @@ def zeroshot_models(plan: Plan) -> dict[str, dict[str, str | Path]]:
 
 def probe_towers(plan: Plan) -> dict[str, dict[str, str | Path]]:
     """``{probe folder: {name: encoder}}``: the towers whose features are probed."""
-    world = {"clip": plan.clip, "dino": plan.dino, "dino-random": RANDOM_TOWERS[0]}
-    if plan.dino == RANDOM_TOWERS[0]:  # the quick run's DINOv2 is the random one
-        del world["dino-random"]
+    world = {"clip": plan.clip, "dino": plan.dino}
+    if plan.size.random_floor:
+        world["dino-random"] = RANDOM_TOWERS[0]
     return {str(WORLD / "probe"): world, str(KUEA / "probe"): {"kuea": ARTIFACTS["kuea"]}}
+
+
+def command_line(argv: list[str]) -> str:
+    """``argv`` as the ``mllm-swap`` command line a user types."""
+    return "mllm-swap " + shlex.join(argv)
 
 
 def run_step(run_command: RunCommand, argv: list[str]) -> str:
     """Run one ``mllm-swap`` command line with ``run_command``; return it. Fails on a non-zero exit."""
-    line = "mllm-swap " + shlex.join(argv)
+    line = command_line(argv)
     code = run_command(list(argv))
     if code != 0:  # the step printed its own error above
         raise UserError(f"demo step failed (exit {code}): {line}")
@@ -171,7 +180,7 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
             lines = [run_step(run_command, argv) for argv in commands]
             return StageResult(summary={}, outputs=outputs, command="\n".join(lines))
 
-        return Stage(name, title, run)
+        return Stage(name, title, run, "\n".join(command_line(argv) for argv in commands))
 
     def align(method: str, recipe: str, out: Path, *extra: str) -> list[str]:
         settings = _sets(f"data.train={SHAPES}", f"train.steps={size.align_steps}", f"train.seed={plan.seed}",
@@ -223,7 +232,27 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
 
     def probe(folder: str, towers: dict[str, str | Path]) -> list[str]:
         return ["probe", "--encoder", ",".join(str(t) for t in towers.values()), "--data", str(SHAPES),
-                "--labels", ",".join(KINDS), "--out", folder, "--overwrite"]  # fmt: skip
+                "--labels", ",".join(size.probe_labels), "--out", folder, "--overwrite"]  # fmt: skip
+
+    def base_commands() -> list[list[str]]:
+        """The existing MLLM, made the way LLaVA is: the never-trained tiny LLM first learns the answers'
+        language (LoRA, its old connector riding along), then a fresh connector input layer is pretrained
+        (stage 1) and the whole instruction-tuned (stage 2, LoRA). Without the second part the LLaVA answered
+        alike whatever the image (colour 0.23, chance 0.17): the old connector never learned this CLIP. Its stage
+        2 is longer than the arms' LoRA: with 100 steps world seed 1's base still answered colour at chance
+        (0.16), with 200 it reads it (0.81); the arms then start from a base that uses the image."""
+        mllm, runs = SAIL / "mllm", SAIL / "tune"
+        return [
+            swap("tiny-llava", plan.clip, "dropin", mllm / "base-untuned"),
+            tune("tiny_llava_lora.yaml", mllm / "base-untuned", runs / "base-language", size.base_steps, plan.seed),
+            ["merge", "--adapter", str(runs / "base-language"), "--out", str(mllm / "base-language"), "--overwrite"],
+            swap(mllm / "base-language", plan.clip, "rebuild", mllm / "base-rebuild"),
+            tune("tiny_llava_connector.yaml", mllm / "base-rebuild", runs / "base-connector", size.connector_steps,
+                 plan.seed),
+            tune("tiny_llava_lora.yaml", runs / "base-connector", runs / "base-lora", size.base_lora_steps,
+                 plan.seed),
+            ["merge", "--adapter", str(runs / "base-lora"), "--out", str(BASE), "--overwrite"],
+        ]  # fmt: skip
 
     steps = ["--steps", str(size.pretrain_steps)] if size.pretrain_steps else []
     pretrain = [["pretrain", kind, "--data", str(SHAPES), "--seed", str(plan.seed), *steps, "--out", f"models/{kind}",
@@ -310,20 +339,10 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
         ),  # fmt: skip
         stage(
             "002_sail-base",
-            "The existing MLLM: tiny LLaVA with the CLIP, LoRA-tuned",
-            [
-                swap("tiny-llava", plan.clip, "dropin", SAIL / "mllm" / "base-untuned"),
-                tune(
-                    "tiny_llava_lora.yaml",
-                    SAIL / "mllm" / "base-untuned",
-                    SAIL / "tune" / "base-lora",
-                    size.base_steps,
-                    plan.seed,
-                ),
-                ["merge", "--adapter", str(SAIL / "tune" / "base-lora"), "--out", str(BASE), "--overwrite"],
-            ],
+            "The existing MLLM: tiny LLaVA with the CLIP (language LoRA, then a fresh connector: connector, LoRA)",
+            base_commands(),
             [BASE],
-        ),  # fmt: skip
+        ),
         stage(
             "002_sail-rebuild",
             "Swap: the SAIL tower rebuilt into the LLaVA, and the CLIP rebuilt the same way (the control)",

@@ -63,6 +63,8 @@ def headlines(found: dict) -> list[str]:
                        f"({v['verdict']}).")  # fmt: skip
     seeds = len(found["tune_seeds"])
     where = {
+        "color": "on colour (what the CLIP's captions name)",
+        "shape": "on shape (what the CLIP's captions name)",
         "clip_blind": f"on the CLIP-blind questions ({', '.join(CLIP_BLIND)})",
         MMVP: "on the Shapes-MMVP pairs",
     }

@@ -64,20 +64,21 @@ def probe_section(root: Path, found: dict, folder: Path = WORLD) -> str:
     towers = {t: found["probe"][t] for t in found["probe"] if (folder == KUEA) == (t == "kuea")}
     if not towers:
         return ""
-    rows = [[tower, feature, *[pm(attrs[a]) for a in KINDS]]
+    any_feature = next(iter(next(iter(towers.values())).values()))
+    labels = [a for a in KINDS if a in any_feature]  # the attributes probed
+    rows = [[tower, feature, *[pm(attrs[a]) for a in labels]]
             for tower, features in towers.items() for feature, attrs in features.items()]  # fmt: skip
-    any_tower = next(iter(towers.values()))
-    rows.append(["chance", "", *[num(next(iter(any_tower.values()))[a]["chance"]) for a in KINDS]])
-    diffs = [[f"{name}: {feature}", *[f"{pm(c[a], 'diff')} ({c[a]['verdict']})" for a in KINDS]]
+    rows.append(["chance", "", *[num(any_feature[a]["chance"]) for a in labels]])
+    diffs = [[f"{name}: {feature}", *[f"{pm(c[a], 'diff')} ({c[a]['verdict']})" for a in labels]]
              for name, features in found["probe_differences"].items() if (folder == KUEA) == name.startswith("kuea")
              for feature, c in features.items()]  # fmt: skip
     return (
         "Linear probes (`mllm-swap probe`): a logistic regression on frozen features of the train split, scored "
         "on held-out scenes (accuracy ± standard error). `cls` is the global embedding, `patch_mean` the patch "
         "tokens the LLaVA's connector sees, mean-pooled.\n\n"
-        + markdown_table(["tower", "feature", *KINDS], rows)
+        + markdown_table(["tower", "feature", *labels], rows)
         + "\n\nDifferences (± combined standard error; a verdict needs more than two):\n\n"
-        + markdown_table(["towers: feature", *KINDS], diffs)
+        + markdown_table(["towers: feature", *labels], diffs)
         + "\n\n"
         + image_link(root, root / folder / "probe" / "probe.png", "probe accuracy")
     )
@@ -225,7 +226,8 @@ def stage_sections(seeds: list[int]) -> dict[str, Section]:
             [zeroshot_section(root, f, ("clip", "freeze_align")), training_section(root, [str(FREEZE / "align")])]),
         "002_sail-align": lambda root, f: "\n\n".join(
             [zeroshot_section(root, f, ("sail",)), training_section(root, [str(SAIL / "align")])]),
-        "002_sail-base": lambda root, f: training_section(root, [str(SAIL / "tune" / "base-lora")]),
+        "002_sail-base": lambda root, f: training_section(
+            root, [str(SAIL / "tune" / run) for run in ("base-language", "base-connector", "base-lora")]),
         "002_sail-eval": partial(vqa_section, section=SAIL, models=["base", "sail-rebuild"], arms=section_arms(SAIL),
                                  comparisons=["sail_vs_control"]),
         "003_kuea-align": lambda root, f: "\n\n".join(
