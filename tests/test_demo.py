@@ -27,10 +27,8 @@ PLAN = Plan(QUICK)
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("demo") / "run"
-    assert main(["demo", "--out", str(root), "--quick"]) == 0
-    return root
+def demo(quick_demo: Path) -> Path:
+    return quick_demo
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,13 @@
 """The demo's pipeline: how big it runs, where each output goes, and its stages as ``mllm-swap`` command lines.
 
-The story has four numbered sections, each a folder of the run directory:
+The story has numbered sections, each a folder of the run directory:
 ``000_world`` (the shapes world, the tiny CLIP and DINOv2 built from the run's seed, linear probes of
 what each tower knows), ``001_freeze_align`` (the debiased CKA ranking with its noise floor, the toy
 CKA-vs-loss experiment, the freeze_align heads), ``002_sail`` (SAIL heads, a tiny LLaVA with the CLIP as
 the existing MLLM, the SAIL tower rebuilt into it and tuned exactly like a control) and ``003_kuea``
 (KUEA with the paper's trainable kernel and anchor, the no-anchor ablation, the drop-in with no tuning
-and after the same tuning). The command lines use paths relative to the run directory they run in (see
+and after the same tuning); ``004_swaps`` (bridge, rebuild, fused tower, cached stage 1) is
+:mod:`mllm_swap.demo.swaps`. The command lines use paths relative to the run directory they run in (see
 :func:`mllm_swap.demo.run.run_demo`) and are recorded in the report.
 """
 

@@ -181,11 +181,22 @@ def cache_section(root: Path, found: dict) -> str:
     )  # fmt: skip
 
 
+def verdicts(found: dict) -> list[str]:
+    """The section's comparisons on every question and on the CLIP-blind ones, each with its verdict."""
+    out = []
+    for c in found["swaps"]["comparisons"].values():
+        cells = [f"{group} {pm(d, 'diff')} over {d['n']} questions"
+                 + (f", seed sd {num(d['seed_sd'])}" if d["seed_sd"] is not None else "") + f" ({d['verdict']})"
+                 for group in ("all", "clip_blind") if (d := c["kinds"].get(group))]  # fmt: skip
+        out.append(f"- {c['what']}: " + "; ".join(cells) + ".")
+    return out
+
+
 def _eval(root: Path, found: dict) -> str:
     view = {**found, "comparisons": found["swaps"]["comparisons"]}
     scores = vqa_section(root, view, SWAPS, ["base", "dino-bridge", "dino-rebuild", "sail-rebuild"],
                          [CONTROL, "sail", *section_arms(SWAPS)], list(COMPARISONS))  # fmt: skip
-    return "\n\n".join([swaps_table(root, found), scores])
+    return "\n\n".join([swaps_table(root, found), "\n".join(verdicts(found)), scores])
 
 
 def swap_sections() -> dict[str, Section]:
