@@ -36,16 +36,22 @@ def _settings(command: str) -> list[str]:
 
 
 def test_swapped_arms_get_exactly_the_controls_tuning() -> None:
-    """No demo run needed: per tuning seed, the bridge and the fused tower are tuned by the same command lines
-    as the CLIP rebuild (the control) and the SAIL rebuild, but for the model they start from and where they
-    write; the cached stage 1 is the control's first stage with the cache added."""
+    """No demo run needed: per tuning seed, the fused tower is tuned by the same command lines as the CLIP rebuilt
+    the same way (connector, then LoRA), and the bridge, which keeps the connector, by the same LoRA as the
+    original (the drop-in's control), but for the model they start from and where they write; the cached
+    stage 1 is the control's first stage with the cache added."""
     stages = build_stages(Plan(QUICK, seed=3, seeds=2), lambda argv: 0)
     lines = {s.name: s.run().command.splitlines() for s in stages}
+
+    def tunes(stage: str) -> list[list[str]]:
+        return [_settings(c) for c in lines[stage] if c.startswith("mllm-swap tune ")]
+
     for seed in (3000, 3001):
-        control = [_settings(c) for c in lines[f"002_sail-tune-s{seed}"] if c.startswith("mllm-swap tune ")]
-        ours = [_settings(c) for c in lines[f"004_swaps-tune-s{seed}"] if c.startswith("mllm-swap tune ")]
-        assert len(control) == len(ours) == 4 and ours == control
+        rebuilds, dropins, ours = (tunes(f"{s}-tune-s{seed}") for s in ("002_sail", "003_kuea", "004_swaps"))
+        assert len(ours) == 3 and ours == [dropins[0], *rebuilds[:2]]  # bridge; fuse: connector, LoRA
         assert f"--set train.seed={seed}" in " ".join(lines[f"004_swaps-tune-s{seed}"])
+        assert "--set model=002_sail/mllm/clip-rebuild " in lines[f"002_sail-tune-s{seed}"][0]
+        assert "--set model=002_sail/mllm/base " in lines[f"003_kuea-tune-s{seed}"][0]
     stage1 = next(c for c in lines["004_swaps-cache"] if c.startswith("mllm-swap tune "))
     live = lines["002_sail-tune-s3000"][0]
     assert _settings(stage1) == [*_settings(live), "--set", "tower_cache=004_swaps/cache/clip-tokens"]
@@ -119,12 +125,12 @@ def test_comparisons_pair_the_right_models() -> None:
     """With made-up answers, each comparison of the section is its named models' paired difference."""
     rng = np.random.default_rng(1)
     names = ["base", "dino-bridge", "dino-rebuild", "sail-rebuild", "bridge-s0", "sail-s0", "clip-rebuild-s0",
-             "fuse-s0"]  # fmt: skip
+             "fuse-s0", "clip-s0"]  # fmt: skip
     answers = {m: rng.random(40) < rng.uniform(0.2, 0.8) for m in names}
     scores = {m: {f"q{i}": ("color", float(x)) for i, x in enumerate(xs)} for m, xs in answers.items()}
     cells = comparisons(scores, PLAN, COMPARISONS)
     expected = {"dino_bridge_vs_base": ("dino-bridge", "base"), "dino_bridge_vs_rebuild": ("dino-bridge", "dino-rebuild"),
-                "bridge_vs_sail": ("bridge-s0", "sail-s0"), "bridge_vs_control": ("bridge-s0", "clip-rebuild-s0"),
+                "bridge_vs_sail": ("bridge-s0", "sail-s0"), "bridge_vs_control": ("bridge-s0", "clip-s0"),
                 "fuse_vs_control": ("fuse-s0", "clip-rebuild-s0"), "sail_rebuild_vs_base": ("sail-rebuild", "base")}  # fmt: skip
     for name, (a, b) in expected.items():
         d = answers[a].astype(float) - answers[b]

@@ -38,7 +38,7 @@ ARMS = {  # arm -> (section, starting model, connector stage first)
     "sail": ("002_sail", "002_sail/mllm/sail-rebuild", True),
     "clip": ("003_kuea", "002_sail/mllm/base", False),
     "kuea": ("003_kuea", "003_kuea/mllm/kuea-dropin", False),
-    "bridge": ("004_swaps", "004_swaps/mllm/dino-bridge", True),  # tuned like the rebuilds
+    "bridge": ("004_swaps", "004_swaps/mllm/dino-bridge", False),  # keeps the connector: tuned like a drop-in
     "fuse": ("004_swaps", "004_swaps/mllm/clip-dino-fuse", True),
 }
 

@@ -5,11 +5,14 @@ adapter trained on images only maps its tokens onto the CLIP's, so the kept conn
 once), rebuilt (a new connector input layer, untrained) and fused with the CLIP (``swap --mode fuse``).
 SAIL's tower is the same frozen DINOv2 with SAIL's image head, which a bridge refuses (it maps a backbone's
 tokens), so the DINOv2 bridge is also the bridge of SAIL's backbone. The bridge is scored at zero LLM tuning
-beside the rebuild, and, like the fused tower, after exactly the tuning of the CLIP rebuild (the control)
-and of the SAIL rebuild (the tuned arms of :data:`~mllm_swap.demo.pipeline.ARMS`, paired per question with
-:func:`~mllm_swap.demo.findings.difference`). Stage 1 of the control is rerun with the tower's tokens read
-from a cache (``tower_cache``, ``encode --pool tokens``) on the same data, seed and steps: its speed
-against the live run, and its losses. Stages, findings (``findings.json``'s ``swaps``) and report section.
+beside the rebuilds, and after tuning like a drop-in (it keeps the connector: the LoRA alone, against the
+original given the same LoRA, section 003's control); the fused tower is tuned like a rebuild (connector,
+then LoRA, against the CLIP rebuilt the same way, section 002's control); the tuned arms are
+:data:`~mllm_swap.demo.pipeline.ARMS`, paired per question with :func:`~mllm_swap.demo.findings.difference`.
+These are the controls the swap-success predictor's calibration uses. Stage 1 of the CLIP rebuild is rerun
+with the tower's tokens read from a cache (``tower_cache``, ``encode --pool tokens``) on the same data, seed
+and steps: its speed against the live run, and its losses. Stages, findings (``findings.json``'s
+``swaps``) and report section.
 """
 
 from __future__ import annotations
@@ -33,11 +36,11 @@ COMPARISONS = {  # name -> (swapped, control, what it is), as findings.COMPARISO
     "dino_rebuild_vs_base": ("dino-rebuild", "base", "DINOv2 rebuilt into the LLaVA, no tuning, vs the original"),
     "sail_rebuild_vs_base": ("sail-rebuild", "base", "SAIL's tower rebuilt into the LLaVA, no tuning, vs the original"),
     "dino_bridge_vs_rebuild": ("dino-bridge", "dino-rebuild", "DINOv2 bridge vs the same DINOv2 rebuilt, no tuning"),
-    "bridge_vs_control": ("bridge", CONTROL, "DINOv2 bridge vs the CLIP rebuild, both tuned alike "
-                               "(connector, LoRA)"),
-    "bridge_vs_sail": ("bridge", "sail", "DINOv2 bridge vs SAIL's tower rebuilt (the same DINOv2 with "
-                            "SAIL's head), both tuned alike"),
-    "fuse_vs_control": ("fuse", CONTROL, "CLIP+DINOv2 fused vs the CLIP rebuild, both tuned alike"),
+    "bridge_vs_control": ("bridge", "clip", "DINOv2 bridge vs the original, both given the same LoRA"),
+    "bridge_vs_sail": ("bridge", "sail", "DINOv2 bridge given the LoRA vs SAIL's tower (the same DINOv2 with "
+                       "SAIL's head) rebuilt, given its connector stage and the same LoRA"),
+    "fuse_vs_control": ("fuse", CONTROL, "CLIP+DINOv2 fused vs the CLIP rebuilt the same way, both tuned alike "
+                        "(connector, LoRA)"),
 }  # fmt: skip
 
 
@@ -82,7 +85,8 @@ def swap_stages(
     return [
         stage(f"{SWAPS.name}-swap", "Swap with no LLM training: the DINOv2 bridged and rebuilt, the CLIP+DINOv2 "
               "fused", commands, [row["folder"] / "swap_report.json" for row in mine.values()]),
-        *tune_stages(SWAPS, "Tune the bridge and the fused tower like the rebuilds: connector, then LoRA"),
+        *tune_stages(SWAPS, "Tune the bridge like a drop-in (LoRA) and the fused tower like a rebuild (connector, "
+                    "then LoRA)"),
         stage(f"{SWAPS.name}-cache", f"Stage 1 of {CONTROL} (tuning seed {seed}) again, the tower's tokens read "
               "from a cache", [encode, [*stage1, "--set", f"tower_cache={CACHE}"]],
               [CACHE / "manifest.json", cached / "result.json", live / "result.json"]),
@@ -159,8 +163,10 @@ def swaps_table(root: Path, found: dict) -> str:
         "where widths differ, `llm_input_cosine` of what the LLM receives (a bridge; `rebuild_llm_input_cosine`: "
         "the untrained rebuild of the same encoder). Measured change: accuracy on every held-out question "
         "(`all`) minus the comparison's, paired per question (± standard error; a verdict needs more than two), "
-        "at zero LLM tuning vs the original and after tuning vs the control tuned alike (`-`: not measured "
-        "in the demo; a rebuild or fuse has an untrained connector input and is scored only tuned).\n\n"
+        "at zero LLM tuning vs the original and after tuning vs the control tuned alike (a rebuild or fuse: "
+        "connector then LoRA vs the CLIP rebuilt the same way; a drop-in or bridge: LoRA vs the original given "
+        "it; `-`: not measured in the demo: the fused tower, whose connector input is untrained, only tuned, "
+        "the DINOv2 rebuild only untuned).\n\n"
         + markdown_table(["swap", "mode", "drift (no tuning)", "untrained", "measured at zero tuning",
                           "measured after tuning"], rows)
     )  # fmt: skip
@@ -195,7 +201,7 @@ def verdicts(found: dict) -> list[str]:
 def _eval(root: Path, found: dict) -> str:
     view = {**found, "comparisons": found["swaps"]["comparisons"]}
     scores = vqa_section(root, view, SWAPS, ["base", "dino-bridge", "dino-rebuild", "sail-rebuild"],
-                         [CONTROL, "sail", *section_arms(SWAPS)], list(COMPARISONS))  # fmt: skip
+                         [CONTROL, "sail", "clip", *section_arms(SWAPS)], list(COMPARISONS))  # fmt: skip
     return "\n\n".join([swaps_table(root, found), "\n".join(verdicts(found)), scores])
 
 
