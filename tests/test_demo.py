@@ -205,7 +205,7 @@ def test_seed_generates_the_world_and_every_run() -> None:
         assert any(c.startswith(f"mllm-swap pretrain {kind} --data 000_world/shapes --seed 7 ") for c in commands)
     aligns = [c for c in commands if c.startswith("mllm-swap align ")]
     assert len(aligns) == 4 and all("--set train.seed=7 " in c for c in aligns)
-    tunes = [c for c in commands if c.startswith("mllm-swap tune ") and "tower_cache=" not in c]  # 004's rerun: 1 seed
+    tunes = [c for c in commands if c.startswith("mllm-swap tune ") and "004_swaps/tune/clip-rebuild" not in c]  # 1 seed
     assert sum("train.seed=7000 " in c for c in tunes) == sum("train.seed=7001 " in c for c in tunes) == 9
     assert [s.name for s in stages if "-tune-" in s.name] == [
         "002_sail-tune-s7000", "002_sail-tune-s7001", "003_kuea-tune-s7000", "003_kuea-tune-s7001",

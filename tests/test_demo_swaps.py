@@ -52,10 +52,10 @@ def test_swapped_arms_get_exactly_the_controls_tuning() -> None:
         assert f"--set train.seed={seed}" in " ".join(lines[f"004_swaps-tune-s{seed}"])
         assert "--set model=002_sail/mllm/clip-rebuild " in lines[f"002_sail-tune-s{seed}"][0]
         assert "--set model=002_sail/mllm/base " in lines[f"003_kuea-tune-s{seed}"][0]
-    stage1 = next(c for c in lines["004_swaps-cache"] if c.startswith("mllm-swap tune "))
-    live = lines["002_sail-tune-s3000"][0]
+    live, stage1 = (c for c in lines["004_swaps-cache"] if c.startswith("mllm-swap tune "))
+    control = lines["002_sail-tune-s3000"][0]  # the control's own stage 1
+    assert _settings(live) == _settings(control) and "--set model=002_sail/mllm/clip-rebuild " in live
     assert _settings(stage1) == [*_settings(live), "--set", "tower_cache=004_swaps/cache/clip-tokens"]
-    assert "--set model=002_sail/mllm/clip-rebuild " in stage1 and "--set model=002_sail/mllm/clip-rebuild " in live
     swaps = lines["004_swaps-swap"]
     assert "mllm-swap swap --mllm 002_sail/mllm/base --encoder models/dino --mode bridge " in swaps[0]
     assert "--data 000_world/shapes --steps 6 --seed 3 " in swaps[0] + " "
@@ -77,8 +77,7 @@ def test_swaps_are_what_they_say(quick_demo: Path) -> None:
 
 
 def test_cached_stage1_read_the_cache_and_matches_the_live_run(quick_demo: Path, found: dict) -> None:
-    live, cached = (quick_demo / d for d in ("002_sail/tune/clip-rebuild-s0-connector",
-                                             "004_swaps/tune/clip-rebuild-s0-connector-cached"))  # fmt: skip
+    live, cached = (quick_demo / f"004_swaps/tune/clip-rebuild-s0-connector-{how}" for how in ("live", "cached"))
     assert "tower_cache: 004_swaps/cache/clip-tokens" in (cached / "config.yaml").read_text()
     assert "tower_cache: null" in (live / "config.yaml").read_text()
     a, b = read_json(live / "result.json"), read_json(cached / "result.json")
