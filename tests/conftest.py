@@ -44,6 +44,17 @@ def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One ``mllm-swap demo --quick`` run shared by the demo's test modules (a test that changes it reruns the
+    demo, which redoes what changed)."""
+    from mllm_swap.cli import main
+
+    root = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--out", str(root), "--quick"]) == 0
+    return root
+
+
 # Python source to put first in a subprocess's code: importing this project there fails, as in an environment
 # without it (the editable install would otherwise serve it, e.g. through lmms-eval's entry-point scan).
 WITHOUT_PROJECT = """

@@ -145,10 +145,10 @@ COMPARISONS = {  # name -> (swapped arm or model, control arm or model, what it 
 }  # fmt: skip
 
 
-def comparisons(scores: dict, plan: Plan) -> dict[str, dict]:
-    """Each swapped-vs-control difference per question kind."""
+def comparisons(scores: dict, plan: Plan, table: dict = COMPARISONS) -> dict[str, dict]:
+    """Each swapped-vs-control difference of ``table`` (like :data:`COMPARISONS`) per question kind."""
     out = {}
-    for name, (a, b, what) in COMPARISONS.items():
+    for name, (a, b, what) in table.items():
         if a in ARMS:
             pairs = [(arm_model(a, s)[0], arm_model(b, s)[0]) for s in plan.tune_seeds]
         else:

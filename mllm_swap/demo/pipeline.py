@@ -1,12 +1,13 @@
 """The demo's pipeline: how big it runs, where each output goes, and its stages as ``mllm-swap`` command lines.
 
-The story has four numbered sections, each a folder of the run directory:
+The story has numbered sections, each a folder of the run directory:
 ``000_world`` (the shapes world, the tiny CLIP and DINOv2 built from the run's seed, linear probes of
 what each tower knows), ``001_freeze_align`` (the debiased CKA ranking with its noise floor, the toy
 CKA-vs-loss experiment, the freeze_align heads), ``002_sail`` (SAIL heads, a tiny LLaVA with the CLIP as
 the existing MLLM, the SAIL tower rebuilt into it and tuned exactly like a control) and ``003_kuea``
 (KUEA with the paper's trainable kernel and anchor, the no-anchor ablation, the drop-in with no tuning
-and after the same tuning). The command lines use paths relative to the run directory they run in (see
+and after the same tuning); ``004_swaps`` (bridge, rebuild, fused tower, cached stage 1) is
+:mod:`mllm_swap.demo.swaps`. The command lines use paths relative to the run directory they run in (see
 :func:`mllm_swap.demo.run.run_demo`) and are recorded in the report.
 """
 
@@ -37,6 +38,8 @@ ARMS = {  # arm -> (section, starting model, connector stage first)
     "sail": ("002_sail", "002_sail/mllm/sail-rebuild", True),
     "clip": ("003_kuea", "002_sail/mllm/base", False),
     "kuea": ("003_kuea", "003_kuea/mllm/kuea-dropin", False),
+    "bridge": ("004_swaps", "004_swaps/mllm/dino-bridge", False),  # keeps the connector: tuned like a drop-in
+    "fuse": ("004_swaps", "004_swaps/mllm/clip-dino-fuse", True),
 }
 
 
@@ -97,18 +100,19 @@ class Plan:
         return "models/dino"
 
 
-WORLD, FREEZE, SAIL, KUEA = (Path(d) for d in ("000_world", "001_freeze_align", "002_sail", "003_kuea"))
+WORLD, FREEZE, SAIL, KUEA, SWAPS = (Path(d) for d in ("000_world", "001_freeze_align", "002_sail", "003_kuea", "004_swaps"))
 SECTIONS = {  # folder -> the story it tells
     WORLD.name: "The world and what each tower knows",
     FREEZE.name: "freeze_align: which vision encoder is already closest to language",
     SAIL.name: "SAIL: a language-aligned DINOv2 tower rebuilt into the LLaVA",
     KUEA.name: "KUEA: CLIP pulled toward DINOv2's kernel, dropped into the LLaVA",
+    SWAPS.name: "Swap without retraining, and know before you train",
 }
 SHAPES = WORLD / "shapes"
 ARTIFACTS = {"freeze_align": FREEZE / "align" / "artifact", "sail": SAIL / "align" / "artifact",
              "kuea": KUEA / "align" / "artifact", "kuea-noanchor": KUEA / "align-noanchor" / "artifact"}  # fmt: skip
 BASE = SAIL / "mllm" / "base"
-EVAL = {SAIL.name: SAIL / "eval", KUEA.name: KUEA / "eval"}
+EVAL = {SAIL.name: SAIL / "eval", KUEA.name: KUEA / "eval", SWAPS.name: SWAPS / "eval"}
 
 
 def arm_model(arm: str, tune_seed: int) -> tuple[str, Path]:
@@ -129,6 +133,7 @@ def eval_models(plan: Plan) -> dict[str, dict[str, Path]]:
         SAIL.name: {"base": BASE, "sail-rebuild": SAIL / "mllm" / "sail-rebuild", **tuned["clip-rebuild"],
                     **tuned["sail"]},
         KUEA.name: {"kuea-dropin": KUEA / "mllm" / "kuea-dropin", **tuned["clip"], **tuned["kuea"]},
+        SWAPS.name: {m: SWAPS / "mllm" / m for m in ("dino-bridge", "dino-rebuild")} | tuned["bridge"] | tuned["fuse"],
     }  # fmt: skip
 
 
@@ -381,4 +386,6 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
         *tune_stages(KUEA, "Tune the KUEA drop-in and the original alike: LoRA"),
         evaluate(KUEA),
     ]
-    return stages
+    from mllm_swap.demo.swaps import swap_stages  # noqa: PLC0415 (section 004 builds on this module)
+
+    return stages + swap_stages(plan, stage=stage, swap=swap, tune=tune, tune_stages=tune_stages, evaluate=evaluate)

@@ -15,6 +15,7 @@ from mllm_swap.demo.findings import MARGIN, MMVP, collect
 from mllm_swap.demo.pipeline import CLIP_BLIND, SECTIONS, Plan
 from mllm_swap.demo.sections import markdown_table, num, pm, sig, stage_sections
 from mllm_swap.demo.stages import StageRecord
+from mllm_swap.demo.swaps import swap_findings, swap_sections
 
 EFFECT = {
     "higher": "higher, beyond two standard errors with every seed agreeing",
@@ -85,6 +86,7 @@ def headlines(found: dict) -> list[str]:
 def write_report(root: Path, records: list[StageRecord], plan: Plan) -> Path:
     """Write ``root/findings.json`` and ``root/report.md`` from the stages' records and the files they wrote."""
     found = collect(root, plan)
+    found["swaps"] = swap_findings(root, plan, found["comparisons"])
     write_json(root / "findings.json", found)
     total = sum(r.seconds for r in records)
     parts = [
@@ -111,7 +113,7 @@ def write_report(root: Path, records: list[StageRecord], plan: Plan) -> Path:
         "",
         f"Total compute recorded: {total:.0f} s (time of the runs that made the outputs, skipped stages included).",
     ]
-    bodies = stage_sections(plan.tune_seeds)
+    bodies = stage_sections(plan.tune_seeds) | swap_sections()
     for folder, story in SECTIONS.items():
         parts += ["", f"## {folder}: {story}"]
         for record in (r for r in records if r.name.startswith(folder)):

@@ -14,7 +14,7 @@ from align.io import read_jsonl
 from align.plots import pyplot, save_figure
 from mllm_swap.demo.findings import GROUPS, MARGIN, MMVP
 from mllm_swap.demo.outputs import load_json
-from mllm_swap.demo.pipeline import EVAL, FREEZE, KINDS, KUEA, SAIL, SHAPES, WORLD, section_arms
+from mllm_swap.demo.pipeline import EVAL, FREEZE, KINDS, KUEA, SAIL, SHAPES, SWAPS, WORLD, section_arms
 
 Section = Callable[[Path, dict], str]
 
@@ -237,7 +237,7 @@ def stage_sections(seeds: list[int]) -> dict[str, Section]:
                                  comparisons=["kuea_dropin_vs_base", "kuea_vs_control"]),
     }  # fmt: skip
     for seed in seeds:
-        for section in (SAIL, KUEA):
+        for section in (SAIL, KUEA, SWAPS):
             out[f"{section.name}-tune-s{seed}"] = _tuning(
                 section / "tune", tuple(f"{a}-s{seed}" for a in section_arms(section))
             )
