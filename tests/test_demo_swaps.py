@@ -15,7 +15,7 @@ import pytest
 from align.io import read_json, read_jsonl
 from mllm_swap.demo.findings import comparisons
 from mllm_swap.demo.pipeline import QUICK, Plan, build_stages
-from mllm_swap.demo.swaps import COMPARISONS
+from mllm_swap.demo.swaps import COMPARISONS, demo_swaps
 
 PLAN = Plan(QUICK)
 SWAPS = Path("004_swaps")
@@ -120,6 +120,22 @@ def test_findings_are_the_tools_own_numbers(quick_demo: Path, found: dict) -> No
     assert found["swaps"]["clip-dino-fuse"]["measured_zero_tuning"] is None  # untrained connector: not scored
 
 
+def test_predictions_are_predicts_own(quick_demo: Path, found: dict) -> None:
+    """Each swap's prediction is its mode's candidate in its ``mllm-swap predict`` run, whose measurements are
+    those of predict's own swap report; 'inside' says whether the measured change after tuning is in the
+    interval."""
+    for name, s in found["swaps"].items():
+        folder = quick_demo / "004_swaps" / "predict" / demo_swaps(PLAN)[name]["predict"]
+        (candidate,) = [c for c in read_json(folder / "predictions.json")["candidates"] if c["mode"] == s["mode"]]
+        p = s["predicted"]
+        assert (p["change"], p["interval"], p["rank"]) == (candidate["predicted_change"], candidate["interval"],
+                                                            candidate["rank"])  # fmt: skip
+        assert p["measurements"] == read_json(folder / candidate["swap"] / "swap_report.json")["measurements"]
+        measured = s["measured_tuned"]
+        lo, hi = p["interval"]
+        assert p["measured_inside_interval"] == (None if measured is None else lo <= measured["diff"] <= hi)
+
+
 def test_comparisons_pair_the_right_models() -> None:
     """With made-up answers, each comparison of the section is its named models' paired difference."""
     rng = np.random.default_rng(1)
@@ -144,6 +160,9 @@ def test_report_tables_show_the_findings(quick_demo: Path, found: dict) -> None:
         for key, value in s["drift"].items():
             if key != "untrained":
                 assert f"{key} {f3(value)}" in line
+        if p := s["predicted"]:
+            assert f"{f3(p['change'])} [{f3(p['interval'][0])}, {f3(p['interval'][1])}]" in line
+            assert all(f"{k} {f3(v)}" in line for k, v in p["measurements"].items() if v is not None)
         for when in ("measured_zero_tuning", "measured_tuned"):
             cell = s[when]
             assert (f"{f3(cell['diff'])} ± {f3(cell['stderr'])} ({cell['verdict']})" if cell else "| - |") in line

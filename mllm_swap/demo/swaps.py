@@ -29,6 +29,7 @@ from mllm_swap.demo.sections import Section, markdown_table, num, pm, vqa_sectio
 from mllm_swap.demo.stages import Stage
 
 MLLM = SWAPS / "mllm"
+PREDICT = SWAPS / "predict"
 CACHE = SWAPS / "cache" / "clip-tokens"
 CONTROL = "clip-rebuild"  # the arm whose stage 1 is rerun from the cache
 COMPARISONS = {  # name -> (swapped, control, what it is), as findings.COMPARISONS
@@ -45,17 +46,30 @@ COMPARISONS = {  # name -> (swapped, control, what it is), as findings.COMPARISO
 
 
 def demo_swaps(plan: Plan) -> dict[str, dict[str, Any]]:
-    """Every swap of the demo: its mode, encoder, folder, and the comparisons that measure it at zero LLM
-    tuning (vs the original) and after tuning (vs its control; None where the demo does not tune it)."""
+    """Every swap of the demo: its mode, encoder, folder, the ``mllm-swap predict`` run that predicts it (its
+    folder under :data:`PREDICT`), and the comparisons that measure it at zero LLM tuning (vs the original) and
+    after tuning (vs its control; None where the demo does not tune it)."""
     rows = {
-        "sail-rebuild": ("rebuild", ARTIFACTS["sail"], ARMS["sail"][1], "sail_rebuild_vs_base", "sail_vs_control"),
-        "kuea-dropin": ("dropin", ARTIFACTS["kuea"], ARMS["kuea"][1], "kuea_dropin_vs_base", "kuea_vs_control"),
-        "dino-bridge": ("bridge", plan.dino, ARMS["bridge"][1], "dino_bridge_vs_base", "bridge_vs_control"),
-        "dino-rebuild": ("rebuild", plan.dino, MLLM / "dino-rebuild", "dino_rebuild_vs_base", None),
-        "clip-dino-fuse": ("fuse", f"{plan.clip}+{plan.dino}", ARMS["fuse"][1], None, "fuse_vs_control"),  # untrained input
-    }
-    return {name: {"mode": mode, "encoder": str(encoder), "folder": Path(folder), "zero": zero, "tuned": tuned}
-            for name, (mode, encoder, folder, zero, tuned) in rows.items()}  # fmt: skip
+        "sail-rebuild": ("rebuild", ARTIFACTS["sail"], ARMS["sail"][1], "sail", "sail_rebuild_vs_base",
+                         "sail_vs_control"),
+        "kuea-dropin": ("dropin", ARTIFACTS["kuea"], ARMS["kuea"][1], "kuea", "kuea_dropin_vs_base", "kuea_vs_control"),
+        "dino-bridge": ("bridge", plan.dino, ARMS["bridge"][1], "dino", "dino_bridge_vs_base", "bridge_vs_control"),
+        "dino-rebuild": ("rebuild", plan.dino, MLLM / "dino-rebuild", "dino", "dino_rebuild_vs_base", None),
+        "clip-dino-fuse": ("fuse", f"{plan.clip}+{plan.dino}", ARMS["fuse"][1], "dino", None, "fuse_vs_control"),
+    }  # fmt: skip
+    return {name: {"mode": mode, "encoder": str(encoder), "folder": Path(folder), "predict": predict, "zero": zero,
+                   "tuned": tuned} for name, (mode, encoder, folder, predict, zero, tuned) in rows.items()}  # fmt: skip
+
+
+def predict_runs(plan: Plan) -> dict[str, tuple[list[str], list[str]]]:
+    """``{folder: (encoders, modes)}``: one ``mllm-swap predict`` run per group of :func:`demo_swaps` (each mode
+    once in a group, so a candidate is found by its mode)."""
+    runs: dict[str, tuple[list[str], list[str]]] = {}
+    for row in demo_swaps(plan).values():
+        encoders, modes = runs.setdefault(row["predict"], ([], []))
+        encoders += [row["encoder"]] if row["encoder"] not in encoders else []
+        modes.append(row["mode"])
+    return runs
 
 
 def live_and_cached(plan: Plan) -> tuple[Path, Path]:
@@ -83,9 +97,14 @@ def swap_stages(
               "--prefix", "drop", "--dtype", "fp16", "--out", str(CACHE), "--overwrite"]  # fmt: skip
     stage1 = [tune("tiny_llava_connector.yaml", Path(ARMS[CONTROL][1]), run, plan.size.connector_steps, seed)
               for run in (live, cached)]  # fmt: skip
+    predict = [["predict", "--mllm", str(BASE), "--encoder", ",".join(encoders), "--mode", ",".join(modes),
+                "--data", str(SHAPES), "--out", str(PREDICT / name), "--overwrite"]
+               for name, (encoders, modes) in predict_runs(plan).items()]  # fmt: skip
     return [
         stage(f"{SWAPS.name}-swap", "Swap with no LLM training: the DINOv2 bridged and rebuilt, the CLIP+DINOv2 "
               "fused", commands, [row["folder"] / "swap_report.json" for row in mine.values()]),
+        stage(f"{SWAPS.name}-predict", "Predict every swap's VQA change after tuning, before any LLM training "
+              "(`mllm-swap predict`)", predict, [PREDICT / name / "predictions.json" for name in predict_runs(plan)]),
         *tune_stages(SWAPS, "Tune the bridge like a drop-in (LoRA) and the fused tower like a rebuild (connector, "
                     "then LoRA)"),
         stage(f"{SWAPS.name}-cache", f"Stage 1 of {CONTROL} (tuning seed {seed}) again, back to back: the live tower, "
@@ -130,24 +149,49 @@ def _drift(report: dict | None) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def predicted(record: dict | None, mode: str, measured: dict | None) -> dict[str, Any] | None:
+    """The candidate of ``mode`` in a ``predictions.json`` record: its measurements, predicted change, interval
+    and rank, and whether the ``measured`` change after tuning falls inside the interval."""
+    cell = next((c for c in (record or {}).get("candidates", []) if c["mode"] == mode), None)
+    if cell is None:
+        return None
+    lo, hi = cell["interval"]
+    inside = None if measured is None else bool(lo <= measured["diff"] <= hi)
+    return {"measurements": cell["measurements"], "change": cell["predicted_change"], "interval": [lo, hi],
+            "rank": cell["rank"], "measured_inside_interval": inside}  # fmt: skip
+
+
 def swap_findings(root: Path, plan: Plan, earlier: dict) -> dict[str, Any]:
-    """``findings.json``'s ``swaps``: this section's comparisons, and per swap of the demo its mode, drift and
-    measured change at zero tuning and after tuning (cells of ``comparisons``, section 004's or ``earlier``'s:
-    the findings record's own)."""
+    """``findings.json``'s ``swaps``: this section's comparisons, and per swap of the demo its mode, drift,
+    prediction (``mllm-swap predict``) and measured change at zero tuning and after tuning (cells of
+    ``comparisons``, section 004's or ``earlier``'s: the findings record's own); the predictor's calibration
+    honesty numbers; the cached stage 1."""
     found = comparisons(vqa_scores(root, plan), plan, COMPARISONS)
     every = {**earlier, **found}
+    records = {name: load_json(root / PREDICT / name / "predictions.json") for name in predict_runs(plan)}
     rows = {}
     for name, row in demo_swaps(plan).items():
         report = load_json(root / row["folder"] / "swap_report.json")
         measured = {when: every.get(row[when], {}).get("kinds", {}).get("all") for when in ("zero", "tuned")}
         rows[name] = {"mode": row["mode"], "encoder": row["encoder"], "drift": _drift(report),
+                      "predicted": predicted(records[row["predict"]], row["mode"], measured["tuned"]),
                       "measured_zero_tuning": measured["zero"], "measured_tuned": measured["tuned"],
                       "comparisons": {"zero_tuning": row["zero"], "tuned": row["tuned"]}}  # fmt: skip
-    return {"swaps": rows, "comparisons": found, "cached_stage1": cached_stage1(root, plan)}
+    calibration = next((r["calibration"] for r in records.values() if r), None)
+    loeo = calibration and calibration["leave_one_encoder_out"]
+    honesty = calibration and {"rows": calibration["rows"], **{k: loeo[k] for k in ("spearman", "mae", "mae_predicting_the_mean")}}
+    return {"swaps": rows, "comparisons": found, "calibration": honesty, "cached_stage1": cached_stage1(root, plan)}
 
 
 def _change(cell: dict | None) -> str:
     return "-" if not cell else f"{pm(cell, 'diff')} ({cell['verdict']})"
+
+
+def _predicted(cell: dict | None) -> str:
+    if not cell:
+        return "-"
+    inside = {True: "; measured inside", False: "; measured outside", None: ""}[cell["measured_inside_interval"]]
+    return f"{num(cell['change'])} [{num(cell['interval'][0])}, {num(cell['interval'][1])}]{inside}"
 
 
 def swaps_table(root: Path, found: dict) -> str:
@@ -156,8 +200,13 @@ def swaps_table(root: Path, found: dict) -> str:
     for name, s in found["swaps"]["swaps"].items():
         d = s["drift"]
         drift = "; ".join(f"{k} {num(v)}" for k, v in d.items() if k != "untrained") or "-"
-        rows.append([name, s["mode"], drift, ", ".join(d.get("untrained", [])) or "none",
-                     _change(s["measured_zero_tuning"]), _change(s["measured_tuned"])])  # fmt: skip
+        measurements = "; ".join(f"{k} {num(v)}" for k, v in (s["predicted"] or {}).get("measurements", {}).items())
+        rows.append([name, s["mode"], drift, ", ".join(d.get("untrained", [])) or "none", measurements or "-",
+                     _predicted(s["predicted"]), _change(s["measured_zero_tuning"]), _change(s["measured_tuned"])])  # fmt: skip
+    cal = found["swaps"]["calibration"]
+    honesty = "" if not cal else (
+        f" The predictor's calibration ({cal['rows']} swaps on the shapes world): leave-one-encoder-out Spearman "
+        f"{num(cal['spearman'])}, MAE {num(cal['mae'])} (predicting the mean: {num(cal['mae_predicting_the_mean'])}).")
     return (
         "Every swap of the demo. Drift, before any LLM training, on held-out images: `token_cosine` of the new "
         "tokens to the CLIP's (a bridge: `cosine_before_adapter` is before training its adapter), `linear_cka` "
@@ -167,9 +216,11 @@ def swaps_table(root: Path, found: dict) -> str:
         "at zero LLM tuning vs the original and after tuning vs the control tuned alike (a rebuild or fuse: "
         "connector then LoRA vs the CLIP rebuilt the same way; a drop-in or bridge: LoRA vs the original given "
         "it; `-`: not measured in the demo: the fused tower, whose connector input is untrained, only tuned, "
-        "the DINOv2 rebuild only untuned).\n\n"
-        + markdown_table(["swap", "mode", "drift (no tuning)", "untrained", "measured at zero tuning",
-                          "measured after tuning"], rows)
+        "the DINOv2 rebuild only untuned). Measurements and predicted change after tuning [interval]: "
+        "`mllm-swap predict`, before any LLM training, on its own swap of the same encoder and mode with the "
+        f"calibration's budget; whether the measured change after tuning falls inside the interval.{honesty}\n\n"
+        + markdown_table(["swap", "mode", "drift (no tuning)", "untrained", "measurements", "predicted change",
+                          "measured at zero tuning", "measured after tuning"], rows)
     )  # fmt: skip
 
 

@@ -189,6 +189,7 @@ class LlavaHF(Family):
         cfg = model.config
         strategy, additional = strategy_for(tower)
         cfg.vision_config = tower.config
+        cfg.vision_config._name_or_path = str(tower.source)  # an id or a path relative to the checkpoint
         cfg.vision_feature_select_strategy = strategy
         cfg.vision_feature_layer = plan.new.select_layer
         cfg.image_seq_length = plan.new.num_tokens

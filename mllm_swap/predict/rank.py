@@ -53,12 +53,6 @@ def fused_parts(encoder: str) -> list[str]:
     return encoder.split("+") if "+" in encoder and not Path(encoder).expanduser().exists() else [encoder]
 
 
-def absolute(encoder: str) -> str:
-    """``encoder`` with every part that is an existing path made absolute (the swaps run inside ``OUT``)."""
-    return "+".join(str(Path(p).expanduser().resolve()) if Path(p).expanduser().exists() else p
-                    for p in fused_parts(encoder))  # fmt: skip
-
-
 def check_encoders(encoders: list[str]) -> None:
     """Fail early, naming the encoder, when one (or a fused part) cannot be loaded."""
     from align.load import load_vision_encoder
@@ -97,8 +91,6 @@ def predict_swaps(
     data: str | os.PathLike | None = None, calibration: str | os.PathLike | None = None, overwrite: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Swap, measure and rank every candidate; write ``out/predictions.json`` and ``.md``; return the record."""
-    import contextlib
-
     from align.io import atomic_path, write_json
     from align.paths import portable_tree
 
@@ -110,19 +102,18 @@ def predict_swaps(
     data = Path(data).resolve() if data is not None else default_world(budget)
     out = Path(out).resolve()
     mllm_arg = str(Path(mllm).resolve()) if Path(mllm).expanduser().exists() else mllm
-    jobs = [(encoder, mode, absolute(encoder), f"swaps/{slug('+'.join(Path(p).name for p in fused_parts(encoder)), mode)}")
-            for encoder, mode in pairs]  # fmt: skip
     rows = []
-    with contextlib.chdir(out):
-        for encoder, mode, spec, folder in jobs:
-            argv = swap_argv(mllm_arg, spec, mode, str(data), folder, budget.measure_images, budget.bridge_steps)
-            code = run_command(argv)
-            if code != 0:
-                raise UserError(f"candidate {encoder} ({mode}): the swap failed (exit {code}; its error is above)")
-            measurements = read_json(out / folder / "swap_report.json")["measurements"]
-            change, interval = fitted.predict(measurements, f"candidate {encoder} ({mode})")
-            rows.append({"encoder": encoder, "mode": mode, "measurements": measurements, "predicted_change": change,
-                         "interval": interval, "swap": folder})  # fmt: skip
+    for encoder, mode in pairs:  # run from here, so encoder paths mean what they meant to the user
+        folder = f"swaps/{slug('+'.join(Path(p).name for p in fused_parts(encoder)), mode)}"
+        argv = swap_argv(mllm_arg, encoder, mode, str(data), str(out / folder), budget.measure_images,
+                         budget.bridge_steps)  # fmt: skip
+        code = run_command(argv)
+        if code != 0:
+            raise UserError(f"candidate {encoder} ({mode}): the swap failed (exit {code}; its error is above)")
+        measurements = read_json(out / folder / "swap_report.json")["measurements"]
+        change, interval = fitted.predict(measurements, f"candidate {encoder} ({mode})")
+        rows.append({"encoder": encoder, "mode": mode, "measurements": measurements, "predicted_change": change,
+                     "interval": interval, "swap": folder})  # fmt: skip
     rows.sort(key=lambda r: -r["predicted_change"])
     for i, row in enumerate(rows):
         row["rank"] = i + 1
