@@ -67,6 +67,7 @@ class Build:
     out: Path
     run_command: RunCommand
     budget: Budget
+    located: dict[str, str] = field(default_factory=dict)  # encoder as given -> as the swap command is given it
     ran: list[str] = field(default_factory=list)
     skipped: int = 0
 
@@ -85,8 +86,13 @@ class Build:
 
 
 def slug(encoder: str, mode: str) -> str:
-    """A swap's folder name."""
-    return f"{encoder.replace('+', '_')}-{mode}"
+    """A swap's folder name: each part's last path component (ids stay whole), ``+`` as ``_``, then the mode."""
+    return "_".join(Path(p).name for p in encoder.split("+")) + f"-{mode}"
+
+
+def runnable(encoder: str) -> str:
+    """``encoder`` with each part that is a local path from here made absolute (the build runs inside ``out``)."""
+    return "+".join(str(Path(p).resolve()) if Path(p).expanduser().exists() else p for p in encoder.split("+"))
 
 
 def swap_argv(mllm: str, encoder: str, mode: str, data: str, out: str, measure_images: int, bridge_steps: int,
@@ -138,8 +144,9 @@ def build_table(out: str | Path, run_command: RunCommand, budget: Budget) -> dic
     (out / "recipes").mkdir(parents=True, exist_ok=True)
     for name in RECIPES.values():  # the exact recipes the commands use, next to them
         shutil.copyfile(shipped("recipes") / name, out / "recipes" / name)
+    located = {encoder: runnable(encoder) for encoder, _ in budget.swaps}  # resolved before moving into out
     with contextlib.chdir(out):
-        return run_build(Build(out, run_command, budget))
+        return run_build(Build(out, run_command, budget, located))
 
 
 def run_build(build: Build) -> dict[str, Any]:
@@ -157,7 +164,8 @@ def run_build(build: Build) -> dict[str, Any]:
     swaps = [(ORIGINAL, "rebuild"), *b.swaps]
     for encoder, mode in swaps:
         folder = f"swaps/{slug(encoder, mode)}"
-        build.step(swap_argv("mllm/base", encoder, mode, "world", folder, b.measure_images, b.bridge_steps),
+        build.step(swap_argv("mllm/base", build.located.get(encoder, encoder), mode, "world", folder,
+                             b.measure_images, b.bridge_steps),
                    f"{folder}/swap_report.json")  # fmt: skip
     rows = []
     for seed in b.seeds:

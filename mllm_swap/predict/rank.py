@@ -104,7 +104,7 @@ def predict_swaps(
     mllm_arg = str(Path(mllm).resolve()) if Path(mllm).expanduser().exists() else mllm
     rows = []
     for encoder, mode in pairs:  # run from here, so encoder paths mean what they meant to the user
-        folder = f"swaps/{slug('+'.join(Path(p).name for p in fused_parts(encoder)), mode)}"
+        folder = f"swaps/{slug(encoder, mode)}"
         argv = swap_argv(mllm_arg, encoder, mode, str(data), str(out / folder), budget.measure_images,
                          budget.bridge_steps)  # fmt: skip
         code = run_command(argv)
