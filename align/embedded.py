@@ -57,7 +57,8 @@ def build_once(
     """Build ``models_dir()/name`` with ``builder`` unless an up-to-date copy exists; returns the directory.
 
     The build goes to a temporary sibling and is renamed into place, so a killed build never leaves a
-    half-written model and concurrent builders never see one. Under ``accelerate launch`` only the
+    half-written model; a file lock beside it lets one process build while the others (another terminal,
+    another test worker) wait and then use its result. Under ``accelerate launch`` only the
     first process of each machine builds, as a plain single process (``align.distributed.
     outside_launch``: a builder that trains does not join the run's processes or DeepSpeed config);
     the others wait for its result.
@@ -80,13 +81,18 @@ def build_once(
                 raise TimeoutError(f"{target}: waited {BUILD_WAIT_S} s for local process 0 to build it")
             time.sleep(1.0)
         return target
-    with outside_launch():
-        return _build(target, stamp, builder, seed)
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time per model (two terminals, test workers): the others wait, then find it built.
+    with FileLock(target.parent / f".{name}.lock", timeout=BUILD_WAIT_S):
+        if built():
+            return target
+        with outside_launch():
+            return _build(target, stamp, builder, seed)
 
 
 def _build(target: Path, stamp: dict, builder: Callable[[Path], None], seed: int) -> Path:
-    marker = target / "tiny_build.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         state = torch.random.get_rng_state()
@@ -96,13 +102,9 @@ def _build(target: Path, stamp: dict, builder: Callable[[Path], None], seed: int
         finally:
             torch.random.set_rng_state(state)
         (tmp / "tiny_build.json").write_text(json.dumps(stamp))
-        if target.exists():
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first; its copy is equivalent
-            if not marker.is_file():
-                raise
+        if target.exists():  # an outdated build (the lock keeps other builders out)
+            shutil.rmtree(target)
+        os.rename(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

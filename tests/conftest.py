@@ -14,12 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# MLLM_SWAP_TEST_HOME reuses built tiny models across local runs; by default each session builds its own.
+# MLLM_SWAP_TEST_HOME reuses built tiny models across local runs; by default each session builds its own,
+# which the pytest-xdist workers share (they inherit the variable; the builds hold a lock: align.embedded).
 if os.environ.get("MLLM_SWAP_TEST_HOME"):
     os.environ["MLLM_SWAP_HOME"] = os.environ["MLLM_SWAP_TEST_HOME"]
 else:
     _home = tempfile.mkdtemp(prefix="mllm-swap-test-home-")
-    os.environ["MLLM_SWAP_HOME"] = _home
+    os.environ["MLLM_SWAP_HOME"] = os.environ["MLLM_SWAP_TEST_HOME"] = _home
     atexit.register(shutil.rmtree, _home, ignore_errors=True)
 
 
@@ -45,13 +46,22 @@ def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One ``mllm-swap demo --quick`` run shared by the demo's test modules (a test that changes it reruns the
-    demo, which redoes what changed)."""
+def quick_demo(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """One ``mllm-swap demo --quick`` run shared by the demo's test modules and the session's xdist workers:
+    the first to ask runs it under a lock, the others wait and read it. Read-only: a test that changes a
+    run works on a copy."""
+    from filelock import FileLock
+
     from mllm_swap.cli import main
 
-    root = tmp_path_factory.mktemp("demo") / "run"
-    assert main(["demo", "--out", str(root), "--quick"]) == 0
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent  # the workers' common folder of this session
+    root, done = shared / "quick-demo" / "run", shared / "quick-demo" / "complete"
+    done.parent.mkdir(exist_ok=True)
+    with FileLock(shared / "quick-demo" / "lock"):
+        if not done.exists():
+            assert main(["demo", "--out", str(root), "--quick"]) == 0
+            done.touch()
     return root
 
 

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -213,7 +214,8 @@ def test_seed_generates_the_world_and_every_run() -> None:
     assert any("loss.anchor_weight=0" in c for c in aligns)  # the no-anchor ablation
 
 
-def test_rerun_skips_verified_stages_and_redoes_a_changed_one(demo: Path, capsys) -> None:
+def test_rerun_skips_verified_stages_and_redoes_a_changed_one(demo: Path, tmp_path: Path, capsys) -> None:
+    demo = Path(shutil.copytree(demo, tmp_path / "run"))  # the shared run stays as made; a moved run resumes
     n = len(build_stages(PLAN, run_argv))
     capsys.readouterr()
     assert main(["demo", "--out", str(demo), "--quick"]) == 0

@@ -8,6 +8,7 @@ batches r, r+2, ... of the same order, and the contrastive losses gather feature
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -379,7 +380,6 @@ def test_align_under_shipped_zero3(
 
 def test_first_use_build_runs_outside_the_launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``build_once`` inside a (DeepSpeed) launch: local rank 0 builds as a plain process, others wait."""
-    import json
     import threading
 
     from accelerate.state import PartialState
@@ -419,3 +419,32 @@ def test_first_use_build_runs_outside_the_launch(tmp_path: Path, monkeypatch: py
     assert seen["state"] == (1, True)  # one process, no DeepSpeed
     assert run_state == "the run's state" and os.environ["ACCELERATE_USE_DEEPSPEED"] == "true"  # put back
     assert waiter["path"] == target and json.loads((target / "weights.json").read_text()) == [1, 2]
+
+
+def test_concurrent_first_use_builds_once(tmp_path: Path) -> None:
+    """Two processes asking for one unbuilt model at once (two terminals, two test workers): one builds, the
+    other waits for it under the build lock and gets the same directory, never a second build over the first."""
+    code = """
+import json, os, sys, time
+from pathlib import Path
+from align.embedded import build_once
+def builder(out):
+    with open(os.environ["CALLS"], "a") as calls:
+        calls.write(sys.argv[1] + "\\n")
+    time.sleep(2.0)
+    out.mkdir(exist_ok=True)
+    (out / "weights.json").write_text(json.dumps(sys.argv[1]))
+print(build_once("slow-model", builder))
+"""
+    calls = tmp_path / "calls.txt"
+    env = {**os.environ, "MLLM_SWAP_HOME": str(tmp_path / "home"), "CALLS": str(calls)}
+    runs = [
+        subprocess.Popen([sys.executable, "-c", code, name], env=env, stdout=subprocess.PIPE, text=True)
+        for name in ("a", "b")
+    ]
+    outputs = [run.communicate(timeout=120)[0].strip() for run in runs]
+    assert [run.returncode for run in runs] == [0, 0]
+    assert calls.read_text().splitlines() in (["a"], ["b"])  # built once
+    assert outputs[0] == outputs[1] == str(tmp_path / "home" / "models" / "slow-model")
+    built = json.loads((Path(outputs[0]) / "weights.json").read_text())
+    assert built == calls.read_text().strip()
