@@ -8,10 +8,11 @@ DINOv2 was (``facebookresearch/dinov2``, ``ssl_meta_arch.py``), at toy scale:
   the student after every step with a momentum rising from ``momentum`` to 1 on a cosine;
 * multi-crop views (:class:`align.pretrain.augment.MultiCrop`): two global crops at the tower's image size
   and ``local_crops`` at half of it (HF Dinov2 interpolates its position embeddings);
-* the DINO loss on the CLS token, the teacher centred (EMA of its batch means) and sharpened (temperature
-  warming up from ``teacher_temp[0]`` to ``teacher_temp[1]``), the iBOT loss on the patches the student
-  saw as mask tokens (``bool_masked_pos``) against the teacher's unmasked ones, and KoLeo on the student's
-  global CLS tokens (:mod:`align.pretrain.objectives`).
+* the DINO loss on the CLS token, the teacher centred (``centering``: DINO's EMA of its batch means, or
+  DINOv2's Sinkhorn-Knopp) and sharpened (temperature warming up from ``teacher_temp[0]`` to
+  ``teacher_temp[1]``), the iBOT loss on the patches the student saw as mask tokens (``bool_masked_pos``)
+  against the teacher's unmasked ones, and KoLeo on the student's global CLS tokens
+  (:mod:`align.pretrain.objectives`).
 
 :func:`pretrain_dinov2` trains one and writes the teacher's backbone (what DINOv2 releases) as an HF
 directory with the base tower's ``BitImageProcessor``, plus ``pretrain.json`` and ``pretrain_loss.png``.
