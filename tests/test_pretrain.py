@@ -116,8 +116,10 @@ def test_the_centering_setting_picks_the_teachers_targets(world):
     images = load_images(load_shapes(world, "train"))
     logits = torch.randn(6, 256)
     for centering in ("centering", "sinkhorn_knopp"):
-        settings = tiny_settings(centering=centering)
-        model = DinoPretrain(Path(resolve(settings.base)), images, settings).build_model(None)
+        settings = tiny_settings(centering=centering, global_scale=(0.5, 1.0), local_scale=(0.1, 0.4))
+        method = DinoPretrain(Path(resolve(settings.base)), images, settings)
+        assert (method.crops.global_scale, method.crops.local_scale) == ((0.5, 1.0), (0.1, 0.4))
+        model = method.build_model(None)
         center = torch.full((1, 256), 0.5)
         got = model.targets(logits, center, 0.04)
         if centering == "sinkhorn_knopp":
