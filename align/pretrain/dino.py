@@ -64,6 +64,8 @@ class DinoSettings:
 
     ``base``: the tower whose architecture and image processor are used (weights start from the seed).
     ``shapes``/``shapes_seed``: the world generated when no ``shapes_dir`` is given.
+    ``centering``: the teacher's, ``"centering"`` (EMA centre, ``center_momentum``) or ``"sinkhorn_knopp"``.
+    ``global_scale``/``local_scale``: the area ranges of the crops (DINOv2's defaults).
     """
 
     base: str = "tiny-dinov2-random"
