@@ -18,7 +18,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align.pretrain.objectives import dino_loss, ibot_loss, koleo_loss, teacher_probs, update_center
+from align.pretrain.objectives import (
+    dino_loss,
+    ibot_loss,
+    koleo_loss,
+    sinkhorn_knopp,
+    teacher_probs,
+    update_center,
+)
 from mllm_swap.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,6 +75,63 @@ def test_teacher_targets_are_centred_then_sharpened_and_the_centre_is_an_ema():
     assert got.max(dim=-1).values.min() > torch.softmax(logits, dim=-1).max(dim=-1).values.max()  # sharper
     update_center(center, logits, momentum=0.9)
     torch.testing.assert_close(center, 0.9 * torch.tensor([[0.5, 0.0, -0.5]]) + 0.1 * torch.tensor([[2.0, 2.0, 2.0]]))
+
+
+def dinov2_sinkhorn_knopp_teacher(teacher_output, teacher_temp, n_iterations=3):
+    """``dinov2/loss/dino_clstoken_loss.py``'s ``sinkhorn_knopp_teacher`` on one process, line for line."""
+    Q = torch.exp(teacher_output / teacher_temp).t()  # noqa: N806 (DINOv2's names)
+    B, K = Q.shape[1], Q.shape[0]  # noqa: N806
+    Q /= torch.sum(Q)
+    for _ in range(n_iterations):
+        Q /= torch.sum(Q, dim=1, keepdim=True)  # each prototype (row of Q) ...
+        Q /= K  # ... carries 1/K
+        Q /= torch.sum(Q, dim=0, keepdim=True)  # each sample (column of Q) ...
+        Q /= B  # ... carries 1/B
+    Q *= B
+    return Q.t()
+
+
+def test_sinkhorn_knopp_targets_are_dinov2s_alternating_marginal_scaling():
+    torch.manual_seed(0)
+    rows, prototypes = 12, 5
+    cosines = torch.rand(rows, prototypes) * 2 - 1  # the head's logits are cosines
+    got = sinkhorn_knopp(cosines, 0.05)
+    torch.testing.assert_close(got, dinov2_sinkhorn_knopp_teacher(cosines, 0.05))
+    torch.testing.assert_close(got.sum(dim=1), torch.ones(rows))  # every row is a distribution
+    # Iterated to convergence, every prototype carries the same mass B/K; a softmax concentrates it.
+    converged = sinkhorn_knopp(cosines, 0.05, iterations=500)
+    torch.testing.assert_close(converged.sum(dim=0), torch.full((prototypes,), rows / prototypes))
+    assert torch.softmax(cosines / 0.05, dim=-1).sum(dim=0).std() > 0.5
+    # Where exp(logits / temperature) overflows float32 (DINOv2's form gives NaN) the result is still finite.
+    sharp = sinkhorn_knopp(cosines * 1.9, 0.02)
+    assert dinov2_sinkhorn_knopp_teacher(cosines * 1.9, 0.02).isnan().all()
+    assert sharp.isfinite().all() and torch.allclose(sharp.sum(dim=1), torch.ones(rows))
+
+
+def test_the_centering_setting_picks_the_teachers_targets(world):
+    from align.data.shapes import load_shapes
+    from align.encoders.registry import resolve
+    from align.pretrain.dino import DinoPretrain, load_images
+
+    images = load_images(load_shapes(world, "train"))
+    logits = torch.randn(6, 256)
+    for centering in ("centering", "sinkhorn_knopp"):
+        settings = tiny_settings(centering=centering, global_scale=(0.5, 1.0), local_scale=(0.1, 0.4))
+        method = DinoPretrain(Path(resolve(settings.base)), images, settings)
+        assert (method.crops.global_scale, method.crops.local_scale) == ((0.5, 1.0), (0.1, 0.4))
+        model = method.build_model(None)
+        center = torch.full((1, 256), 0.5)
+        got = model.targets(logits, center, 0.04)
+        if centering == "sinkhorn_knopp":
+            torch.testing.assert_close(got, sinkhorn_knopp(logits, 0.04))
+            assert torch.equal(center, torch.full((1, 256), 0.5))  # no EMA centre used
+        else:
+            torch.testing.assert_close(got, teacher_probs(logits, torch.full((1, 256), 0.5), 0.04))
+            assert not torch.equal(center, torch.full((1, 256), 0.5))
+    with pytest.raises(ValueError, match="centering='sk'.*sinkhorn_knopp"):
+        tiny_settings(centering="sk")
+    with pytest.raises(ValueError, match="global_scale"):
+        tiny_settings(global_scale=(0.6, 0.5))
 
 
 def test_ibot_loss_weights_each_masked_image_once():

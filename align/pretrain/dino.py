@@ -8,10 +8,11 @@ DINOv2 was (``facebookresearch/dinov2``, ``ssl_meta_arch.py``), at toy scale:
   the student after every step with a momentum rising from ``momentum`` to 1 on a cosine;
 * multi-crop views (:class:`align.pretrain.augment.MultiCrop`): two global crops at the tower's image size
   and ``local_crops`` at half of it (HF Dinov2 interpolates its position embeddings);
-* the DINO loss on the CLS token, the teacher centred (EMA of its batch means) and sharpened (temperature
-  warming up from ``teacher_temp[0]`` to ``teacher_temp[1]``), the iBOT loss on the patches the student
-  saw as mask tokens (``bool_masked_pos``) against the teacher's unmasked ones, and KoLeo on the student's
-  global CLS tokens (:mod:`align.pretrain.objectives`).
+* the DINO loss on the CLS token, the teacher centred (``centering``: DINO's EMA of its batch means, or
+  DINOv2's Sinkhorn-Knopp) and sharpened (temperature warming up from ``teacher_temp[0]`` to
+  ``teacher_temp[1]``), the iBOT loss on the patches the student saw as mask tokens (``bool_masked_pos``)
+  against the teacher's unmasked ones, and KoLeo on the student's global CLS tokens
+  (:mod:`align.pretrain.objectives`).
 
 :func:`pretrain_dinov2` trains one and writes the teacher's backbone (what DINOv2 releases) as an HF
 directory with the base tower's ``BitImageProcessor``, plus ``pretrain.json`` and ``pretrain_loss.png``.
@@ -35,7 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from align.pretrain.augment import MultiCrop, sample_seed
-from align.pretrain.objectives import dino_loss, ibot_loss, koleo_loss, teacher_probs, update_center
+from align.pretrain.objectives import (
+    dino_loss,
+    ibot_loss,
+    koleo_loss,
+    sinkhorn_knopp,
+    teacher_probs,
+    update_center,
+)
 from align.train.config import TrainConfig
 
 __all__ = ["DinoHead", "DinoPretrain", "DinoSettings", "SelfDistillation", "pretrain_dinov2"]
@@ -46,6 +54,8 @@ ARCH_FIELDS = (
     "image_size", "patch_size", "num_channels", "qkv_bias", "layerscale_value", "use_swiglu_ffn",
     "initializer_range",
 )  # fmt: skip
+# The teacher's centrings (DINOv2's ``train.centering``): an EMA of batch means, or Sinkhorn-Knopp.
+CENTERINGS = ("centering", "sinkhorn_knopp")
 
 
 @dataclasses.dataclass
@@ -54,6 +64,8 @@ class DinoSettings:
 
     ``base``: the tower whose architecture and image processor are used (weights start from the seed).
     ``shapes``/``shapes_seed``: the world generated when no ``shapes_dir`` is given.
+    ``centering``: the teacher's, ``"centering"`` (EMA centre, ``center_momentum``) or ``"sinkhorn_knopp"``.
+    ``global_scale``/``local_scale``: the area ranges of the crops (DINOv2's defaults).
     """
 
     base: str = "tiny-dinov2-random"
@@ -76,7 +88,10 @@ class DinoSettings:
     teacher_temp: tuple[float, float] = (0.04, 0.07)
     teacher_temp_warmup: float = 0.3
     momentum: float = 0.98
+    centering: str = "centering"
     center_momentum: float = 0.9
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
     mask_probability: float = 0.5
@@ -90,6 +105,12 @@ class DinoSettings:
             bad.append(
                 f"momentum={self.momentum}, center_momentum={self.center_momentum} (expected in [0, 1])"
             )
+        if self.centering not in CENTERINGS:
+            bad.append(f"centering={self.centering!r} (expected one of {', '.join(CENTERINGS)})")
+        for key in ("global_scale", "local_scale"):
+            low, high = getattr(self, key)
+            if not 0 < low <= high <= 1:
+                bad.append(f"{key}={getattr(self, key)!r} (expected 0 < low <= high <= 1)")
         if self.local_crops < 0:
             bad.append(f"local_crops={self.local_crops} (expected >= 0)")
         if bad:
@@ -138,6 +159,14 @@ class SelfDistillation(nn.Module):
         self.register_buffer("center", torch.zeros(1, settings.prototypes))
         self.register_buffer("patch_center", torch.zeros(1, settings.prototypes))
 
+    def targets(self, logits: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The teacher's target distributions, by the settings' ``centering`` (``center`` follows its EMA)."""
+        if self.settings.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(logits, temperature)
+        probs = teacher_probs(logits, center, temperature)
+        update_center(center, logits, self.settings.center_momentum)
+        return probs
+
     def forward(
         self, globals_: torch.Tensor, locals_: torch.Tensor, masks: torch.Tensor, teacher_temp: float
     ) -> dict[str, torch.Tensor]:
@@ -148,13 +177,10 @@ class SelfDistillation(nn.Module):
         masked = int(masks.sum()) >= 2  # iBOT needs masked patches (and the head's BatchNorm two of them)
         with torch.no_grad():
             t_tokens = self.teacher["backbone"](pixel_values=views).last_hidden_state
-            t_cls = self.teacher["head"](t_tokens[:, 0])
-            targets = teacher_probs(t_cls, self.center, teacher_temp)
-            update_center(self.center, t_cls, s.center_momentum)
+            targets = self.targets(self.teacher["head"](t_tokens[:, 0]), self.center, teacher_temp)
             if masked:
                 t_patch = self.teacher["head"](t_tokens[:, self.prefix :][masks])
-                patch_targets = teacher_probs(t_patch, self.patch_center, teacher_temp)
-                update_center(self.patch_center, t_patch, s.center_momentum)
+                patch_targets = self.targets(t_patch, self.patch_center, teacher_temp)
         student = self.student["backbone"]
         tokens = student(pixel_values=views, bool_masked_pos=masks).last_hidden_state
         cls = [tokens[:, 0]]
@@ -199,6 +225,7 @@ class DinoPretrain:
         self.crops = MultiCrop(
             size=base.image_size, patch=base.patch_size, mean=tuple(self.processor.image_mean),
             std=tuple(self.processor.image_std), n_local=settings.local_crops,
+            global_scale=settings.global_scale, local_scale=settings.local_scale,
             mask_probability=settings.mask_probability, mask_ratio=settings.mask_ratio,
         )  # fmt: skip
         self.step = 0

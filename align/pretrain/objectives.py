@@ -7,8 +7,10 @@
 * :func:`koleo_loss`: the Kozachenko-Leonenko entropy estimator on L2-normalised features: minus the
   mean log distance to the nearest neighbour in the batch (spreads the CLS tokens out).
 
-Follows ``dinov2/loss/{dino_clstoken_loss,ibot_patch_loss,koleo_loss}.py``; the teacher's centring is
-an EMA of its batch means (DINO's ``centering``; DINOv2's Sinkhorn-Knopp option is not used).
+Follows ``dinov2/loss/{dino_clstoken_loss,ibot_patch_loss,koleo_loss}.py``. The teacher's targets come
+from one of DINOv2's two centrings: :func:`teacher_probs` with :func:`update_center` (DINO's ``centering``:
+subtract an EMA of the batch means, then sharpen) or :func:`sinkhorn_knopp` (DINOv2's default: a few
+Sinkhorn-Knopp iterations that spread the batch evenly over the prototypes).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["dino_loss", "ibot_loss", "koleo_loss", "teacher_probs", "update_center"]
+__all__ = ["dino_loss", "ibot_loss", "koleo_loss", "sinkhorn_knopp", "teacher_probs", "update_center"]
 
 
 def teacher_probs(logits: Tensor, center: Tensor, temperature: float) -> Tensor:
@@ -33,6 +35,27 @@ def update_center(center: Tensor, logits: Tensor, momentum: float) -> None:
         torch.distributed.all_reduce(mean)
         mean /= torch.distributed.get_world_size()
     center.mul_(momentum).add_(mean, alpha=1 - momentum)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: Tensor, temperature: float, iterations: int = 3) -> Tensor:
+    """The teacher's targets by DINOv2's ``sinkhorn_knopp_teacher``: ``Q = exp(logits / temperature)``
+    (``[B, K]``, the ``B`` rows of all processes together) scaled ``iterations`` times so that each
+    prototype's column carries ``1 / K`` of the mass, then each row ``1 / B``; returned times ``B``, so every
+    row is a distribution. Computed in log space (DINOv2's constant factors cancel), so no temperature
+    overflows or underflows it."""
+    log_q = logits.float() / temperature
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    for _ in range(iterations):
+        peak = log_q.max(dim=0, keepdim=True).values
+        if distributed:
+            torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+        mass = (log_q - peak).exp().sum(dim=0, keepdim=True)
+        if distributed:
+            torch.distributed.all_reduce(mass)
+        log_q = log_q - peak - mass.log()  # every prototype's column: equal mass over all processes
+        log_q = log_q.log_softmax(dim=1)  # every row: a distribution
+    return log_q.exp()
 
 
 def dino_loss(student_logits: Tensor, teacher: Tensor, n_views: int, student_temp: float) -> Tensor:
