@@ -192,13 +192,14 @@ def fit(table: Table) -> Fitted:
 
 
 def write_table(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Write ``rows`` (each with :data:`KEYS`, the measurements and, when known, both VQA accuracies) as
-    ``calibration.csv``, atomically."""
+    """Write ``rows`` (each with :data:`KEYS`, the measurements and, when known, both VQA accuracies and the
+    change per question kind: ``change_<kind>``) as ``calibration.csv``, atomically."""
     from align.io import atomic_path
     from mllm_swap.measure import NAMES
 
     path = Path(path)
-    columns = [*KEYS, "vqa", "control_vqa", *NAMES]
+    kinds = sorted({c for r in rows for c in r if c.startswith("change_")})
+    columns = [*KEYS, "vqa", "control_vqa", *kinds, *NAMES]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
