@@ -9,8 +9,8 @@ a merge's ``config.json``). The steps:
 2. ``mllm/base``: the existing MLLM, made the way the demo makes it (:func:`mllm_swap.base_llava.base_llava`:
    ``tiny-llava`` with ``tiny-clip-shapes`` dropped in, language LoRA, merged, the tower rebuilt with a fresh
    connector, connector stage, LoRA, merged), so that it reads the image; its last LoRA stage is scored.
-3. ``swaps/<encoder>-<mode>``: every swap of :data:`SWAPS` into the base (measurements in its report), and the
-   control of the rebuild-like modes: the original tower rebuilt the same way.
+3. ``swaps/<encoder>-<mode>``: every swap of :data:`SWAPS` into the base (measurements in its report), and, when
+   a swap is rebuild-like, the control of those modes: the original tower rebuilt the same way.
 4. ``tune/s<seed>/<name>``: per tuning seed, each swap and both controls tuned with the same budget from the
    same seed, as the demo tunes its arms: rebuild and fuse (new connector input) train the connector, then LoRA;
    drop-in and bridge (connector kept) get the LoRA alone, and their control is the base given that LoRA. The
@@ -167,23 +167,23 @@ def run_build(build: Build) -> dict[str, Any]:
     for argv, done in base_llava(ORIGINAL, "world", "mllm", "tune", "mllm/base", size, b.world_seed, start=MLLM,
                                  score=b.eval_limit):  # fmt: skip
         build.step(argv, str(done))
-    swaps = [(ORIGINAL, "rebuild"), *b.swaps]
-    for encoder, mode in swaps:
+    rebuilt = any(mode not in KEEPS for _, mode in b.swaps)  # the rebuild control is made when a swap needs it
+    for encoder, mode in [*([(ORIGINAL, "rebuild")] if rebuilt else []), *b.swaps]:
         folder = f"swaps/{slug(encoder, mode)}"
         build.step(swap_argv("mllm/base", build.located.get(encoder, encoder), mode, "world", folder,
                              b.measure_images, b.bridge_steps),
                    f"{folder}/swap_report.json")  # fmt: skip
+    starts = {False: ("control-keep", "mllm/base"), True: ("control-rebuild", f"swaps/{slug(ORIGINAL, 'rebuild')}")}
     rows = []
     for seed in b.seeds:
-        controls = {"keep": scores(build, tune_arm(build, "control-keep", "mllm/base", False, seed)),
-                    "rebuild": scores(build, tune_arm(build, "control-rebuild", f"swaps/{slug(ORIGINAL, 'rebuild')}",
-                                                      True, seed))}  # fmt: skip
+        controls: dict[bool, dict[str, Any]] = {}  # rebuilt? -> the control's scores, tuned when first needed
         for encoder, mode in b.swaps:
-            name = slug(encoder, mode)
-            scored = scores(build, tune_arm(build, name, f"swaps/{name}", mode not in KEEPS, seed))
+            name, rebuilt = slug(encoder, mode), mode not in KEEPS
+            if rebuilt not in controls:
+                controls[rebuilt] = scores(build, tune_arm(build, *starts[rebuilt], rebuilt, seed))
+            scored = scores(build, tune_arm(build, name, f"swaps/{name}", rebuilt, seed))
             report = read_json(out / "swaps" / name / "swap_report.json")
-            rows.append(row(encoder, mode, seed, scored, controls["keep" if mode in KEEPS else "rebuild"],
-                            report["measurements"]))  # fmt: skip
+            rows.append(row(encoder, mode, seed, scored, controls[rebuilt], report["measurements"]))
     table_path = write_table(rows, out / "calibration.csv")
     fitted = fit(read_table(table_path))
     record = {
