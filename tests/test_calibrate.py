@@ -12,7 +12,7 @@ import pytest
 
 from mllm_swap.base_llava import BaseSize, base_llava
 from mllm_swap.cli import main
-from mllm_swap.predict.calibrate import KINDS
+from mllm_swap.predict.calibrate import KINDS, row
 from mllm_swap.predict.model import FEATURES, fit, read_table
 
 # The demo's base stage (full size, world seed 0) as it ran before the recipe moved out of the demo: a finished
@@ -38,6 +38,18 @@ def test_the_demo_runs_the_base_recipe_it_ran_before():
 
     stage = next(s for s in build_stages(Plan(FULL), lambda argv: 0) if s.name == "002_sail-base")
     assert stage.command.splitlines() == [f"mllm-swap {line}" for line in DEMO_BASE.splitlines()]
+
+
+def test_a_row_is_the_arm_minus_its_control_with_binomial_errors():
+    arm = {"vqa_accuracy": 0.5, "vqa_n": 400, "vqa_color": 0.9, "vqa_shape": 0.6, "vqa_count": 0.4, "vqa_position": 0.1}
+    control = {"vqa_accuracy": 0.45, "vqa_n": 100, "vqa_color": 0.95, "vqa_shape": 0.5, "vqa_count": 0.25,
+               "vqa_position": 0.1}  # fmt: skip
+    r = row("enc", "bridge", 3, arm, control, {"token_cka": 0.7})
+    assert (r["encoder"], r["mode"], r["seed"], r["token_cka"]) == ("enc", "bridge", 3, 0.7)
+    assert (r["vqa"], r["control_vqa"], r["measured_change"]) == pytest.approx((0.5, 0.45, 0.05))
+    assert r["measured_se"] == pytest.approx(math.sqrt(0.25 / 400 + 0.45 * 0.55 / 100))  # 0.0541
+    changes = {"change_color": -0.05, "change_shape": 0.1, "change_count": 0.15, "change_position": 0.0}
+    assert {k: r[k] for k in changes} == pytest.approx(changes)
 
 
 SWAPS = (("tiny-clip", "dropin"), ("tiny-siglip", "bridge"), ("tiny-dinov2-random", "bridge"))
