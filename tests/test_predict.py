@@ -41,27 +41,17 @@ def write_synthetic(path: Path, rows: int | None = None, drop: str | None = None
     return path
 
 
-def ridge_by_hand(x: np.ndarray, y: np.ndarray, x_new: np.ndarray) -> np.ndarray:
-    """Standardize (population std), choose the penalty by exact leave-one-out error (intercept refitted in
-    each left-out fit), fit the closed form, predict ``x_new``: a second computation of the model."""
-    mean, std = x.mean(0), x.std(0)
-    std[std == 0] = 1.0
-    z, z_new = (x - mean) / std, (x_new - mean) / std
-    n = len(y)
-    best = None
-    for alpha in ALPHAS:
-        errors = []
-        for i in range(n):  # brute-force leave-one-out, not the hat-matrix shortcut
-            keep = np.arange(n) != i
-            zc, yc = z[keep] - z[keep].mean(0), y[keep] - y[keep].mean()
-            w = np.linalg.solve(zc.T @ zc + alpha * np.eye(z.shape[1]), zc.T @ yc)
-            pred = (z[i] - z[keep].mean(0)) @ w + y[keep].mean()
-            errors.append((pred - y[i]) ** 2)
-        if best is None or np.mean(errors) < best[0] - 1e-12:
-            best = (np.mean(errors), alpha)
-    zc, yc = z - z.mean(0), y - y.mean()
-    w = np.linalg.solve(zc.T @ zc + best[1] * np.eye(z.shape[1]), zc.T @ yc)
-    return (z_new - z.mean(0)) @ w + y.mean()
+def ridge_by_hand(x: np.ndarray, y: np.ndarray, swaps: np.ndarray, x_new: np.ndarray) -> np.ndarray:
+    """scikit-learn's StandardScaler + Ridge, the penalty chosen by its grid search with leave-one-group-out
+    folds over the swaps (mean squared error, first best on a tie), refitted on all rows: a second computation."""
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    search = GridSearchCV(make_pipeline(StandardScaler(), Ridge()), {"ridge__alpha": list(ALPHAS)},
+                          cv=LeaveOneGroupOut(), scoring="neg_mean_squared_error")  # fmt: skip
+    return search.fit(x, y, groups=swaps).predict(x_new)
 
 
 def ranks(v: np.ndarray) -> np.ndarray:
@@ -73,11 +63,12 @@ def test_leave_one_encoder_out_numbers_match_a_direct_recomputation(tmp_path):
     table = read_table(write_synthetic(tmp_path / "calibration.csv"))
     fitted = fit(table)
     loeo = fitted.record["leave_one_encoder_out"]
-    groups = np.array(table.encoders)
+    groups, swaps = np.array(table.encoders), np.array(
+        [f"{e}:{m}" for e, m in zip(table.encoders, table.modes, strict=True)])
     expected = np.empty(len(table.y))
     for encoder in ENCODERS:
         held = groups == encoder
-        expected[held] = ridge_by_hand(table.x[~held], table.y[~held], table.x[held])
+        expected[held] = ridge_by_hand(table.x[~held], table.y[~held], swaps[~held], table.x[held])
     np.testing.assert_allclose(loeo["predictions"], expected, rtol=1e-6, atol=1e-9)
     rho = np.corrcoef(ranks(expected), ranks(table.y))[0, 1]
     assert loeo["spearman"] == pytest.approx(rho, abs=1e-9)
@@ -87,7 +78,7 @@ def test_leave_one_encoder_out_numbers_match_a_direct_recomputation(tmp_path):
     assert fitted.halfwidth == pytest.approx(residuals[math.ceil((len(residuals) + 1) * LEVEL) - 1])
     row = {name: float(table.x[3, i]) for i, name in enumerate(FEATURES)}
     value, (lo, hi) = fitted.predict(row, "row 3")
-    assert value == pytest.approx(ridge_by_hand(table.x, table.y, table.x[3:4])[0], rel=1e-6)
+    assert value == pytest.approx(ridge_by_hand(table.x, table.y, swaps, table.x[3:4])[0], rel=1e-6)
     assert (lo, hi) == pytest.approx((value - fitted.halfwidth, value + fitted.halfwidth))
 
 

@@ -8,11 +8,12 @@ from mllm_swap.commands.options import at_least
 
 HELP = "build the swap predictor's calibration table: swaps into the tiny LLaVA, tuned like their controls, scored"
 DESCRIPTION = (
-    "On a shapes world: the tiny LLaVA (tiny-clip tower) LoRA-tuned into a base that answers, then every --swaps "
-    "ENCODER:MODE into it (each swap_report.json carries the measurements), then per tuning seed each swap and its "
-    "control tuned with the same budget (rebuild/fuse: connector then LoRA, control = tiny-clip rebuilt; dropin/"
-    "bridge: LoRA, control = the base) and scored on the world's VQA. Writes OUT/calibration.csv (measurements, "
-    "encoder, mode, seed, measured_change, measured_se) and OUT/calibration.json (the ridge fit and its "
+    "On a shapes world: a base LLaVA made as the demo makes it (tiny-llava with tiny-clip-shapes: language LoRA, "
+    "merged, the tower rebuilt, connector, LoRA, merged), then every --swaps ENCODER:MODE into it (each "
+    "swap_report.json carries the measurements), then per tuning seed each swap and its control tuned with the same "
+    "budget (rebuild/fuse: connector then LoRA, control = tiny-clip-shapes rebuilt; dropin/bridge: LoRA, control = "
+    "the base) and scored on the world's VQA. Writes OUT/calibration.csv (measurements, encoder, mode, seed, "
+    "measured_change: overall VQA accuracy, measured_se, change_<kind>) and OUT/calibration.json (the ridge fit and its "
     "leave-one-encoder-out Spearman and MAE). Every step is an mllm-swap command; rerunning skips finished ones."
 )
 
@@ -21,7 +22,8 @@ def run(args: argparse.Namespace) -> int:
     from mllm_swap.commands import run_argv
     from mllm_swap.predict.calibrate import Budget, build_table, parse_swaps
 
-    budget = Budget(shapes=args.shapes, base_steps=args.base_steps, connector_steps=args.connector_steps,
+    budget = Budget(shapes=args.shapes, base_steps=args.base_steps, base_lora_steps=args.base_lora_steps,
+                    connector_steps=args.connector_steps,
                     lora_steps=args.lora_steps, bridge_steps=args.bridge_steps, eval_limit=args.eval_limit,
                     measure_images=args.measure_images, seeds=tuple(range(args.seeds)),
                     swaps=parse_swaps(args.swaps))  # fmt: skip
@@ -44,9 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--swaps", default=None, help="ENCODER:MODE,... (default: the shipped table's swaps)")
     p.add_argument("--seeds", type=at_least(1), default=len(d.seeds), help=f"tuning seeds (default {len(d.seeds)})")
     p.add_argument("--shapes", type=at_least(20), default=d.shapes, help=f"shapes world size (default {d.shapes})")
-    p.add_argument("--base-steps", type=at_least(1), default=d.base_steps, help="LoRA steps making the base MLLM")
+    p.add_argument("--base-steps", type=at_least(1), default=d.base_steps,
+                   help=f"the base's language LoRA steps (default {d.base_steps})")  # fmt: skip
+    p.add_argument("--base-lora-steps", type=at_least(1), default=d.base_lora_steps,
+                   help=f"the base's LoRA steps after its fresh connector (default {d.base_lora_steps})")  # fmt: skip
     p.add_argument("--connector-steps", type=at_least(1), default=d.connector_steps,
-                   help="connector steps of a rebuild/fuse arm")  # fmt: skip
+                   help=f"connector steps of a rebuild/fuse arm and of the base (default {d.connector_steps})")  # fmt: skip
     p.add_argument("--lora-steps", type=at_least(1), default=d.lora_steps, help="LoRA steps of every arm")
     p.add_argument("--bridge-steps", type=at_least(1), default=d.bridge_steps, help="bridge adapter steps")
     p.add_argument("--eval-limit", type=at_least(1), default=d.eval_limit, help="VQA questions scored per arm")

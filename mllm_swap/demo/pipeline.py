@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from align.errors import UserError
+from mllm_swap.base_llava import BaseSize, base_llava
 from mllm_swap.demo.stages import Stage, StageResult
 
 RunCommand = Callable[[list[str]], int]  # runs one mllm-swap command line (argv without the program)
@@ -240,24 +241,9 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
                 "--labels", ",".join(size.probe_labels), "--out", folder, "--overwrite"]  # fmt: skip
 
     def base_commands() -> list[list[str]]:
-        """The existing MLLM, made the way LLaVA is: the never-trained tiny LLM first learns the answers'
-        language (LoRA, its old connector riding along), then a fresh connector input layer is pretrained
-        (stage 1) and the whole instruction-tuned (stage 2, LoRA). Without the second part the LLaVA answered
-        alike whatever the image (colour 0.23, chance 0.17): the old connector never learned this CLIP. Its stage
-        2 is longer than the arms' LoRA: with 100 steps world seed 1's base still answered colour at chance
-        (0.16), with 200 it reads it (0.81); the arms then start from a base that uses the image."""
-        mllm, runs = SAIL / "mllm", SAIL / "tune"
-        return [
-            swap("tiny-llava", plan.clip, "dropin", mllm / "base-untuned"),
-            tune("tiny_llava_lora.yaml", mllm / "base-untuned", runs / "base-language", size.base_steps, plan.seed),
-            ["merge", "--adapter", str(runs / "base-language"), "--out", str(mllm / "base-language"), "--overwrite"],
-            swap(mllm / "base-language", plan.clip, "rebuild", mllm / "base-rebuild"),
-            tune("tiny_llava_connector.yaml", mllm / "base-rebuild", runs / "base-connector", size.connector_steps,
-                 plan.seed),
-            tune("tiny_llava_lora.yaml", runs / "base-connector", runs / "base-lora", size.base_lora_steps,
-                 plan.seed),
-            ["merge", "--adapter", str(runs / "base-lora"), "--out", str(BASE), "--overwrite"],
-        ]  # fmt: skip
+        """The existing MLLM: :func:`mllm_swap.base_llava.base_llava` (the recipe the calibration shares)."""
+        sizes = BaseSize(size.base_steps, size.connector_steps, size.base_lora_steps)
+        return [argv for argv, _ in base_llava(plan.clip, SHAPES, SAIL / "mllm", SAIL / "tune", BASE, sizes, plan.seed)]
 
     steps = ["--steps", str(size.pretrain_steps)] if size.pretrain_steps else []
     pretrain = [["pretrain", kind, "--data", str(SHAPES), "--seed", str(plan.seed), *steps, "--out", f"models/{kind}",

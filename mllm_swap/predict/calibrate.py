@@ -6,17 +6,20 @@ skipped on a rerun when its output is complete (a swap's ``swap_report.json``, a
 a merge's ``config.json``). The steps:
 
 1. ``world``: a shapes world (``data shapes``); its test split gives every measurement and the VQA.
-2. ``mllm/base``: the existing MLLM, ``tiny-llava`` (its tower: ``tiny-clip``) LoRA-tuned on the world so that
-   it answers, merged.
-3. ``swaps/<encoder>-<mode>``: every swap of :data:`SWAPS` into the base (measurements in its report), and the
-   control of the rebuild-like modes: the original ``tiny-clip`` rebuilt the same way.
+2. ``mllm/base``: the existing MLLM, made the way the demo makes it (:func:`mllm_swap.base_llava.base_llava`:
+   ``tiny-llava`` with ``tiny-clip-shapes`` dropped in, language LoRA, merged, the tower rebuilt with a fresh
+   connector, connector stage, LoRA, merged), so that it reads the image; its last LoRA stage is scored.
+3. ``swaps/<encoder>-<mode>``: every swap of :data:`SWAPS` into the base (measurements in its report), and, when
+   a swap is rebuild-like, the control of those modes: the original tower rebuilt the same way.
 4. ``tune/s<seed>/<name>``: per tuning seed, each swap and both controls tuned with the same budget from the
-   same seed: rebuild and fuse (new connector input) train the connector, then LoRA; drop-in and bridge
-   (connector kept) get the LoRA alone, and their control is the base given that LoRA. The final LoRA stage
-   scores the world's VQA (:mod:`mllm_swap.tune.quick_vqa`, ``eval_limit`` questions).
+   same seed, as the demo tunes its arms: rebuild and fuse (new connector input) train the connector, then LoRA;
+   drop-in and bridge (connector kept) get the LoRA alone, and their control is the base given that LoRA. The
+   final LoRA stage scores the world's VQA (:mod:`mllm_swap.tune.quick_vqa`, ``eval_limit`` questions).
 
-``measured_change`` is the swap's accuracy minus its control's (same seed); ``measured_se`` its standard
-error from the two binomial errors (treated as independent: conservative for the paired questions).
+``measured_change`` is the swap's overall VQA accuracy minus its control's (same seed), the number the demo's
+swaps are measured by; ``measured_se`` its standard error from the two binomial errors (treated as
+independent: conservative for the paired questions). ``change_<kind>`` (colour, shape, count, position) are
+the same difference per question kind, for the record.
 """
 
 from __future__ import annotations
@@ -33,28 +36,32 @@ from typing import Any
 from align.errors import UserError
 from align.io import read_json, write_json
 from align.paths import shipped
+from mllm_swap.base_llava import BaseSize, base_llava, tune_argv
 
 RunCommand = Callable[[list[str]], int]
-ORIGINAL = "tiny-clip"  # the tiny LLaVA's tower
+ORIGINAL = "tiny-clip-shapes"  # the base's tower: a CLIP pretrained on the shapes world's captions
 MLLM = "tiny-llava"
 KEEPS = ("dropin", "bridge")  # modes that keep the connector
-SWAPS = (("tiny-clip-shapes", "dropin"), ("tiny-clip-shapes", "bridge"), ("tiny-dinov2", "bridge"),
-         ("tiny-dinov2", "rebuild"), ("tiny-dinov2-random", "rebuild"), ("tiny-dinov2-reg-random", "rebuild"),
-         ("tiny-siglip", "bridge"), ("tiny-siglip", "rebuild"), ("tiny-clip+tiny-dinov2", "fuse"))  # fmt: skip
+SWAPS = (("tiny-clip", "dropin"), ("tiny-clip", "rebuild"), ("tiny-dinov2", "bridge"), ("tiny-dinov2", "rebuild"),
+         ("tiny-dinov2-random", "bridge"), ("tiny-dinov2-random", "rebuild"), ("tiny-siglip", "bridge"),
+         ("tiny-siglip", "rebuild"), ("tiny-clip-shapes+tiny-dinov2", "fuse"))  # fmt: skip
 RECIPES = {"connector": "tiny_llava_connector.yaml", "lora": "tiny_llava_lora.yaml"}
+KINDS = ("color", "shape", "count", "position")  # the world's question kinds: change_<kind> columns
 
 
 @dataclass(frozen=True)
 class Budget:
-    """How big the build runs: the world, the base's tuning, every arm's tuning, the bridge adapters, the VQA."""
+    """How big the build runs: the world, the base's tuning, every arm's tuning, the bridge adapters, the VQA
+    questions per scored arm."""
 
-    shapes: int = 400
+    shapes: int = 2000
     world_seed: int = 0
-    base_steps: int = 100
-    connector_steps: int = 10
-    lora_steps: int = 20
-    bridge_steps: int = 40
-    eval_limit: int = 300
+    base_steps: int = 200  # the base's language LoRA (the demo's full size throughout)
+    base_lora_steps: int = 200  # the base's LoRA after its fresh connector
+    connector_steps: int = 40  # an arm's (and the base's) connector stage
+    lora_steps: int = 100
+    bridge_steps: int = 200
+    eval_limit: int = 600
     measure_images: int = 64
     seeds: tuple[int, ...] = (0, 1)
     swaps: tuple[tuple[str, str], ...] = SWAPS
@@ -105,37 +112,37 @@ def swap_argv(mllm: str, encoder: str, mode: str, data: str, out: str, measure_i
     return argv
 
 
-def tune_argv(stage: str, start: str, out: str, steps: int, seed: int, budget: Budget, score: bool) -> list[str]:
-    """One tuning stage on the world (recipes copied into ``recipes/``); ``score``: the VQA at its end."""
-    sets = [f"model={start}", "data=world/instruct.json", "image_folder=world", "shapes=null",
-            f"train.steps={steps}", f"train.seed={seed}",
-            *([ "eval_vqa=world/vqa_test.jsonl", f"eval_limit={budget.eval_limit}"] if score else ["eval_vqa=null"])]  # fmt: skip
-    return ["tune", "--config", f"recipes/{RECIPES[stage]}", *(a for kv in sets for a in ("--set", kv)),
-            "--out", out, "--overwrite"]  # fmt: skip
-
-
 def tune_arm(build: Build, name: str, start: str, rebuilt: bool, seed: int) -> str:
     """Tune one arm (connector first when ``rebuilt``); returns the folder of its scored LoRA stage."""
     folder, b = f"tune/s{seed}", build.budget
     if rebuilt:
-        build.step(tune_argv("connector", start, f"{folder}/{name}-connector", b.connector_steps, seed, b, False),
-                   f"{folder}/{name}-connector/result.json")  # fmt: skip
+        build.step(tune_argv(RECIPES["connector"], start, f"{folder}/{name}-connector", b.connector_steps, seed,
+                             "world"), f"{folder}/{name}-connector/result.json")  # fmt: skip
         start = f"{folder}/{name}-connector"
-    build.step(tune_argv("lora", start, f"{folder}/{name}-lora", b.lora_steps, seed, b, True),
-               f"{folder}/{name}-lora/result.json")  # fmt: skip
+    build.step(tune_argv(RECIPES["lora"], start, f"{folder}/{name}-lora", b.lora_steps, seed, "world",
+                         score=b.eval_limit), f"{folder}/{name}-lora/result.json")  # fmt: skip
     return f"{folder}/{name}-lora"
 
 
-def accuracy(build: Build, folder: str) -> tuple[float, int]:
-    """(VQA accuracy, questions) of a scored tuning output."""
-    ev = read_json(build.out / folder / "result.json")["eval"]
-    return float(ev["vqa_accuracy"]), int(ev["vqa_n"])
+def scores(build: Build, folder: str) -> dict[str, Any]:
+    """The VQA of a scored tuning output: ``vqa_accuracy``, ``vqa_n`` and ``vqa_<kind>`` (``result.json``'s eval)."""
+    return read_json(build.out / folder / "result.json")["eval"]
 
 
 def difference(swapped: tuple[float, int], control: tuple[float, int]) -> tuple[float, float]:
     """(accuracy difference, its standard error from two independent binomial errors)."""
     (p, n), (q, m) = swapped, control
     return p - q, math.sqrt(p * (1 - p) / n + q * (1 - q) / m)
+
+
+def row(encoder: str, mode: str, seed: int, scored: dict[str, Any], control: dict[str, Any],
+        measurements: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """One table row: the overall change and its SE, each kind's change, both accuracies, the measurements."""
+    change, se = difference((scored["vqa_accuracy"], scored["vqa_n"]), (control["vqa_accuracy"], control["vqa_n"]))
+    kinds = {f"change_{k}": scored[f"vqa_{k}"] - control[f"vqa_{k}"] for k in KINDS
+             if f"vqa_{k}" in scored and f"vqa_{k}" in control}  # fmt: skip
+    return {"encoder": encoder, "mode": mode, "seed": seed, "measured_change": change, "measured_se": se,
+            "vqa": scored["vqa_accuracy"], "control_vqa": control["vqa_accuracy"], **kinds, **measurements}  # fmt: skip
 
 
 def build_table(out: str | Path, run_command: RunCommand, budget: Budget) -> dict[str, Any]:
@@ -156,36 +163,35 @@ def run_build(build: Build) -> dict[str, Any]:
     start, out, b = time.monotonic(), build.out, build.budget
     build.step(["data", "shapes", "--out", "world", "--n", str(b.shapes), "--seed", str(b.world_seed)],
                "world/meta.json")  # fmt: skip
-    build.step(["swap", "--mllm", MLLM, "--encoder", ORIGINAL, "--mode", "dropin", "--out", "mllm/base-untuned",
-                "--overwrite"], "mllm/base-untuned/swap_report.json")  # fmt: skip
-    build.step(tune_argv("lora", "mllm/base-untuned", "tune/base-lora", b.base_steps, b.world_seed, b, True),
-               "tune/base-lora/result.json")  # fmt: skip
-    build.step(["merge", "--adapter", "tune/base-lora", "--out", "mllm/base", "--overwrite"], "mllm/base/config.json")
-    swaps = [(ORIGINAL, "rebuild"), *b.swaps]
-    for encoder, mode in swaps:
+    size = BaseSize(b.base_steps, b.connector_steps, b.base_lora_steps)
+    for argv, done in base_llava(ORIGINAL, "world", "mllm", "tune", "mllm/base", size, b.world_seed, start=MLLM,
+                                 score=b.eval_limit):  # fmt: skip
+        build.step(argv, str(done))
+    rebuilt = any(mode not in KEEPS for _, mode in b.swaps)  # the rebuild control is made when a swap needs it
+    for encoder, mode in [*([(ORIGINAL, "rebuild")] if rebuilt else []), *b.swaps]:
         folder = f"swaps/{slug(encoder, mode)}"
         build.step(swap_argv("mllm/base", build.located.get(encoder, encoder), mode, "world", folder,
                              b.measure_images, b.bridge_steps),
                    f"{folder}/swap_report.json")  # fmt: skip
+    starts = {False: ("control-keep", "mllm/base"), True: ("control-rebuild", f"swaps/{slug(ORIGINAL, 'rebuild')}")}
     rows = []
     for seed in b.seeds:
-        controls = {"keep": accuracy(build, tune_arm(build, "control-keep", "mllm/base", False, seed)),
-                    "rebuild": accuracy(build, tune_arm(build, "control-rebuild", f"swaps/{slug(ORIGINAL, 'rebuild')}",
-                                                        True, seed))}  # fmt: skip
+        controls: dict[bool, dict[str, Any]] = {}  # rebuilt? -> the control's scores, tuned when first needed
         for encoder, mode in b.swaps:
-            name = slug(encoder, mode)
-            scored = accuracy(build, tune_arm(build, name, f"swaps/{name}", mode not in KEEPS, seed))
-            control = controls["keep" if mode in KEEPS else "rebuild"]
-            change, se = difference(scored, control)
+            name, rebuilt = slug(encoder, mode), mode not in KEEPS
+            if rebuilt not in controls:
+                controls[rebuilt] = scores(build, tune_arm(build, *starts[rebuilt], rebuilt, seed))
+            scored = scores(build, tune_arm(build, name, f"swaps/{name}", rebuilt, seed))
             report = read_json(out / "swaps" / name / "swap_report.json")
-            rows.append({"encoder": encoder, "mode": mode, "seed": seed, "measured_change": change,
-                         "measured_se": se, "vqa": scored[0], "control_vqa": control[0], **report["measurements"]})  # fmt: skip
+            rows.append(row(encoder, mode, seed, scored, controls[rebuilt], report["measurements"]))
     table_path = write_table(rows, out / "calibration.csv")
     fitted = fit(read_table(table_path))
     record = {
         "calibration": {**fitted.record, "source": "calibration.csv"},
         "budget": asdict(b),
-        "mllm": f"{MLLM} ({ORIGINAL} tower) LoRA-tuned {b.base_steps} steps on the world: mllm/base",
+        "mllm": f"{MLLM} with {ORIGINAL} made the way LLaVA is (language LoRA {b.base_steps} steps, merged, the tower "
+        f"rebuilt, connector {b.connector_steps}, LoRA {b.base_lora_steps}, merged): mllm/base",
+        "base_vqa": {k: v for k, v in scores(build, "tune/base-lora").items() if k.startswith("vqa_")},
         "controls": {"dropin, bridge": "the base given the same LoRA",
                      "rebuild, fuse": f"{ORIGINAL} rebuilt into the base, tuned the same way"},  # fmt: skip
         "rows": rows,

@@ -2,12 +2,13 @@
 
 The calibration table (``calibration.csv``) holds one row per tuned swap: the measurements of
 :mod:`mllm_swap.measure` and ``encoder, mode, seed, measured_change, measured_se`` (the swap's VQA accuracy
-after a fixed tuning budget minus its control's, tuned the same way from the same seed). The model is
-scikit-learn's ``RidgeCV`` (penalty chosen by its efficient leave-one-out error over ``ALPHAS``) on the
-standardized :data:`FEATURES`. Its honesty check is leave-one-encoder-out (LOEO): every encoder's rows are
-predicted by a model fitted without that encoder (penalty chosen inside the fold); the Spearman rank
-correlation (with a permutation p-value: the same LOEO on shuffled changes) and mean absolute error of those
-predictions are reported, beside the error of predicting the mean and how many changes exceed 2 SE. The interval is a split-conformal one
+after a fixed tuning budget minus its control's, tuned the same way from the same seed). The model is ridge
+regression on the standardized :data:`FEATURES`, its penalty the one of ``ALPHAS`` with the least
+leave-one-swap-out error (a swap's seeds share its measurements: leaving out one row would keep its twin in).
+Its honesty check is leave-one-encoder-out (LOEO): every encoder's rows are predicted by a model fitted without
+that encoder (penalty chosen inside the fold); the Spearman rank correlation (with a permutation p-value: the
+same LOEO on shuffled changes) and mean absolute error of those predictions are reported, beside the error of
+predicting the mean and how many changes exceed 2 SE. The interval is a split-conformal one
 from the LOEO residuals: ``prediction +- q``, ``q`` the ``ceil((n + 1) * LEVEL)``-th smallest absolute
 residual (the largest when ``n`` is too small for that rank, said in ``interval_note``). Calibrated on the
 shapes world with tiny models: the numbers say how well measurements rank swaps there, nowhere else.
@@ -85,23 +86,57 @@ def read_table(path: str | os.PathLike) -> Table:
     return table
 
 
-def regressor() -> Any:
-    """Standardize the features, then ridge with its penalty chosen by leave-one-out (scikit-learn)."""
-    from sklearn.linear_model import RidgeCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+@dataclass
+class Ridge:
+    """Ridge regression on standardized features (population std; a constant feature is left unscaled)."""
 
-    return make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS))
+    mean: np.ndarray
+    std: np.ndarray
+    coef_: np.ndarray
+    intercept_: float
+    alpha: float
+
+    @classmethod
+    def fit(cls, x: np.ndarray, y: np.ndarray, alpha: float) -> Ridge:
+        """The closed form ``(ZᵀZ + alpha I)⁻¹ Zᵀ(y - ȳ)`` on ``Z``, the standardized ``x``."""
+        mean, std = x.mean(0), x.std(0)
+        std = np.where(std > 0, std, 1.0)
+        z = (x - mean) / std
+        coef = np.linalg.solve(z.T @ z + alpha * np.eye(x.shape[1]), z.T @ (y - y.mean()))
+        return cls(mean, std, coef, float(y.mean()), alpha)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Predictions for the rows of ``x``."""
+        return (x - self.mean) / self.std @ self.coef_ + self.intercept_
+
+
+def regressor(x: np.ndarray, y: np.ndarray, swaps: np.ndarray) -> Ridge:
+    """Ridge with the penalty of :data:`ALPHAS` whose leave-one-swap-out squared error (averaged over swaps) is
+    least, the first on a tie. Leave-one-row-out would leave a swap's other seeds, which share its measurements,
+    in the fit, and so favour no penalty."""
+    groups = sorted(set(swaps))
+    best: tuple[float, float] | None = None
+    for alpha in ALPHAS:
+        errors = [np.mean((Ridge.fit(x[swaps != g], y[swaps != g], alpha).predict(x[swaps == g]) - y[swaps == g]) ** 2)
+                  for g in groups]  # fmt: skip
+        if best is None or np.mean(errors) < best[0] - 1e-15:
+            best = (float(np.mean(errors)), alpha)
+    return Ridge.fit(x, y, best[1] if len(groups) > 1 else ALPHAS[0])
+
+
+def swaps_of(table: Table) -> np.ndarray:
+    """Each row's swap (encoder and mode): the rows that share measurements."""
+    return np.array([f"{e}\t{m}" for e, m in zip(table.encoders, table.modes, strict=True)])
 
 
 def leave_one_encoder_out(table: Table, y: np.ndarray | None = None) -> np.ndarray:
     """Each row predicted by a model fitted on the rows of the other encoders (targets ``y``, default the table's)."""
     y = table.y if y is None else y
-    groups = np.array(table.encoders)
+    groups, swaps = np.array(table.encoders), swaps_of(table)
     out = np.empty_like(y)
     for encoder in sorted(set(table.encoders)):
         held = groups == encoder
-        out[held] = regressor().fit(table.x[~held], y[~held]).predict(table.x[held])
+        out[held] = regressor(table.x[~held], y[~held], swaps[~held]).predict(table.x[held])
     return out
 
 
@@ -157,11 +192,10 @@ class Fitted:
 
 def fit(table: Table) -> Fitted:
     """Fit on every row; LOEO predictions give the reported rank correlation, MAE and the interval."""
-    model = regressor().fit(table.x, table.y)
+    model = regressor(table.x, table.y, swaps_of(table))
     loeo = leave_one_encoder_out(table)
     halfwidth, note = conformal_halfwidth(table.y - loeo)
     rho = spearman(loeo, table.y)
-    ridge = model[-1]
     record = {
         "source": table.source,
         "rows": len(table.y),
@@ -169,11 +203,11 @@ def fit(table: Table) -> Fitted:
         "modes": sorted(set(table.modes)),
         "seeds": sorted(set(table.seeds)),
         "fit": {
-            "model": "ridge on standardized measurements (scikit-learn RidgeCV, penalty by leave-one-out)",
+            "model": "ridge on standardized measurements, penalty by leave-one-swap-out error",
             "features": list(FEATURES),
-            "alpha": float(ridge.alpha_),
-            "coefficients": {f: float(c) for f, c in zip(FEATURES, ridge.coef_, strict=True)},
-            "intercept": float(ridge.intercept_),
+            "alpha": model.alpha,
+            "coefficients": {f: float(c) for f, c in zip(FEATURES, model.coef_, strict=True)},
+            "intercept": model.intercept_,
         },
         "leave_one_encoder_out": {
             "spearman": rho,
@@ -192,13 +226,14 @@ def fit(table: Table) -> Fitted:
 
 
 def write_table(rows: list[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Write ``rows`` (each with :data:`KEYS`, the measurements and, when known, both VQA accuracies) as
-    ``calibration.csv``, atomically."""
+    """Write ``rows`` (each with :data:`KEYS`, the measurements and, when known, both VQA accuracies and the
+    change per question kind: ``change_<kind>``) as ``calibration.csv``, atomically."""
     from align.io import atomic_path
     from mllm_swap.measure import NAMES
 
     path = Path(path)
-    columns = [*KEYS, "vqa", "control_vqa", *NAMES]
+    kinds = sorted({c for r in rows for c in r if c.startswith("change_")})
+    columns = [*KEYS, "vqa", "control_vqa", *kinds, *NAMES]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
