@@ -321,7 +321,7 @@ def test_several_world_seeds_run_apart_then_side_by_side(findings: dict, tmp_pat
 
     plans = {}
 
-    def fake_run(out, run_command, plan: Plan) -> Path:
+    def fake_run(out, run_command, plan: Plan, **how) -> Path:
         plans[Path(out)] = plan
         Path(out).mkdir(parents=True)
         (Path(out) / "findings.json").write_text(json.dumps({**findings, "seed": plan.seed}))
