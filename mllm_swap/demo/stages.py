@@ -21,6 +21,7 @@ import gc
 import json
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -146,6 +147,12 @@ def _run_stages(
     records: list[StageRecord] = []
     rerun_rest = False
     n = len(stages)
+    lock = threading.Lock()
+
+    def say(line: str) -> None:  # one line at a time from the stages that run at once
+        with lock:
+            log(line)
+
     for batch in _batches(stages):
         todo: list[tuple[int, Stage]] = []
         for i, stage in batch:
@@ -165,7 +172,7 @@ def _run_stages(
         if len(todo) > 1 and jobs > 1:
             with ThreadPoolExecutor(min(jobs, len(todo))) as pool:
                 timed = list(pool.map(lambda item: _timed(item[0], n, item[1], lambda: _in_child(item[1], root, child),
-                                                          log), todo))  # fmt: skip
+                                                          say), todo))  # fmt: skip
         else:
             timed = [_timed(i, n, stage, stage.run, log, single=bool(stage.group)) for i, stage in todo]
         for (_, stage), (result, seconds) in zip(todo, timed, strict=True):
