@@ -80,7 +80,7 @@ def cell_text(cell: dict | None, key: str) -> str:
     small = isinstance(v, float) and 0 < abs(v) < 1e-3  # e.g. a loss difference: 3 decimals would say 0
     value = f"{sig(cell['before'])} -> {sig(v)}" if key == "after" else sig(v) if small else num(v)
     se = f" ± {num(cell['stderr'])}" if "stderr" in cell else ""
-    interval = f" [{num(cell['interval'][0])}, {num(cell['interval'][1])}]" if "interval" in cell else ""
+    interval = f" [{num(cell['interval'][0])}, {num(cell['interval'][1])}]" if key == "change" else ""  # predicted
     verdict = verdict_of(cell)
     word = verdict if isinstance(verdict, str) else WORDS[key].get(verdict, "") if key in WORDS else ""
     return f"{value}{se}{interval}" + (f" ({word})" if word else "")
