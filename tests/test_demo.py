@@ -235,6 +235,7 @@ def test_rerun_skips_verified_stages_and_redoes_a_changed_one(demo: Path, capsys
     [
         (["--seeds", "0"], "--seeds 0: expected at least 1"),
         (["--seed", "-1"], "--seed -1: expected an integer >= 0"),
+        (["--jobs", "0"], "--jobs 0: expected at least 1"),
     ],
 )
 def test_bad_flags_are_refused(tmp_path: Path, capsys, flags: list[str], message: str) -> None:
