@@ -237,6 +237,7 @@ def test_rerun_skips_verified_stages_and_redoes_a_changed_one(demo: Path, tmp_pa
     [
         (["--seeds", "0"], "--seeds 0: expected at least 1"),
         (["--seed", "-1"], "--seed -1: expected an integer >= 0"),
+        (["--jobs", "0"], "--jobs 0: expected at least 1"),
     ],
 )
 def test_bad_flags_are_refused(tmp_path: Path, capsys, flags: list[str], message: str) -> None:
@@ -323,7 +324,7 @@ def test_several_world_seeds_run_apart_then_side_by_side(findings: dict, tmp_pat
 
     plans = {}
 
-    def fake_run(out, run_command, plan: Plan) -> Path:
+    def fake_run(out, run_command, plan: Plan, **how) -> Path:
         plans[Path(out)] = plan
         Path(out).mkdir(parents=True)
         (Path(out) / "findings.json").write_text(json.dumps({**findings, "seed": plan.seed}))

@@ -174,3 +174,48 @@ def test_report_tables_show_the_findings(quick_demo: Path, found: dict) -> None:
         d = c["kinds"]["all"]
         assert f"- {c['what']}: all {f3(d['diff'])} ± {f3(d['stderr'])} over {d['n']} questions" in section
     assert "## 004_swaps: Swap without retraining, and know before you train" in report
+
+
+def test_compare_puts_section_004_side_by_side(quick_demo: Path, tmp_path: Path) -> None:
+    """`demo --compare RUN RUN` carries section 004: its VQA comparisons (bridge vs original and vs rebuild, fused
+    vs control), each swap's predicted change beside the measured one, the cached stage 1's speed ratio; each
+    cell read from its run's findings.json (a second run made here by changing the first's numbers)."""
+    from mllm_swap.cli import main
+
+    first = json.loads((quick_demo / "findings.json").read_text())
+    other = json.loads(json.dumps(first))
+    other["seed"] = 1
+    swaps = other["swaps"]
+    fuse = swaps["comparisons"]["fuse_vs_control"]["kinds"]["all"]
+    fuse.update(diff=0.3, stderr=0.05, verdict="higher")
+    bridge = swaps["swaps"]["dino-bridge"]
+    bridge["predicted"].update(change=0.02, interval=[0.01, 0.04], measured_inside_interval=False)
+    swaps["cached_stage1"]["speed_ratio"] = 3.25
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "findings.json").write_text(json.dumps(other))
+    assert main(["demo", "--compare", str(quick_demo), str(tmp_path / "other"), "--out", str(tmp_path / "side")]) == 0
+    table = (tmp_path / "side" / "comparison.md").read_text()
+    rows = {r["finding"]: r for r in read_json(tmp_path / "side" / "comparison.json")["rows"]}
+
+    mine = first["swaps"]
+    for name in ("dino_bridge_vs_base", "dino_bridge_vs_rebuild", "fuse_vs_control", "bridge_vs_control"):
+        for group, cell in mine["comparisons"][name]["kinds"].items():
+            row = rows[f"VQA {name.replace('_vs_', ' - ')}, {group}"]
+            assert row["values"]["seed 0"] == cell["diff"]
+    before = mine["comparisons"]["fuse_vs_control"]["kinds"]["all"]
+    assert (f"| VQA fuse - control, all | {f3(before['diff'])} ± {f3(before['stderr'])} ({before['verdict']}) | "
+            f"0.300 ± 0.050 (higher) | {'yes' if before['verdict'] == 'higher' else 'no'} |") in table  # fmt: skip
+    for name, swap in mine["swaps"].items():
+        predicted = rows[f"swap {name} ({swap['mode']}): predicted VQA change after tuning"]
+        measured = rows[f"swap {name} ({swap['mode']}): measured VQA change after tuning"]
+        assert predicted["values"]["seed 0"] == (swap["predicted"] or {}).get("change")
+        assert measured["values"]["seed 0"] == (swap["measured_tuned"] or {}).get("diff")
+    mine_bridge = mine["swaps"]["dino-bridge"]["predicted"]
+    lo, hi = mine_bridge["interval"]
+    inside = {True: " (measured inside)", False: " (measured outside)", None: ""}
+    assert (f"| swap dino-bridge (bridge): predicted VQA change after tuning | {f3(mine_bridge['change'])} "
+            f"[{f3(lo)}, {f3(hi)}]{inside[mine_bridge['measured_inside_interval']]} | 0.020 [0.010, 0.040] "
+            "(measured outside) |") in table  # fmt: skip
+    assert rows["cached stage 1: speed ratio (live / cached)"]["values"] == {
+        "seed 0": mine["cached_stage1"]["speed_ratio"], "seed 1": 3.25}  # fmt: skip
+    assert rows["predictor: leave-one-encoder-out Spearman"]["values"]["seed 1"] == mine["calibration"]["spearman"]

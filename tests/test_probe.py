@@ -79,6 +79,22 @@ def test_probe_reaches_scikit_learns_optimum():
     assert torch.allclose(w, coef, atol=1e-3), (w - coef).abs().max()
 
 
+def test_more_features_than_rows_reaches_scikit_learns_optimum():
+    """With D > N the fit runs in the training rows' span and maps back: the same weights as scikit-learn's
+    fit over all D features, and weights with no component outside that span."""
+    from align.metrics.linear_probe import fit_logistic
+
+    x, y = encoded(90, 3, 150, signal=0.5, seed=4)
+    train, test = standardize(x[:60].double(), x[60:].double())
+    w, b = fit_logistic(train, y[:60], 3, L2)
+    predicted, coef = sklearn_probe(x[:60], y[:60], x[60:])
+    assert w.shape == (150, 3) and b.shape == (3,)
+    assert torch.allclose(w, coef, atol=1e-3), (w - coef).abs().max()
+    assert torch.equal((test @ w + b).argmax(dim=1), predicted)
+    outside = w - train.T @ torch.linalg.lstsq(train.T, w).solution  # the part off the rows' span
+    assert outside.abs().max() < 1e-8
+
+
 @pytest.mark.parametrize("name", ["tiny-clip", "tiny-dinov2-reg-random"])
 def test_features_are_what_plain_transformers_gives(name, world):
     """CLS after the final norm, and layer -2 patch tokens without the prefix (CLS + 4 registers), averaged

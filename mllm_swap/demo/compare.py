@@ -45,24 +45,56 @@ def rows(found: dict) -> Iterator[Row]:
         for group in GROUPS:
             if group in groups:
                 yield f"VQA {arm} (tuned arm), {group}", groups[group], "accuracy"
-    for name, c in found["comparisons"].items():
+    yield from _vqa_rows(found["comparisons"])
+    yield from swap_rows(found.get("swaps") or {})
+
+
+def _vqa_rows(comparisons: dict) -> Iterator[Row]:
+    """Each paired VQA comparison's difference per question group."""
+    for name, c in comparisons.items():
         for group in GROUPS:
             if group in c["kinds"]:
                 yield f"VQA {name.replace('_vs_', ' - ')}, {group}", c["kinds"][group], "diff"
+
+
+def swap_rows(swaps: dict) -> Iterator[Row]:
+    """Section 004's headline cells (``findings.json``'s ``swaps``; none in a run made before it): its VQA
+    comparisons (bridge vs original and vs rebuild, fused vs control, ...), each swap's predicted change after
+    tuning beside the measured one, the predictor's held-out rank correlation, and the cached stage 1's speed."""
+    yield from _vqa_rows(swaps.get("comparisons", {}))
+    for name, row in swaps.get("swaps", {}).items():
+        yield f"swap {name} ({row['mode']}): predicted VQA change after tuning", row["predicted"], "change"
+        yield f"swap {name} ({row['mode']}): measured VQA change after tuning", row["measured_tuned"], "diff"
+    if calibration := swaps.get("calibration"):
+        yield "predictor: leave-one-encoder-out Spearman", calibration, "spearman"
+    if cached := swaps.get("cached_stage1"):
+        yield "cached stage 1: speed ratio (live / cached)", cached, "speed_ratio"
+        yield "cached stage 1: largest loss difference to the live tower", cached, "max_loss_diff"
 
 
 def cell_text(cell: dict | None, key: str) -> str:
     """``value ± stderr (verdict)``, as much of it as the cell has (``-`` when the run lacks the row)."""
     if cell is None:
         return "-"
-    value = f"{sig(cell['before'])} -> {sig(cell[key])}" if key == "after" else num(cell[key])
+    v = cell[key]
+    small = isinstance(v, float) and 0 < abs(v) < 1e-3  # e.g. a loss difference: 3 decimals would say 0
+    value = f"{sig(cell['before'])} -> {sig(v)}" if key == "after" else sig(v) if small else num(v)
     se = f" ± {num(cell['stderr'])}" if "stderr" in cell else ""
-    word = cell.get("verdict") or ({True: "kept", False: "lost"}[cell["kept"]] if "kept" in cell else "")
-    return f"{value}{se}" + (f" ({word})" if word else "")
+    interval = f" [{num(cell['interval'][0])}, {num(cell['interval'][1])}]" if key == "change" else ""  # predicted
+    verdict = verdict_of(cell)
+    word = verdict if isinstance(verdict, str) else WORDS[key].get(verdict, "") if key in WORDS else ""
+    return f"{value}{se}{interval}" + (f" ({word})" if word else "")
 
 
-def verdict_of(cell: dict | None) -> str | None:
-    return None if cell is None else cell.get("verdict", cell.get("kept"))
+WORDS = {"drop": {True: "kept", False: "lost"}, "change": {True: "measured inside", False: "measured outside"}}
+
+
+def verdict_of(cell: dict | None) -> str | bool | None:
+    """A cell's verdict: its words, whether a zero-shot accuracy was kept, or whether a prediction's interval
+    held the measured change (None: none)."""
+    if cell is None:
+        return None
+    return cell.get("verdict", cell.get("kept", cell.get("measured_inside_interval")))
 
 
 def read_findings(runs: Sequence[str | os.PathLike]) -> dict[str, dict]:

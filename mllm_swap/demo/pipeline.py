@@ -63,6 +63,7 @@ class DemoSize:
     mmvp: tuple[str, ...] = ()  # `data mmvp` flags (the quick run's 24 held-out scenes need loose quantiles)
     probe_labels: tuple[str, ...] = KINDS  # the attributes the linear probes fit (each one a probe per feature)
     random_floor: bool = True  # probe a random DINOv2 too, as the floor a learned tower must beat
+    parallel: bool = True  # independent stages at once by default (quick: no; a child's imports cost ~6 s)
 
 
 FULL = DemoSize(
@@ -74,6 +75,7 @@ QUICK = DemoSize(
     lora_steps=3,
     eval_limit=16, seeds=1, pretrain_steps=2, batch=16,
     mmvp=("--clip-quantile", "0.5", "--dino-quantile", "0.9"), probe_labels=CLIP_BLIND, random_floor=False,
+    parallel=False,
 )  # fmt: skip
 
 
@@ -176,17 +178,23 @@ RECIPES = ("tiny_sail.yaml", "tiny_freeze_align.yaml", "tiny_kuea.yaml", "tiny_l
            "tiny_llava_lora.yaml")  # fmt: skip
 
 
+# Stages of one group read nothing another of them writes, so they may run at once (mllm_swap.demo.stages):
+AFTER_PROBE = "after-probe"  # rank, the freeze_align and SAIL heads, the base LLaVA (the world, towers, MMVP pairs)
+AFTER_SAIL = "after-sail"  # SAIL's scores, KUEA's alignment (the CLIP and DINOv2 alone)
+AFTER_KUEA = "after-kuea"  # KUEA's scores, section 004's swaps and predictions (the base LLaVA and the towers)
+
+
 def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
     """The demo's stages, in order, as commands run from inside the run directory by ``run_command``."""
     size, recipes = plan.size, Path("recipes")
     batch = _sets(f"train.batch_size={size.batch}") if size.batch else []
 
-    def stage(name: str, title: str, commands: list[list[str]], outputs: list[Path]) -> Stage:
+    def stage(name: str, title: str, commands: list[list[str]], outputs: list[Path], group: str = "") -> Stage:
         def run() -> StageResult:
             lines = [run_step(run_command, argv) for argv in commands]
             return StageResult(summary={}, outputs=outputs, command="\n".join(lines))
 
-        return Stage(name, title, run, "\n".join(command_line(argv) for argv in commands))
+        return Stage(name, title, run, "\n".join(command_line(argv) for argv in commands), group, commands, outputs)
 
     def align(method: str, recipe: str, out: Path, *extra: str) -> list[str]:
         settings = _sets(f"data.train={SHAPES}", f"train.steps={size.align_steps}", f"train.seed={plan.seed}",
@@ -220,21 +228,22 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
     def tune_stages(section: Path, title: str) -> list[Stage]:
         arms = section_arms(section)
         return [stage(f"{section.name}-tune-s{seed}", f"{title} (tuning seed {seed})",
-                      [c for arm in arms for c in tuning(arm, seed)], [arm_model(arm, seed)[1] for arm in arms])
+                      [c for arm in arms for c in tuning(arm, seed)], [arm_model(arm, seed)[1] for arm in arms],
+                      group=f"{section.name}-tune")  # the seeds are independent: they may run at once
                 for seed in plan.tune_seeds]  # fmt: skip
 
     def swap(mllm_in: str | Path, encoder: str | Path, mode: str, out: Path) -> list[str]:
         return ["swap", "--mllm", str(mllm_in), "--encoder", str(encoder), "--mode", mode,
                 "--out", str(out), "--overwrite"]  # fmt: skip
 
-    def evaluate(section: Path) -> Stage:
+    def evaluate(section: Path, group: str = "") -> Stage:
         models = eval_models(plan)[section.name]
         tasks = "shapes_vqa,shapes_mmvp"
         argv = ["eval", "--model", ",".join(f"{k}={v}" for k, v in models.items()), "--tasks", tasks,
                 "--shapes", str(SHAPES), "--limit", str(size.eval_limit), "--batch-size", "8",
                 "--out", str(EVAL[section.name])]  # fmt: skip
         return stage(f"{section.name}-eval", f"{SECTIONS[section.name].split(':')[0]}: score the LLaVAs with lmms-eval ({tasks})", [argv],
-                     [EVAL[section.name] / "comparison.csv"])  # fmt: skip
+                     [EVAL[section.name] / "comparison.csv"], group)  # fmt: skip
 
     def probe(folder: str, towers: dict[str, str | Path]) -> list[str]:
         return ["probe", "--encoder", ",".join(str(t) for t in towers.values()), "--data", str(SHAPES),
@@ -246,9 +255,9 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
         return [argv for argv, _ in base_llava(plan.clip, SHAPES, SAIL / "mllm", SAIL / "tune", BASE, sizes, plan.seed)]
 
     steps = ["--steps", str(size.pretrain_steps)] if size.pretrain_steps else []
-    pretrain = [["pretrain", kind, "--data", str(SHAPES), "--seed", str(plan.seed), *steps, "--out", f"models/{kind}",
-                 "--overwrite"]
-                for kind in ("clip", "dino")]  # fmt: skip
+    pretrain = {kind: ["pretrain", kind, "--data", str(SHAPES), "--seed", str(plan.seed), *steps, "--out",
+                       f"models/{kind}", "--overwrite"]
+                for kind in ("clip", "dino")}  # fmt: skip
     (world_probe, world_towers), (kuea_probe, kuea_towers) = probe_towers(plan).items()
     mmvp = [["data", "mmvp", "--data", str(SHAPES), "--clip", plan.clip, "--dino", plan.dino,
              "--seed", str(plan.seed), *size.mmvp]]  # fmt: skip
@@ -262,16 +271,9 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
             [SHAPES / "meta.json", SHAPES / "pairs.jsonl"],
         ),  # fmt: skip
         *(
-            [
-                stage(
-                    "000_world-models",
-                    "Tiny CLIP and DINOv2 pretrained on this world",
-                    pretrain,
-                    [Path("models")],
-                )
-            ]
-            if pretrain
-            else []
+            stage(f"000_world-{kind}", f"Tiny {name} pretrained on this world", [argv], [Path(argv[-2])],
+                  group="000_world-models")  # the two towers are independent: they may train at once
+            for (kind, argv), name in zip(pretrain.items(), ("CLIP", "DINOv2"), strict=True)
         ),  # fmt: skip
         stage(
             "000_world-probe",
@@ -312,6 +314,7 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
                 ],
             ],
             [FREEZE / "rank" / "scores.json", FREEZE / "toy" / "toy.json"],
+            group=AFTER_PROBE,
         ),  # fmt: skip
         stage(
             "001_freeze_align-align",
@@ -321,18 +324,21 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
                 *zeroshot(FREEZE),
             ],
             [ARTIFACTS["freeze_align"], FREEZE / "zeroshot"],
+            group=AFTER_PROBE,
         ),  # fmt: skip
         stage(
             "002_sail-align",
             "Align: SAIL, zero-shot",
             [align("sail", "tiny_sail.yaml", SAIL / "align", f"vision={plan.dino}"), *zeroshot(SAIL)],
             [ARTIFACTS["sail"], SAIL / "zeroshot"],
+            group=AFTER_PROBE,
         ),  # fmt: skip
         stage(
             "002_sail-base",
             "The existing MLLM: tiny LLaVA with the CLIP (language LoRA, then a fresh connector: connector, LoRA)",
             base_commands(),
             [BASE],
+            group=AFTER_PROBE,
         ),
         stage(
             "002_sail-rebuild",
@@ -344,7 +350,7 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
             [rebuild / "swap_report.json", clip_rebuild / "swap_report.json"],
         ),
         *tune_stages(SAIL, "Tune both rebuilds alike: connector, then LoRA"),
-        evaluate(SAIL),
+        evaluate(SAIL, AFTER_SAIL),
         stage(
             "003_kuea-align",
             "Align: KUEA and its no-anchor ablation, zero-shot, probes",
@@ -362,6 +368,7 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
                 KUEA / "zeroshot",
                 Path(kuea_probe) / "probe.json",
             ],
+            group=AFTER_SAIL,
         ),  # fmt: skip
         stage(
             "003_kuea-dropin",
@@ -370,7 +377,7 @@ def build_stages(plan: Plan, run_command: RunCommand) -> list[Stage]:
             [dropin / "swap_report.json"],
         ),
         *tune_stages(KUEA, "Tune the KUEA drop-in and the original alike: LoRA"),
-        evaluate(KUEA),
+        evaluate(KUEA, AFTER_KUEA),
     ]
     from mllm_swap.demo.swaps import swap_stages  # noqa: PLC0415 (section 004 builds on this module)
 

@@ -111,7 +111,8 @@ def write_report(root: Path, records: list[StageRecord], plan: Plan) -> Path:
             ],
         ),
         "",
-        f"Total compute recorded: {total:.0f} s (time of the runs that made the outputs, skipped stages included).",
+        f"Total compute recorded: {total:.0f} s (time of the runs that made the outputs, skipped stages included; "
+        "stages that ran at once, `--jobs`, each counted whole).",
     ]
     bodies = stage_sections(plan.tune_seeds) | swap_sections()
     for folder, story in SECTIONS.items():

@@ -24,7 +24,17 @@ from typing import Any
 from align.io import read_jsonl
 from mllm_swap.demo.findings import comparisons, vqa_scores
 from mllm_swap.demo.outputs import load_json
-from mllm_swap.demo.pipeline import ARMS, ARTIFACTS, BASE, SHAPES, SWAPS, Plan, arm_model, section_arms
+from mllm_swap.demo.pipeline import (
+    AFTER_KUEA,
+    ARMS,
+    ARTIFACTS,
+    BASE,
+    SHAPES,
+    SWAPS,
+    Plan,
+    arm_model,
+    section_arms,
+)
 from mllm_swap.demo.sections import Section, markdown_table, num, pm, vqa_section
 from mllm_swap.demo.stages import Stage
 
@@ -102,9 +112,10 @@ def swap_stages(
                for name, (encoders, modes) in predict_runs(plan).items()]  # fmt: skip
     return [
         stage(f"{SWAPS.name}-swap", "Swap with no LLM training: the DINOv2 bridged and rebuilt, the CLIP+DINOv2 "
-              "fused", commands, [row["folder"] / "swap_report.json" for row in mine.values()]),
+              "fused", commands, [row["folder"] / "swap_report.json" for row in mine.values()], AFTER_KUEA),
         stage(f"{SWAPS.name}-predict", "Predict every swap's VQA change after tuning, before any LLM training "
-              "(`mllm-swap predict`)", predict, [PREDICT / name / "predictions.json" for name in predict_runs(plan)]),
+              "(`mllm-swap predict`)", predict, [PREDICT / name / "predictions.json" for name in predict_runs(plan)],
+              AFTER_KUEA),
         *tune_stages(SWAPS, "Tune the bridge like a drop-in (LoRA) and the fused tower like a rebuild (connector, "
                     "then LoRA)"),
         stage(f"{SWAPS.name}-cache", f"Stage 1 of {CONTROL} (tuning seed {seed}) again, back to back: the live tower, "
