@@ -14,6 +14,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist each worker (and every process it starts) gets its share of the cores: torch's default of
+# one intra-op thread per core, in each of two workers, spin-waits on 2 cores and made the suite 1.7x slower.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _workers)))
 # MLLM_SWAP_TEST_HOME reuses built tiny models across local runs; by default each session builds its own,
 # which the pytest-xdist workers share (they inherit the variable; the builds hold a lock: align.embedded).
 if os.environ.get("MLLM_SWAP_TEST_HOME"):
