@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from mllm_swap.demo.compare import write_comparison
     from mllm_swap.demo.pipeline import FULL, QUICK, Plan
     from mllm_swap.demo.run import run_demo
+    from mllm_swap.demo.stages import usable_cores
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(
@@ -43,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     runs = {s: Path(args.out) / f"seed-{s}" if len(seeds) > 1 else Path(args.out) for s in seeds}
     for seed, out in runs.items():
         plan = Plan(QUICK if args.quick else FULL, seed=seed, seeds=args.seeds or 0)
-        report = run_demo(out, run_argv, plan, jobs=args.jobs or 1, child=STAGE_CHILD)
+        jobs = args.jobs or (usable_cores() if plan.size.parallel else 1)
+        report = run_demo(out, run_argv, plan, jobs=jobs, child=STAGE_CHILD)
         print(f"report: {report}\nfindings: {report.parent / 'findings.json'}")
     if len(runs) > 1:
         print(f"comparison: {write_comparison(args.out, list(runs.values()))}")
@@ -78,8 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps (what the tests run)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="independent stages (tuning seeds, the two towers' pretraining) run up to this many at "
-                        "once, each in its own process on one thread, with the same results (default 1: on 2 cores a "
-                        "tuning seed took 153 s beside another instead of about 55 s alone)")  # fmt: skip
+                        "once, one thread each, with the same results (default: the CPU cores available; --quick: 1)")  # fmt: skip
     parser.add_argument("--compare", nargs="+", metavar="RUN",
                         help="run nothing: put the findings of these finished demo runs side by side in "
                         "OUT/comparison.md and comparison.json")  # fmt: skip

@@ -63,6 +63,7 @@ class DemoSize:
     mmvp: tuple[str, ...] = ()  # `data mmvp` flags (the quick run's 24 held-out scenes need loose quantiles)
     probe_labels: tuple[str, ...] = KINDS  # the attributes the linear probes fit (each one a probe per feature)
     random_floor: bool = True  # probe a random DINOv2 too, as the floor a learned tower must beat
+    parallel: bool = True  # independent stages at once by default (quick: no; a child's imports cost ~6 s)
 
 
 FULL = DemoSize(
@@ -74,6 +75,7 @@ QUICK = DemoSize(
     lora_steps=3,
     eval_limit=16, seeds=1, pretrain_steps=2, batch=16,
     mmvp=("--clip-quantile", "0.5", "--dino-quantile", "0.9"), probe_labels=CLIP_BLIND, random_floor=False,
+    parallel=False,
 )  # fmt: skip
 
 

@@ -84,6 +84,11 @@ def _still_valid(record: dict, root: Path) -> bool:
     return bool(record.get("files"))
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def run_stages(
     stages: list[Stage], root: Path, log: Callable[[str], None] = print, jobs: int = 1, child: Sequence[str] = ()
 ) -> list[StageRecord]:
