@@ -18,7 +18,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # one intra-op thread per core, in each of two workers, spin-waits on 2 cores and made the suite 1.7x slower.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _workers)))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS: none
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // _workers)))
 # MLLM_SWAP_TEST_HOME reuses built tiny models across local runs; by default each session builds its own,
 # which the pytest-xdist workers share (they inherit the variable; the builds hold a lock: align.embedded).
 if os.environ.get("MLLM_SWAP_TEST_HOME"):

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from align.data.shapes_text import KINDS  # the world's question kinds: change_<kind> columns
 from align.errors import UserError
 from align.io import read_json, write_json
 from align.paths import shipped
@@ -46,7 +47,6 @@ SWAPS = (("tiny-clip", "dropin"), ("tiny-clip", "rebuild"), ("tiny-dinov2", "bri
          ("tiny-dinov2-random", "bridge"), ("tiny-dinov2-random", "rebuild"), ("tiny-siglip", "bridge"),
          ("tiny-siglip", "rebuild"), ("tiny-clip-shapes+tiny-dinov2", "fuse"))  # fmt: skip
 RECIPES = {"connector": "tiny_llava_connector.yaml", "lora": "tiny_llava_lora.yaml"}
-KINDS = ("color", "shape", "count", "position")  # the world's question kinds: change_<kind> columns
 
 
 @dataclass(frozen=True)
