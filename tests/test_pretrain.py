@@ -108,6 +108,37 @@ def test_sinkhorn_knopp_targets_are_dinov2s_alternating_marginal_scaling():
     assert sharp.isfinite().all() and torch.allclose(sharp.sum(dim=1), torch.ones(rows))
 
 
+SINKHORN_RANK = """
+import json, sys
+from pathlib import Path
+import torch
+from align.distributed import launch_state
+from align.pretrain.objectives import sinkhorn_knopp
+state = launch_state()  # as the training loop makes it
+assert torch.distributed.is_initialized() and state.num_processes == 2
+torch.manual_seed(0)
+logits = torch.rand(12, 5) * 2 - 1
+out = sinkhorn_knopp(logits.chunk(2)[state.process_index], 0.05)  # this process's half of the batch
+Path(sys.argv[1], f"rank{state.process_index}.json").write_text(json.dumps(out.tolist()))
+state.wait_for_everyone()
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_sinkhorn_knopp_over_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
+    """Under ``accelerate launch`` with 2 processes each half of the batch gets the rows the whole batch gets
+    in one process: the prototypes' mass is summed over the processes, as DINOv2 all-reduces it."""
+    from test_distributed import launch
+
+    script = tmp_path / "rank.py"
+    script.write_text(SINKHORN_RANK)
+    launch([str(tmp_path)], program=(str(script),))
+    halves = [torch.tensor(json.loads((tmp_path / f"rank{r}.json").read_text())) for r in (0, 1)]
+    torch.manual_seed(0)
+    whole = sinkhorn_knopp(torch.rand(12, 5) * 2 - 1, 0.05)
+    torch.testing.assert_close(torch.cat(halves), whole)
+
+
 def test_the_centering_setting_picks_the_teachers_targets(world):
     from align.data.shapes import load_shapes
     from align.encoders.registry import resolve
